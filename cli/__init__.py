@@ -1,0 +1,1 @@
+"""The `retrodb` command line (installed as the package ``retrodb_cli``)."""

@@ -1,0 +1,106 @@
+"""Shared CLI plumbing: error reporting and progress bars. The library never prints;
+this is where its callbacks become bars and its errors become one clear line."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from retrodb.errors import RetroDBError
+
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: What each progress stage counts, for the rate column.
+UNITS = {
+    "tokenize": "docs",
+    "encode": "chunks",
+    "index": "chunks",
+    "verify": "files",
+    "neighbours": "chunks",
+    "export": "steps",
+    "tokenizer": "steps",
+    "train": "steps",
+    "evaluate": "chunks",
+}
+
+
+def fail(message: str, code: int = 1) -> None:
+    """Print ``error: message`` on stderr and exit with ``code``."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def handle_errors(fn: F) -> F:
+    """Turn library errors (and a few OS errors) into one line on stderr and exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except RetroDBError as exc:
+            fail(str(exc))
+        except (PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+            fail(f"{exc.filename or ''}: {exc.strerror}")
+        except OSError as exc:
+            if exc.errno is not None and exc.strerror:
+                fail(f"{exc.filename or ''}: {exc.strerror}".lstrip(": "))
+            raise
+        except KeyboardInterrupt:
+            err_console.print("interrupted; nothing was committed by the unfinished operation")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class _Rate(TextColumn):
+    def __init__(self) -> None:
+        super().__init__("")
+
+    def render(self, task: Any) -> Any:  # noqa: D102
+        from rich.text import Text
+
+        speed = task.finished_speed or task.speed
+        unit = task.fields.get("unit", "")
+        return Text(f"{speed:,.0f} {unit}/s" if speed else "", style="cyan")
+
+
+@contextlib.contextmanager
+def progress_bars(quiet: bool) -> Iterator[Callable[[str, int, int], None]]:
+    """Yield a ``progress(stage, done, total)`` callback drawing one bar per stage."""
+    if quiet:
+        yield lambda stage, done, total: None
+        return
+    bars = Progress(
+        TextColumn("{task.description:>10}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _Rate(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=False,
+    )
+    tasks: dict[str, TaskID] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bars.add_task(stage, total=total or None, unit=UNITS.get(stage, "items"))
+        bars.update(tasks[stage], completed=done, total=total or None)
+
+    with bars:
+        yield update

@@ -1,0 +1,296 @@
+"""`retrodb`: build, grow and query a RETRO retrieval database from the shell.
+
+Each command opens the database, calls one library method and prints the result; library
+errors become one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from retrodb.config import ChunkConfig, DBConfig, EncoderConfig, TokenizerConfig
+from retrodb.db import RetroDB
+
+from .common import fail, handle_errors, progress_bars
+
+app = typer.Typer(
+    name="retrodb",
+    help="An on-disk, memory-mapped RETRO retrieval database.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+class Quantize(str, Enum):
+    none = "none"
+    int8 = "int8"
+
+
+class OnError(str, Enum):
+    strict = "strict"
+    replace = "replace"
+
+
+DBArg = Annotated[Path, typer.Argument(help="Path of the database directory.")]
+InputsArg = Annotated[
+    list[str],
+    typer.Argument(
+        help="Folders (recursive .txt/.md/.rst, optionally .gz), files, .jsonl files with a "
+        "'text' field and optional 'id', or '-' for JSONL on stdin."
+    ),
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+ErrorsOpt = Annotated[
+    OnError,
+    typer.Option(
+        "--errors", help="Invalid UTF-8: refuse the input (strict) or substitute U+FFFD (replace)."
+    ),
+]
+ThreadsOpt = Annotated[
+    int | None, typer.Option("--threads", help="Encoder threads (default: all cores).", min=1)
+]
+
+
+@app.command()
+@handle_errors
+def build(
+    db: DBArg,
+    inputs: InputsArg,
+    vocab_size: Annotated[
+        int,
+        typer.Option(
+            "--vocab-size",
+            help="SentencePiece vocabulary (a soft limit on small corpora).",
+            min=300,
+        ),
+    ] = TokenizerConfig.vocab_size,
+    tokenizer: Annotated[
+        Path | None,
+        typer.Option("--tokenizer", help="Use this SentencePiece model instead of training one."),
+    ] = None,
+    encoder: Annotated[
+        Path | None,
+        typer.Option(
+            "--encoder",
+            help="A local Hugging Face BERT checkpoint, or an exported .onnx "
+            "(default: the bundled all-MiniLM-L6-v2).",
+        ),
+    ] = None,
+    chunk_size: Annotated[
+        int, typer.Option("--chunk-size", help="Tokens per chunk (m).", min=1)
+    ] = 64,
+    quantize: Annotated[
+        Quantize,
+        typer.Option("--quantize", help="int8: per-channel dynamic int8 encoder (faster)."),
+    ] = Quantize.none,
+    errors: ErrorsOpt = OnError.strict,
+    threads: ThreadsOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Build a new database from INPUT... (trains the tokenizer, exports the encoder, indexes every chunk)."""
+    config = DBConfig(
+        chunk=ChunkConfig(chunk_size=chunk_size),
+        tokenizer=TokenizerConfig(vocab_size=vocab_size),
+        encoder=EncoderConfig(quantize=quantize.value),
+    )
+    with progress_bars(quiet) as progress:
+        rdb = RetroDB.build(
+            db,
+            inputs,
+            config=config,
+            tokenizer=tokenizer,
+            encoder=encoder,
+            errors=errors.value,
+            progress=progress,
+            threads=threads,
+        )
+    info = rdb.info()
+    if not quiet:
+        typer.echo(
+            f"built {db}: {info['documents']} documents, {info['chunks']} chunks, "
+            f"{info['tokens']} tokens, vocabulary {info['tokenizer']['vocab_size']} (generation {info['generation']})"
+        )
+
+
+@app.command()
+@handle_errors
+def add(
+    db: DBArg,
+    inputs: InputsArg,
+    tokenizer: Annotated[
+        Path | None,
+        typer.Option("--tokenizer", help="Refuse unless the database uses this tokenizer."),
+    ] = None,
+    encoder: Annotated[
+        Path | None, typer.Option("--encoder", help="Refuse unless the database uses this encoder.")
+    ] = None,
+    errors: ErrorsOpt = OnError.strict,
+    threads: ThreadsOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Add documents as a new segment; nothing stored is re-encoded, nothing is retrained."""
+    rdb = RetroDB.open(db, threads=threads)
+    with progress_bars(quiet) as progress:
+        res = rdb.add(
+            inputs, errors=errors.value, progress=progress, tokenizer=tokenizer, encoder=encoder
+        )
+    if not quiet:
+        skipped = f", {res.skipped_empty} empty skipped" if res.skipped_empty else ""
+        typer.echo(
+            f"added {res.documents} documents, {res.chunks} chunks{skipped} "
+            f"(generation {res.generation}, segment {res.segment})"
+        )
+
+
+@app.command()
+@handle_errors
+def query(
+    db: DBArg,
+    texts: Annotated[
+        list[str] | None, typer.Argument(help="Query texts; each is one query.")
+    ] = None,
+    input: Annotated[
+        Path | None,
+        typer.Option("--input", "-i", help="A file with one query per line ('-' for stdin)."),
+    ] = None,
+    k: Annotated[int, typer.Option("-k", help="Neighbours per query.")] = 4,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object per query per line.")
+    ] = False,
+    exact: Annotated[
+        bool, typer.Option("--exact", help="Exact search instead of HNSW (slow).")
+    ] = False,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Find the k nearest chunks of each query text, with their continuations."""
+    queries = list(texts or [])
+    if input is not None:
+        if str(input) == "-":
+            lines = sys.stdin.read().splitlines()
+        else:
+            if not input.is_file():
+                fail(f"{input}: no such file")
+            try:
+                lines = input.read_text(encoding="utf-8").splitlines()
+            except UnicodeDecodeError:
+                fail(f"{input}: not UTF-8 text")
+        queries += [line for line in lines if line.strip()]
+    if not queries:
+        fail("no query: give TEXT arguments or --input FILE")
+    if k <= 0:
+        fail(f"-k must be positive, got {k}")
+    rdb = RetroDB.open(db, threads=threads)
+    res = rdb.search(queries, k=k, exact=exact)
+    flat = res.keys.ravel()
+    texts_ = rdb.decode(flat)
+    conts = rdb.continuation_text(flat)
+    docs = rdb.key_documents(flat)
+    for qi, q in enumerate(queries):
+        neighbours = []
+        for j in range(k):
+            i = qi * k + j
+            key = int(flat[i])
+            if key < 0:
+                continue
+            neighbours.append(
+                {
+                    "key": key,
+                    "doc": docs[i],
+                    "distance": float(res.distances[qi, j]),
+                    "text": texts_[i],
+                    "continuation": conts[i],
+                }
+            )
+        if as_json:
+            typer.echo(json.dumps({"query": q, "neighbours": neighbours}, ensure_ascii=False))
+        else:
+            typer.echo(f"query: {q}")
+            for rank, n in enumerate(neighbours, 1):
+                typer.echo(f"  [{rank}] {n['doc']}  key {n['key']}  distance {n['distance']:.4f}")
+                typer.echo(_indent(n["text"]))
+                if n["continuation"]:
+                    typer.echo(
+                        _indent("… " + n["continuation"][:200].replace("\n", " ") + " …", dim=True)
+                    )
+            typer.echo("")
+
+
+def _indent(text: str, dim: bool = False) -> str:
+    body = "\n".join("      " + line for line in text.strip("\n").splitlines())
+    return typer.style(body, dim=True) if dim else body
+
+
+@app.command()
+@handle_errors
+def info(
+    db: DBArg,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Documents, chunks, tokens, segments, generation, configuration, fingerprints and sizes."""
+    d = RetroDB.open(db).info()
+    if as_json:
+        typer.echo(json.dumps(d, indent=1))
+        return
+    typer.echo(f"database     {d['path']}")
+    typer.echo(f"generation   {d['generation']}  (format {d['format_version']})")
+    typer.echo(
+        f"documents    {d['documents']:,}"
+        + (f"  ({d['deleted_documents']} deleted)" if d["deleted_documents"] else "")
+    )
+    typer.echo(f"chunks       {d['chunks']:,}  (chunk size {d['config']['chunk']['chunk_size']})")
+    typer.echo(f"tokens       {d['tokens']:,}")
+    typer.echo(f"segments     {d['segments']}")
+    typer.echo(
+        f"tokenizer    vocabulary {d['tokenizer']['vocab_size']:,}  {d['tokenizer']['fingerprint'][:23]}…"
+    )
+    typer.echo(
+        f"encoder      dimension {d['encoder']['dim']}  {d['encoder']['fingerprint'][:23]}…  quantize {d['config']['encoder']['quantize']}"
+    )
+    typer.echo("bytes on disk")
+    for part, n in d["bytes"].items():
+        typer.echo(f"  {part:<16} {n:>14,}")
+
+
+@app.command()
+@handle_errors
+def verify(
+    db: DBArg,
+    repair: Annotated[
+        bool, typer.Option("--repair", help="Remove what an interrupted writer left behind.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Check every committed file (sizes, checksums, arrays, indexes). Exit 1 on damage."""
+    rdb = RetroDB.open(db)
+    with progress_bars(quiet or as_json) as progress:
+        rep = rdb.verify(repair=repair, progress=progress)
+    if as_json:
+        typer.echo(json.dumps(rep, indent=1))
+    else:
+        for p in rep["problems"]:
+            typer.echo(f"damaged: {p}")
+        for p in rep["leftovers"]:
+            typer.echo(f"leftover (run --repair to remove): {p}")
+        for p in rep["removed"]:
+            typer.echo(f"removed: {p}")
+        status = "ok" if rep["ok"] else "DAMAGED"
+        typer.echo(
+            f"{status}: generation {rep['generation']}, {rep['files_checked']} files checked"
+        )
+    if not rep["ok"]:
+        raise typer.Exit(1)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,54 @@
+"""retrodb: an on-disk, memory-mapped RETRO retrieval database.
+
+>>> import retrodb                                              # doctest: +SKIP
+>>> db = retrodb.RetroDB.open("my.retrodb")                     # doctest: +SKIP
+>>> res = db.search(["how do I open a file?"], k=4)             # doctest: +SKIP
+>>> db.retrieve(res.keys).tokens.shape                          # doctest: +SKIP
+(1, 4, 128)
+
+Importing retrodb never imports torch.
+"""
+
+from __future__ import annotations
+
+from .config import ChunkConfig, DBConfig, EncoderConfig, IndexConfig, TokenizerConfig
+from .db import AddResult, Retrieved, RetroDB, SearchResult
+from .errors import (
+    BadInputError,
+    CorruptError,
+    FormatVersionError,
+    LockedError,
+    MismatchError,
+    NotADatabaseError,
+    NotFoundError,
+    RetroDBError,
+    StaleError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AddResult",
+    "BadInputError",
+    "ChunkConfig",
+    "CorruptError",
+    "DBConfig",
+    "EncoderConfig",
+    "FormatVersionError",
+    "IndexConfig",
+    "LockedError",
+    "MismatchError",
+    "NotADatabaseError",
+    "NotFoundError",
+    "Retrieved",
+    "RetroDB",
+    "SearchResult",
+    "StaleError",
+    "TokenizerConfig",
+    "open",
+]
+
+
+def open(path: str, *, threads: int | None = None) -> RetroDB:  # noqa: A001 - mirrors zarr.open
+    """Open the database at ``path`` (the committed generation)."""
+    return RetroDB.open(path, threads=threads)

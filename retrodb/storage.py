@@ -1,0 +1,477 @@
+"""The files of a database: Zarr v3 segment arrays, manifests, CURRENT and LOCK.
+The only zarr user.
+
+Commit protocol (see docs/format.md): a writer takes LOCK, writes a new segment in a
+temporary directory, fsyncs and renames it into ``segments/``, writes manifest N+1, then
+replaces CURRENT atomically. That rename is the commit point. Readers read CURRENT once.
+
+Arrays are uncompressed Zarr v3 arrays with a single chunk whose only codec is ``bytes``:
+plain ``zarr.open`` reads them, and the chunk file is a raw C-order array that
+``numpy.memmap`` maps directly once ``zarr.json`` has been checked (the hot read path).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from .config import FORMAT_VERSION
+from .errors import (
+    CorruptError,
+    FormatVersionError,
+    LockedError,
+    NotADatabaseError,
+    NotFoundError,
+    RetroDBError,
+)
+
+CURRENT = "CURRENT"
+LOCK = "LOCK"
+MANIFESTS = "manifests"
+SEGMENTS = "segments"
+NEIGHBOURS = "neighbours"
+TOKENIZER_FILE = "tokenizer.model"
+ENCODER_DIR = "encoder"
+INDEX_FILE = "index.usearch"
+TMP_PREFIX = ".tmp-"
+#: Old manifests kept after a commit (for debugging and for readers that are slow to start).
+KEEP_MANIFESTS = 5
+
+_MANIFEST_RE = re.compile(r"^\d{6,}\.json$")
+
+
+# ---------------------------------------------------------------- manifest objects
+
+
+@dataclass(frozen=True, slots=True)
+class FileInfo:
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentMeta:
+    """One immutable segment as recorded in a manifest."""
+
+    name: str
+    first_key: int
+    chunks: int
+    documents: int
+    tokens: int
+    files: Mapping[str, FileInfo]
+    """Every file of the segment (relative path -> size and sha256), the index included."""
+
+    @property
+    def last_key(self) -> int:
+        return self.first_key + self.chunks - 1
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["files"] = {k: dataclasses.asdict(v) for k, v in self.files.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SegmentMeta:
+        return cls(
+            name=str(d["name"]),
+            first_key=int(d["first_key"]),
+            chunks=int(d["chunks"]),
+            documents=int(d["documents"]),
+            tokens=int(d["tokens"]),
+            files={k: FileInfo(int(v["size"]), str(v["sha256"])) for k, v in d["files"].items()},
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """One committed generation of the database."""
+
+    generation: int
+    config: dict[str, Any]
+    tokenizer: dict[str, Any]
+    """file, fingerprint, vocab_size, pad_id, size."""
+    encoder: dict[str, Any]
+    """dir, fingerprint, dim, files."""
+    next_key: int
+    segments: tuple[SegmentMeta, ...] = ()
+    tombstones: tuple[str, ...] = ()
+    """Ids of deleted documents still present in some segment."""
+    features: tuple[str, ...] = ()
+    created: float = field(default_factory=time.time)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def documents(self) -> int:
+        return sum(s.documents for s in self.segments) - len(self.tombstones)
+
+    @property
+    def chunks(self) -> int:
+        return sum(s.chunks for s in self.segments)
+
+    def to_json(self) -> str:
+        d = {
+            "format": "retrodb",
+            "format_version": self.format_version,
+            "features": list(self.features),
+            "generation": self.generation,
+            "created": self.created,
+            "config": self.config,
+            "tokenizer": self.tokenizer,
+            "encoder": self.encoder,
+            "next_key": self.next_key,
+            "segments": [s.to_dict() for s in self.segments],
+            "tombstones": list(self.tombstones),
+        }
+        return json.dumps(d, indent=1, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, *, where: str) -> Manifest:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CorruptError(f"{where}: manifest is not valid JSON ({exc.msg})") from exc
+        if not isinstance(d, dict) or d.get("format") != "retrodb":
+            raise CorruptError(f"{where}: not a retrodb manifest")
+        version = d.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+            raise FormatVersionError(
+                f"{where}: on-disk format version {version!r}; this retrodb reads versions "
+                f"1..{FORMAT_VERSION} (upgrade retrodb)"
+            )
+        unknown = set(d.get("features", [])) - KNOWN_FEATURES
+        if unknown:
+            raise FormatVersionError(f"{where}: unknown format features {sorted(unknown)}")
+        try:
+            return cls(
+                generation=int(d["generation"]),
+                config=dict(d["config"]),
+                tokenizer=dict(d["tokenizer"]),
+                encoder=dict(d["encoder"]),
+                next_key=int(d["next_key"]),
+                segments=tuple(SegmentMeta.from_dict(s) for s in d["segments"]),
+                tombstones=tuple(str(t) for t in d.get("tombstones", [])),
+                features=tuple(d.get("features", [])),
+                created=float(d.get("created", 0.0)),
+                format_version=version,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptError(f"{where}: manifest is missing or has a bad field ({exc})") from exc
+
+
+KNOWN_FEATURES: frozenset[str] = frozenset()
+
+
+# ---------------------------------------------------------------- durability helpers
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root`` (children first)."""
+    for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
+        for f in filenames:
+            fsync_path(Path(dirpath) / f)
+        fsync_path(Path(dirpath))
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file, fsync, rename, fsync the directory."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def file_table(root: Path) -> dict[str, FileInfo]:
+    """Size and sha256 of every file under ``root``, by posix path relative to it."""
+    out: dict[str, FileInfo] = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            out[p.relative_to(root).as_posix()] = FileInfo(p.stat().st_size, sha256_file(p))
+    return out
+
+
+# ---------------------------------------------------------------- arrays
+
+
+def write_array(group_dir: Path, name: str, data: np.ndarray) -> None:
+    """Write ``data`` as an uncompressed single-chunk Zarr v3 array ``name`` of ``group_dir``."""
+    group = zarr.open_group(str(group_dir), mode="a", zarr_format=3)
+    if data.dtype.kind in ("U", "O"):
+        arr = group.create_array(
+            name,
+            shape=data.shape,
+            chunks=data.shape,
+            dtype=str,
+            compressors=None,
+            config={"write_empty_chunks": True},
+        )
+    else:
+        arr = group.create_array(
+            name,
+            shape=data.shape,
+            chunks=data.shape,
+            dtype=data.dtype,
+            compressors=None,
+            filters=None,
+            fill_value=0,
+            config={"write_empty_chunks": True},
+        )
+    arr[...] = data
+
+
+def _chunk_path(array_dir: Path, ndim: int) -> Path:
+    return array_dir.joinpath("c", *(["0"] * ndim))
+
+
+def open_raw_array(
+    array_dir: Path, *, dtype: np.dtype | None = None, shape: tuple[int, ...] | None = None
+) -> np.ndarray:
+    """Memory-map the single raw chunk of a Zarr v3 array written by :func:`write_array`.
+
+    ``zarr.json`` is checked first (shape, data type, one chunk, only the little-endian
+    ``bytes`` codec) and the chunk file's size must match, so a damaged file gives a
+    :class:`CorruptError` naming it instead of wrong data or a crash."""
+    meta_path = array_dir / "zarr.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except FileNotFoundError as exc:
+        raise CorruptError(f"{meta_path}: missing") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptError(f"{meta_path}: not valid JSON") from exc
+    try:
+        arr_shape = tuple(int(s) for s in meta["shape"])
+        arr_dtype = np.dtype(meta["data_type"])
+        chunk_shape = tuple(int(s) for s in meta["chunk_grid"]["configuration"]["chunk_shape"])
+        codecs = meta["codecs"]
+        sep = meta["chunk_key_encoding"]["configuration"].get("separator", "/")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptError(f"{meta_path}: not a Zarr v3 array description ({exc})") from exc
+    if meta.get("zarr_format") != 3 or meta.get("node_type") != "array":
+        raise CorruptError(f"{meta_path}: not a Zarr v3 array")
+    if chunk_shape != arr_shape or sep != "/":
+        raise CorruptError(f"{meta_path}: expected a single chunk, got chunk shape {chunk_shape}")
+    if (
+        len(codecs) != 1
+        or codecs[0].get("name") != "bytes"
+        or codecs[0].get("configuration", {}).get("endian", "little") != "little"
+    ):
+        raise CorruptError(f"{meta_path}: expected only the little-endian 'bytes' codec")
+    if shape is not None and arr_shape != tuple(shape):
+        raise CorruptError(f"{meta_path}: shape {arr_shape}, the manifest implies {tuple(shape)}")
+    if dtype is not None and arr_dtype != np.dtype(dtype):
+        raise CorruptError(f"{meta_path}: data type {arr_dtype}, expected {np.dtype(dtype)}")
+    chunk = _chunk_path(array_dir, len(arr_shape))
+    expected = int(np.prod(arr_shape)) * arr_dtype.itemsize
+    try:
+        size = chunk.stat().st_size
+    except FileNotFoundError as exc:
+        raise CorruptError(f"{chunk}: array data missing") from exc
+    if size != expected:
+        raise CorruptError(
+            f"{chunk}: {size} bytes, expected {expected} for shape {arr_shape} {arr_dtype}"
+        )
+    if expected == 0:
+        return np.zeros(arr_shape, dtype=arr_dtype)
+    return np.memmap(chunk, dtype=arr_dtype.newbyteorder("<"), mode="r", shape=arr_shape)
+
+
+def read_strings(array_dir: Path) -> list[str]:
+    """Read a small string array (document ids) through zarr."""
+    try:
+        arr = zarr.open_array(str(array_dir), mode="r", zarr_format=3)
+        return [str(s) for s in arr[...].tolist()]
+    except Exception as exc:  # zarr raises many types on damaged metadata or chunks
+        raise CorruptError(f"{array_dir}: cannot read string array ({exc})") from exc
+
+
+# ---------------------------------------------------------------- the database directory
+
+
+class Storage:
+    """The directory of one database."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    # -- checks and reading
+
+    def check_exists(self) -> None:
+        if not self.root.exists():
+            raise NotFoundError(f"{self.root}: no such database")
+        if not self.root.is_dir():
+            raise NotADatabaseError(f"{self.root}: not a database (it is a file, not a directory)")
+        if not (self.root / CURRENT).is_file():
+            raise NotADatabaseError(
+                f"{self.root}: not a retrodb database (no {CURRENT} file; an interrupted build?)"
+            )
+
+    def current_name(self) -> str:
+        self.check_exists()
+        path = self.root / CURRENT
+        name = path.read_text(errors="replace").strip()
+        if not _MANIFEST_RE.match(name):
+            raise CorruptError(f"{path}: does not name a manifest ({name[:40]!r})")
+        return name
+
+    def read_manifest(self, name: str | None = None) -> Manifest:
+        name = name or self.current_name()
+        path = self.root / MANIFESTS / name
+        try:
+            text = path.read_text()
+        except FileNotFoundError as exc:
+            raise CorruptError(f"{path}: manifest named by {CURRENT} is missing") from exc
+        except UnicodeDecodeError as exc:
+            raise CorruptError(f"{path}: manifest is not UTF-8 text") from exc
+        return Manifest.from_json(text, where=str(path))
+
+    def segment_dir(self, name: str) -> Path:
+        return self.root / SEGMENTS / name
+
+    # -- writing
+
+    @contextlib.contextmanager
+    def writer_lock(self) -> Iterator[None]:
+        """Hold the single-writer lock; fail at once with :class:`LockedError` if it is held."""
+        path = self.root / LOCK
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno in (errno.EAGAIN, errno.EACCES):
+                    raise LockedError(
+                        f"{self.root}: another writer holds the lock ({path}); try again when it is done"
+                    ) from exc
+                raise
+            yield
+        finally:
+            os.close(fd)
+
+    def init_layout(self) -> None:
+        for d in (MANIFESTS, SEGMENTS, NEIGHBOURS):
+            (self.root / d).mkdir(parents=True, exist_ok=True)
+
+    def new_segment_dir(self, name: str) -> Path:
+        """A fresh temporary directory for a segment being written."""
+        tmp = self.root / SEGMENTS / f"{TMP_PREFIX}{name}"
+        tmp.mkdir(parents=True)
+        return tmp
+
+    def seal_segment(self, tmp: Path, name: str) -> dict[str, FileInfo]:
+        """Checksum, fsync and rename a finished segment directory into place."""
+        files = file_table(tmp)
+        fsync_tree(tmp)
+        final = self.segment_dir(name)
+        os.rename(tmp, final)
+        fsync_path(final.parent)
+        return files
+
+    def commit(self, manifest: Manifest) -> None:
+        """Write ``manifest`` and make it current: the commit point."""
+        name = f"{manifest.generation:06d}.json"
+        mdir = self.root / MANIFESTS
+        mdir.mkdir(exist_ok=True)
+        write_atomic(mdir / name, manifest.to_json().encode())
+        write_atomic(self.root / CURRENT, (name + "\n").encode())
+
+    def leftovers(self, manifest: Manifest) -> list[Path]:
+        """Files and directories that no committed generation uses: what an interrupted
+        writer left behind (temporary files, uncommitted segments, old manifests)."""
+        out: list[Path] = []
+        live = {s.name for s in manifest.segments}
+        seg_root = self.root / SEGMENTS
+        if seg_root.is_dir():
+            out += [p for p in sorted(seg_root.iterdir()) if p.name not in live]
+        mdir = self.root / MANIFESTS
+        if mdir.is_dir():
+            names = sorted(p.name for p in mdir.iterdir() if _MANIFEST_RE.match(p.name))
+            keep = set(names[-KEEP_MANIFESTS:]) | {f"{manifest.generation:06d}.json"}
+            out += [
+                p
+                for p in sorted(mdir.iterdir())
+                if p.name.startswith(TMP_PREFIX)
+                or (
+                    _MANIFEST_RE.match(p.name)
+                    and p.name not in keep
+                    and int(p.name.split(".")[0]) < manifest.generation
+                )
+                or (_MANIFEST_RE.match(p.name) and int(p.name.split(".")[0]) > manifest.generation)
+            ]
+        out += [p for p in sorted(self.root.iterdir()) if p.name.startswith(TMP_PREFIX)]
+        return out
+
+    def remove_leftovers(self, manifest: Manifest) -> list[Path]:
+        removed = self.leftovers(manifest)
+        for p in removed:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        return removed
+
+    def disk_usage(self) -> dict[str, int]:
+        """Bytes on disk per part of the database."""
+
+        def size(p: Path) -> int:
+            if p.is_file():
+                return p.stat().st_size
+            if p.is_dir():
+                return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+            return 0
+
+        usage = {
+            "tokenizer": size(self.root / TOKENIZER_FILE),
+            "encoder": size(self.root / ENCODER_DIR),
+            "manifests": size(self.root / MANIFESTS),
+            "neighbours": size(self.root / NEIGHBOURS),
+            "segment_arrays": 0,
+            "segment_indexes": 0,
+        }
+        seg_root = self.root / SEGMENTS
+        if seg_root.is_dir():
+            for f in seg_root.rglob("*"):
+                if f.is_file():
+                    key = "segment_indexes" if f.name.endswith(".usearch") else "segment_arrays"
+                    usage[key] += f.stat().st_size
+        usage["total"] = sum(usage.values())
+        return usage
+
+
+def check_not_in_use(path: Path) -> None:
+    """Refuse to build over an existing file or a non-empty directory."""
+    if path.exists():
+        if path.is_file():
+            raise NotADatabaseError(f"{path}: exists and is a file; choose a new database path")
+        if any(path.iterdir()):
+            raise RetroDBError(f"{path}: already exists and is not empty; choose a new path")

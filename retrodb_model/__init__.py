@@ -1,0 +1,1 @@
+"""The RETRO model that trains, evaluates and generates from a retrodb database."""

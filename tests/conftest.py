@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny corpora made here, a tiny tokenizer, and the encoders
+(a tiny random BERT for speed, the bundled all-MiniLM-L6-v2 where quality matters)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+pytest_plugins = ["tests.encoder_fixtures"] if (Path(__file__).parent / "encoder_fixtures.py").exists() else []
+
+TOPICS = {
+    "files.txt": (
+        "To open a file in Python, call open() with a path and a mode such as 'r' or 'w'. "
+        "The with statement closes the file automatically when the block ends. "
+        "Reading a file returns strings in text mode and bytes in binary mode. "
+    ),
+    "regex.md": (
+        "Regular expressions are patterns that match text. The re module compiles a pattern "
+        "and searches strings with it; groups capture parts of a match, and flags change how "
+        "the pattern is interpreted. "
+    ),
+    "sorting.rst": (
+        "Sorting a list in place uses list.sort(); the built-in sorted() returns a new list. "
+        "A key function transforms each element before comparison, and reverse=True sorts "
+        "in descending order. Sorting is stable. "
+    ),
+    "sub/threads.txt": (
+        "Threads run concurrently inside one process and share memory. A lock protects shared "
+        "state; a queue passes work between threads safely. The global interpreter lock lets "
+        "one thread run Python bytecode at a time. "
+    ),
+}
+
+
+def write_corpus(root: Path, docs: dict[str, str], repeat: int = 6) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for name, text in docs.items():
+        p = root / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text((text * repeat).strip() + "\n", encoding="utf-8")
+    return root
+
+
+@pytest.fixture
+def corpus_dir(tmp_path: Path) -> Path:
+    return write_corpus(tmp_path / "corpus", TOPICS)
+
+
+@pytest.fixture
+def more_dir(tmp_path: Path) -> Path:
+    return write_corpus(
+        tmp_path / "more",
+        {
+            "asyncio.txt": (
+                "An event loop runs coroutines: async def defines one, await suspends it until "
+                "a future completes, and asyncio.run starts the loop. "
+            ),
+        },
+    )
