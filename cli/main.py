@@ -69,7 +69,7 @@ def build(
             help="SentencePiece vocabulary (a soft limit on small corpora).",
             min=300,
         ),
-    ] = TokenizerConfig.vocab_size,
+    ] = 32000,
     tokenizer: Annotated[
         Path | None,
         typer.Option("--tokenizer", help="Use this SentencePiece model instead of training one."),
@@ -286,6 +286,11 @@ def verify(
         )
     if not rep["ok"]:
         raise typer.Exit(1)
+
+
+# Commands defined in other modules of this package register here, one line each.
+# --- command registrations ---
+from . import neighbours as _neighbours; _neighbours.register(app)  # noqa: E402, E702, I001
 
 
 def main() -> None:  # pragma: no cover - console entry point

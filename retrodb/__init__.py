@@ -11,6 +11,10 @@ Importing retrodb never imports torch.
 
 from __future__ import annotations
 
+# ONNX Runtime must be loaded before USearch's compiled module: the other order crashes the
+# process on import (seen with onnxruntime 1.31-1.32 and usearch 2.26 on x86_64 Linux).
+import onnxruntime as _onnxruntime  # noqa: F401, I001
+
 from .config import ChunkConfig, DBConfig, EncoderConfig, IndexConfig, TokenizerConfig
 from .db import AddResult, Retrieved, RetroDB, SearchResult
 from .errors import (

@@ -147,7 +147,8 @@ class SegmentIndex:
         m = self.index.search(queries, count, exact=exact)
         keys = np.asarray(m.keys, dtype=np.int64).reshape(q, -1)
         dist = np.asarray(m.distances, dtype=np.float32).reshape(q, -1)
-        counts = np.asarray(m.counts).reshape(q)
+        # One query gives ``Matches`` (no ``counts``), several give ``BatchMatches``.
+        counts = np.asarray(m.counts if hasattr(m, "counts") else [len(m.keys)]).reshape(q)
         valid = np.arange(keys.shape[1])[None, :] < counts[:, None]
         keys = np.where(valid, keys, -1)
         dist = np.where(valid, dist, np.inf).astype(np.float32)

@@ -1,0 +1,257 @@
+"""Configuration of the RETRO model (Borgeaud et al., 2022).
+
+One frozen dataclass describes the whole model: the decoder, the neighbour encoder and
+where the two meet. A checkpoint stores `RetroConfig.to_dict()` beside the weights, so
+`RetroConfig.from_dict(...)` rebuilds the exact model without guessing.
+
+Layer indices (`retro_layers`, `enc_cross_attn_layers`, `dec_enc_condition_layer`) are
+1-based, as in the paper ("RETRO blocks at layers 6, 9 and 12").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+def default_retro_layers(n_layers: int) -> tuple[int, ...]:
+    """The decoder layers that get chunked cross-attention when none are given.
+
+    The paper's rule is "every third layer from layer 6": (6, 9, 12) for 12 layers,
+    (6, 9, ..., 30) for 32. A model with fewer than 6 layers has no layer 6, so the rule
+    counts down in steps of 3 from the last layer instead: (2, 5) for 5 layers, (1, 4)
+    for 4, (3,) for 3, (2,) for 2, (1,) for 1.
+    """
+    if n_layers < 1:
+        raise ValueError(f"n_layers must be >= 1, got {n_layers}")
+    if n_layers >= 6:
+        return tuple(range(6, n_layers + 1, 3))
+    return tuple(sorted(range(n_layers, 0, -3)))
+
+
+@dataclass(frozen=True)
+class RetroConfig:
+    """Hyper-parameters of a RETRO model. Derived fields left as None are filled in."""
+
+    vocab_size: int
+    # m: tokens per chunk. Retrieval happens once per chunk; neighbours hold 2m tokens.
+    chunk_size: int = 64
+    # decoder width d and depth
+    dim: int = 896
+    n_layers: int = 12
+    n_heads: int = 16
+    # width of one attention head; None -> dim // n_heads (dim must then divide evenly)
+    head_dim: int | None = None
+    # feed-forward: SwiGLU with hidden width round_up(2/3 * ff_mult * dim, 32), which
+    # keeps the parameter count of a GELU feed-forward of width ff_mult * dim
+    ff_mult: float = 4.0
+    # 1-based decoder layers that are RETRO blocks (attention, CCA, feed-forward);
+    # None -> default_retro_layers(n_layers), i.e. (6, 9, 12) for 12 layers
+    retro_layers: tuple[int, ...] | None = None
+    # neighbour encoder: width (None -> dim), depth, heads (None -> n_heads scaled to
+    # enc_dim with the decoder's head width when possible)
+    enc_dim: int | None = None
+    enc_layers: int = 2
+    enc_heads: int | None = None
+    # 1-based encoder layers with cross-attention to the decoder activations of the chunk
+    # that retrieved the neighbour; None -> every encoder layer
+    enc_cross_attn_layers: tuple[int, ...] | None = None
+    # the encoder is conditioned on the *input* activations of this 1-based decoder layer;
+    # None -> retro_layers[0] (the paper: the first CCA layer's input). Must be <= it,
+    # because the encoded neighbours are needed by the first CCA layer.
+    dec_enc_condition_layer: int | None = None
+    # k: neighbours per chunk (2 in training; evaluation may pass more, see note below)
+    num_neighbours: int = 2
+    # r: tokens per neighbour (neighbour chunk + its continuation); None -> 2 * chunk_size
+    neighbour_len: int | None = None
+    dropout: float = 0.0
+    # rotary position embedding base (theta)
+    rope_base: float = 10000.0
+    # longest decoder sequence (sizes the rotary tables and the generation cache)
+    max_seq_len: int = 2048
+    # share the token embedding with the output head
+    tie_embeddings: bool = True
+    # token id that marks padding inside retrieved neighbours when no explicit mask is
+    # given; None -> only negative ids (e.g. -1 for "no neighbour") are padding
+    pad_id: int | None = None
+    # The model accepts any number of neighbours per chunk at run time (the encoder and
+    # CCA are independent of k); num_neighbours is the training value and a check for data.
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(f"RetroConfig: {message}")
+
+        def setd(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        need(self.vocab_size >= 2, f"vocab_size must be >= 2, got {self.vocab_size}")
+        need(self.chunk_size >= 1, f"chunk_size must be >= 1, got {self.chunk_size}")
+        need(self.dim >= 1 and self.n_layers >= 1, "dim and n_layers must be >= 1")
+        need(self.n_heads >= 1, f"n_heads must be >= 1, got {self.n_heads}")
+        if self.head_dim is None:
+            need(
+                self.dim % self.n_heads == 0,
+                f"dim {self.dim} is not divisible by n_heads {self.n_heads}; set head_dim",
+            )
+            setd("head_dim", self.dim // self.n_heads)
+        need(
+            self.head_dim >= 2 and self.head_dim % 2 == 0,
+            f"head_dim must be even (rotary), got {self.head_dim}",
+        )
+        need(self.ff_mult > 0, f"ff_mult must be > 0, got {self.ff_mult}")
+
+        retro = self.retro_layers
+        retro = default_retro_layers(self.n_layers) if retro is None else tuple(retro)
+        need(len(retro) >= 1, "retro_layers must name at least one layer")
+        need(
+            all(1 <= i <= self.n_layers for i in retro),
+            f"retro_layers {retro} must lie in 1..n_layers={self.n_layers}",
+        )
+        need(len(set(retro)) == len(retro), f"retro_layers {retro} has duplicates")
+        retro = tuple(sorted(retro))
+        setd("retro_layers", retro)
+
+        cond = self.dec_enc_condition_layer
+        cond = retro[0] if cond is None else cond
+        need(
+            1 <= cond <= retro[0],
+            f"dec_enc_condition_layer {cond} must lie in 1..{retro[0]} (the first CCA "
+            "layer needs the encoded neighbours)",
+        )
+        setd("dec_enc_condition_layer", cond)
+
+        if self.enc_dim is None:
+            setd("enc_dim", self.dim)
+        need(self.enc_layers >= 1, f"enc_layers must be >= 1, got {self.enc_layers}")
+        if self.enc_heads is None:
+            heads = self.enc_dim // self.head_dim if self.enc_dim % self.head_dim == 0 else 0
+            setd("enc_heads", heads if heads >= 1 else 1)
+        need(
+            self.enc_heads >= 1 and self.enc_dim % self.enc_heads == 0,
+            f"enc_dim {self.enc_dim} must be divisible by enc_heads {self.enc_heads}",
+        )
+        need(
+            (self.enc_dim // self.enc_heads) % 2 == 0,
+            "encoder head width enc_dim // enc_heads must be even (rotary)",
+        )
+        eca = self.enc_cross_attn_layers
+        eca = tuple(range(1, self.enc_layers + 1)) if eca is None else tuple(sorted(eca))
+        need(
+            all(1 <= i <= self.enc_layers for i in eca) and len(set(eca)) == len(eca),
+            f"enc_cross_attn_layers {eca} must be distinct layers in 1..{self.enc_layers}",
+        )
+        setd("enc_cross_attn_layers", eca)
+
+        need(self.num_neighbours >= 1, f"num_neighbours must be >= 1, got {self.num_neighbours}")
+        if self.neighbour_len is None:
+            setd("neighbour_len", 2 * self.chunk_size)
+        need(self.neighbour_len >= 1, f"neighbour_len must be >= 1, got {self.neighbour_len}")
+        need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        need(self.rope_base > 1.0, f"rope_base must be > 1, got {self.rope_base}")
+        need(
+            self.max_seq_len >= self.chunk_size,
+            f"max_seq_len {self.max_seq_len} must be >= chunk_size {self.chunk_size}",
+        )
+        need(
+            self.pad_id is None or 0 <= self.pad_id < self.vocab_size,
+            f"pad_id {self.pad_id} must be None or a token id < vocab_size",
+        )
+
+    # ---- derived sizes -------------------------------------------------------------
+
+    @property
+    def ff_hidden(self) -> int:
+        """Hidden width of the SwiGLU feed-forward (decoder and encoder use their own dim)."""
+        return ff_hidden(self.dim, self.ff_mult)
+
+    @property
+    def enc_head_dim(self) -> int:
+        return self.enc_dim // self.enc_heads
+
+    # ---- (de)serialisation -----------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict of every field (derived ones included, tuples as lists)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RetroConfig:
+        """Inverse of to_dict; unknown keys are an error (a typo must not pass silently)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"RetroConfig.from_dict: unknown fields {unknown}")
+        kwargs = dict(data)
+        for key in ("retro_layers", "enc_cross_attn_layers"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = tuple(kwargs[key])
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> RetroConfig:
+        """A copy with some fields changed. Derived fields keep their values; pass None
+        for one (e.g. ``retro_layers=None``) to have it derived again from the new values."""
+        return dataclasses.replace(self, **changes)
+
+    # ---- presets ---------------------------------------------------------------------
+
+    @classmethod
+    def preset(cls, name: str, vocab_size: int, **overrides: Any) -> RetroConfig:
+        """A named configuration; keyword overrides win.
+
+        - ``tiny``: tests. 4 layers of width 64, CCA at (2, 4), encoder width 32 (so the
+          projection between decoder and encoder width is exercised), chunks of 8.
+        - ``small``: trains on 2 CPU cores in minutes. 6 layers of width 384 (6 heads of
+          64), CCA at (3, 6) - the "every third layer" spacing of the paper, which has no
+          layer 6/9/12 pattern to follow at this depth - encoder 2 layers of width 384.
+        - ``base``: the paper's smallest RETRO (172M): 12 layers, d = 896, 16 heads of 56,
+          feed-forward 4d, CCA at (6, 9, 12), encoder 2 layers of width 896.
+        """
+        presets: dict[str, dict[str, Any]] = {
+            "tiny": dict(
+                chunk_size=8,
+                dim=64,
+                n_layers=4,
+                n_heads=4,
+                retro_layers=(2, 4),
+                enc_dim=32,
+                enc_heads=2,
+                max_seq_len=256,
+            ),
+            "small": dict(
+                chunk_size=64,
+                dim=384,
+                n_layers=6,
+                n_heads=6,
+                retro_layers=(3, 6),
+                enc_dim=384,
+                enc_heads=6,
+                max_seq_len=2048,
+            ),
+            "base": dict(
+                chunk_size=64,
+                dim=896,
+                n_layers=12,
+                n_heads=16,
+                retro_layers=(6, 9, 12),
+                enc_dim=896,
+                enc_heads=16,
+                max_seq_len=2048,
+            ),
+        }
+        if name not in presets:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
+        kwargs = presets[name]
+        kwargs.update(overrides)
+        return cls(vocab_size=vocab_size, **kwargs)
+
+
+def ff_hidden(dim: int, ff_mult: float, multiple_of: int = 32) -> int:
+    """SwiGLU hidden width: 2/3 of ff_mult * dim, rounded up to a multiple of 32."""
+    hidden = int(2 * ff_mult * dim / 3)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)

@@ -1,0 +1,809 @@
+"""The RETRO language model (Borgeaud et al., 2022), in one file.
+
+Read it top to bottom: small pieces (RMSNorm, rotary positions, feed-forward, attention,
+the loss), then the blocks (chunked cross-attention, decoder block, encoder block), the
+neighbour encoder, the generation cache and finally `RetroModel`.
+
+Shape letters used in the comments:
+
+    B  batch                      T  decoder tokens in this call
+    m  chunk size (chunk_size)    n  chunks with neighbours (T // m in a full forward)
+    k  neighbours per chunk       r  tokens per neighbour (neighbour_len = 2m)
+    N  neighbour sequences B*n*k  D  decoder width      E  encoder width
+    H  heads                      hd head width         V  vocabulary
+
+How retrieval enters (the paper's Section 2.4):
+
+- chunk u = decoder tokens [u*m, (u+1)*m); `retrieved[:, u]` holds the k neighbours that
+  were retrieved for chunk u (each a neighbour chunk and its continuation, r = 2m tokens);
+- the encoder reads every neighbour bidirectionally and cross-attends to the decoder's
+  activations of chunk u at the input of layer `dec_enc_condition_layer`;
+- chunked cross-attention (CCA) in the RETRO layers lets token i attend to the encoded
+  neighbours of the last chunk that ended at or before i, i.e. chunk (i + 1) // m - 1;
+  tokens 0 .. m-2 have no such chunk and get nothing from CCA (a zero residual update).
+
+Positions: rotary embeddings in every attention. In self-attention they carry absolute
+positions (decoder 0..T-1, each neighbour 0..r-1). In the two cross-attentions they carry
+a *relative alignment* between a chunk and its neighbours: a neighbour's first m tokens
+match the chunk that retrieved it, its last m are the continuation. So in the encoder's
+cross-attention, neighbour token j has position j and chunk token i position i; in CCA,
+the query at offset j of a shifted chunk (the last token of chunk u, then the first m-1
+tokens of chunk u+1) has position m - 1 + j, which is where that token's counterpart sits
+inside each neighbour (keys have positions 0..r-1 within each neighbour).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from retrodb_model.config import RetroConfig, ff_hidden
+
+IGNORE_INDEX = -100  # targets with this value do not count in the loss
+
+# ---------------------------------------------------------------------------------------
+# small pieces
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm with a learned gain and no bias."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class Rotary(nn.Module):
+    """Rotary position tables: cos and sin of position * frequency, (positions, hd/2)."""
+
+    def __init__(self, head_dim: int, max_positions: int, base: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
+        # real buffers: a complex buffer would not survive module.to(dtype)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)  # (P, hd/2)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)  # (P, hd/2)
+
+    def forward(self, positions: Tensor | slice) -> Tensor:
+        """Unit complex rotations for the given positions, (L, hd/2) complex64."""
+        return torch.complex(self.cos[positions].float(), self.sin[positions].float())
+
+
+def apply_rotary(x: Tensor, rot: Tensor) -> Tensor:
+    """Rotate consecutive pairs (x[2i], x[2i+1]) of the last axis of x (..., L, hd) by the
+    complex rot (L, hd/2). One complex multiply is much cheaper on CPU than the "rotate
+    half" form (a concatenation and four real multiplies, forward and backward)."""
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)  # (..., L, hd/2, 2)
+    rotated = torch.view_as_complex(pairs) * rot  # (..., L, hd/2) complex
+    return torch.view_as_real(rotated).flatten(-2).type_as(x)  # (..., L, hd)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), gate and up in one matmul."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # each (..., hidden)
+        return self.drop(self.down(F.silu(gate) * up))
+
+
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Tensor | None = None,
+    causal: bool = False,
+    dropout: float = 0.0,
+) -> Tensor:
+    """Fused scaled dot-product attention over (..., H, L, hd) tensors.
+
+    `mask` (bool, True = may attend) broadcasts to (..., H, L, S). A query whose row is all
+    False would give NaN; callers make such rows all True and zero the result instead.
+    """
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout
+    )
+
+
+def safe_key_mask(valid: Tensor) -> tuple[Tensor, Tensor]:
+    """A key-padding mask that never masks a whole row, and which rows had any key.
+
+    valid: (..., S) bool. Returns (mask (..., S) with all-False rows made all-True,
+    has_any (...,) bool), so attention stays finite and the caller can zero those rows.
+    """
+    has_any = valid.any(dim=-1)  # (...,)
+    return valid | ~has_any.unsqueeze(-1), has_any
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """logits = h @ weight.T and their mean cross entropy, with a lean backward.
+
+    Equal to `F.linear` then `F.cross_entropy(..., ignore_index=-100)` (NaN when no target
+    counts). With a large vocabulary the (N, V) logits dominate memory traffic, and
+    autograd's cross entropy adds three more (N, V) tensors (log-softmax, one-hot
+    gradient, softmax gradient). Here the forward keeps one log-sum-exp per row, and the
+    backward turns the logits into their gradient (softmax - one-hot) one block of rows at
+    a time, feeding each block straight into the two matmuls.
+    """
+
+    BLOCK = 512  # rows per block
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, weight: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        # h (N, D), weight (V, D), targets (N,)
+        logits = h @ weight.T  # (N, V), in the autocast dtype when autocast is on
+        device = h.device.type
+        # the backward's matmuls use the same dtype as this one (backward runs without
+        # autocast, so it casts by hand)
+        ctx.matmul_dtype = (
+            torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+        )
+        blocks = logits.split(LinearCrossEntropy.BLOCK)
+        lse = torch.cat([torch.logsumexp(b.float(), dim=-1) for b in blocks])  # (N,)
+        valid = targets != IGNORE_INDEX  # (N,)
+        safe_targets = targets.clamp(min=0)
+        picked = logits.gather(1, safe_targets[:, None]).squeeze(1).float()  # (N,)
+        count = valid.sum()
+        loss = torch.where(valid, lse - picked, 0.0).sum() / count
+        ctx.save_for_backward(h, weight, logits, lse, safe_targets, valid, count)
+        ctx.set_materialize_grads(False)  # unused logits get no (N, V) zero gradient
+        return logits, loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_logits: Tensor | None, grad_loss: Tensor | None) -> Any:
+        h, weight, logits, lse, targets, valid, count = ctx.saved_tensors
+        dtype = ctx.matmul_dtype
+        w = weight.to(dtype)
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        scale = None if grad_loss is None else (grad_loss / count) * valid  # (N,)
+        N, V = logits.shape
+        for lo in range(0, N, LinearCrossEntropy.BLOCK):
+            hi = min(lo + LinearCrossEntropy.BLOCK, N)
+            make = torch.zeros if scale is None else torch.empty
+            g = make(hi - lo, V, dtype=torch.float32, device=h.device)  # (rows, V)
+            if scale is not None:
+                torch.sub(logits[lo:hi].float(), lse[lo:hi, None], out=g).exp_()  # softmax
+                g.scatter_add_(1, targets[lo:hi, None], g.new_full((hi - lo, 1), -1.0))
+                g.mul_(scale[lo:hi, None])
+            if grad_logits is not None:
+                g += grad_logits[lo:hi]
+            g = g.to(dtype)
+            hb = h[lo:hi].to(dtype)  # (rows, D)
+            if grad_h is not None:
+                grad_h[lo:hi] = g @ w
+            if grad_w is not None:
+                if dtype == grad_w.dtype:
+                    grad_w.addmm_(g.T, hb)
+                else:
+                    grad_w += g.T @ hb
+        return grad_h, grad_w, None
+
+
+# ---------------------------------------------------------------------------------------
+# attention modules
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with rotary positions (causal in the decoder only)."""
+
+    def __init__(self, dim: int, n_heads: int, head_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim, self.dropout = n_heads, head_dim, dropout
+        self.qkv = nn.Linear(dim, 3 * n_heads * head_dim, bias=False)
+        self.proj = nn.Linear(n_heads * head_dim, dim, bias=False)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        rot: Tensor,
+        *,
+        causal: bool,
+        key_mask: Tensor | None = None,
+        kv_cache: tuple[Tensor, Tensor] | None = None,
+        start: int = 0,
+    ) -> Tensor:
+        """x (B, T, dim) -> (B, T, dim); rot (T, hd/2) rotations of the T positions.
+
+        key_mask: (B, T) bool, True = real token (encoder padding); None = all real.
+        kv_cache: preallocated (keys, values), each (B, H, max_len, hd); this call's keys
+        and values are written at [start, start + T) and attention sees [0, start + T).
+        """
+        B, T, _ = x.shape
+        H, hd = self.n_heads, self.head_dim
+        qkv = self.qkv(x).view(B, T, 3, H, hd).permute(2, 0, 3, 1, 4)  # (3, B, H, T, hd)
+        q, k, v = qkv.unbind(0)  # each (B, H, T, hd)
+        q, k = apply_rotary(q, rot), apply_rotary(k, rot)
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, T)
+        if kv_cache is not None:
+            cache_k, cache_v = kv_cache
+            cache_k[:, :, start : start + T] = k
+            cache_v[:, :, start : start + T] = v
+            k, v = cache_k[:, :, : start + T], cache_v[:, :, : start + T]  # (B, H, S, hd)
+            if causal and start > 0:
+                # is_causal aligns to the top left; with a prefix the query at position
+                # start + i must see keys 0 .. start + i (one new token sees them all)
+                if T > 1:
+                    pos_q = torch.arange(start, start + T, device=x.device)
+                    mask = torch.arange(start + T, device=x.device) <= pos_q[:, None]  # (T, S)
+                causal = False
+        drop = self.dropout if self.training else 0.0
+        y = attend(q, k, v, mask=mask, causal=causal, dropout=drop)  # (B, H, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, H*hd)
+        return self.drop(self.proj(y))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from queries of width q_dim to a context of width kv_dim.
+
+    Keys and values are projected separately (`project_kv`) so that callers can reuse
+    them: the generation cache keeps the CCA keys and values of every completed chunk.
+    """
+
+    def __init__(
+        self, q_dim: int, kv_dim: int, n_heads: int, head_dim: int, dropout: float
+    ) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim, self.dropout = n_heads, head_dim, dropout
+        self.q = nn.Linear(q_dim, n_heads * head_dim, bias=False)
+        self.kv = nn.Linear(kv_dim, 2 * n_heads * head_dim, bias=False)
+        self.proj = nn.Linear(n_heads * head_dim, q_dim, bias=False)
+        self.drop = nn.Dropout(dropout)
+
+    def project_kv(self, ctx: Tensor, rot: Tensor) -> tuple[Tensor, Tensor]:
+        """ctx (..., S, kv_dim) -> keys, values, each (..., H, S, hd); keys rotated."""
+        *lead, S, _ = ctx.shape
+        kv = self.kv(ctx).view(*lead, S, 2, self.n_heads, self.head_dim)  # (..., S, 2, H, hd)
+        k, v = kv.movedim(-4, -2).unbind(-4)  # each (..., H, S, hd)
+        return apply_rotary(k, rot), v
+
+    def queries(self, x: Tensor, rot: Tensor) -> Tensor:
+        """x (..., L, q_dim) -> queries (..., H, L, hd), rotated."""
+        *lead, L, _ = x.shape
+        q = self.q(x).view(*lead, L, self.n_heads, self.head_dim).transpose(-3, -2)
+        return apply_rotary(q, rot)  # (..., H, L, hd)
+
+    def output(self, y: Tensor) -> Tensor:
+        """Attention result (..., H, L, hd) -> (..., L, q_dim)."""
+        *lead, H, L, hd = y.shape
+        y = y.transpose(-3, -2).reshape(*lead, L, H * hd)  # (..., L, H*hd)
+        return self.drop(self.proj(y))
+
+
+# ---------------------------------------------------------------------------------------
+# blocks
+
+
+class ChunkedCrossAttention(nn.Module):
+    """CCA: each decoder token attends to the encoded neighbours of the last chunk that
+    ended at or before it (the paper's shift by m - 1)."""
+
+    def __init__(self, cfg: RetroConfig) -> None:
+        super().__init__()
+        self.chunk_size = cfg.chunk_size
+        self.attn = CrossAttention(cfg.dim, cfg.enc_dim, cfg.n_heads, cfg.head_dim, cfg.dropout)
+
+    def neighbour_kv(self, encoded: Tensor, rope: Rotary, r: int) -> tuple[Tensor, Tensor]:
+        """encoded (B, n, k*r, E) -> keys, values, each (B, n, H, k*r, hd).
+
+        Key positions restart at 0 in each of the k neighbours (0..r-1)."""
+        kr = encoded.shape[-2]
+        rot = rope(torch.arange(kr, device=encoded.device) % r)  # (k*r, hd/2)
+        return self.attn.project_kv(encoded, rot)
+
+    def forward(
+        self,
+        x: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        valid: Tensor | None,
+        rope: Rotary,
+        *,
+        start: int,
+        first_chunk: int,
+    ) -> Tensor:
+        """The CCA update (B, T, D) of normalised decoder states x (B, T, D) at positions
+        [start, start + T); exactly 0 for tokens that have no completed chunk yet.
+
+        keys, values (B, c, H, k*r, hd): CCA keys/values of chunks first_chunk ..
+        first_chunk + c - 1, covering every chunk that these tokens attend to.
+        valid (B, c, k*r) bool, True = real neighbour token; None = all real.
+        """
+        B, T, D = x.shape
+        m = self.chunk_size
+        # shifted coordinate s = position - (m - 1): the token at s attends to chunk s // m
+        s_start = start - (m - 1)
+        skip = max(0, -s_start)  # leading tokens that attend to nothing
+        if skip >= T:
+            return x.new_zeros(B, T, D)
+        chunk0, lead = divmod(s_start + skip, m)  # first chunk attended, offset inside it
+        L = T - skip
+        n_c = (lead + L + m - 1) // m  # shifted chunks touched by this call
+        offset = torch.arange(lead, lead + L, device=x.device) % m  # offset j in the chunk
+        rot = rope(offset + (m - 1))  # query position m-1+j: its counterpart in a neighbour
+        q = self.attn.queries(x[:, skip:], rot)  # (B, H, L, hd)
+        q = F.pad(q, (0, 0, lead, n_c * m - lead - L))  # (B, H, n_c*m, hd)
+        H, hd = q.shape[1], q.shape[3]
+        q = q.view(B, H, n_c, m, hd).transpose(1, 2)  # (B, n_c, H, m, hd)
+        c_lo = chunk0 - first_chunk
+        k = keys[:, c_lo : c_lo + n_c]  # (B, n_c, H, k*r, hd)
+        v = values[:, c_lo : c_lo + n_c]  # (B, n_c, H, k*r, hd)
+        kr = k.shape[-2]
+        mask = has_any = None
+        if valid is not None:
+            mask, has_any = safe_key_mask(valid[:, c_lo : c_lo + n_c])  # (B, n_c, k*r), (B, n_c)
+            mask = mask.reshape(B * n_c, 1, 1, kr)  # (B*n_c, 1, 1, k*r)
+        drop = self.attn.dropout if self.training else 0.0
+        y = attend(
+            q.reshape(B * n_c, H, m, hd),
+            k.reshape(B * n_c, H, kr, hd),
+            v.reshape(B * n_c, H, kr, hd),
+            mask=mask,
+            dropout=drop,
+        ).view(B, n_c, H, m, hd)  # (B, n_c, H, m, hd)
+        if has_any is not None:
+            y = y * has_any[:, :, None, None, None].to(y.dtype)  # no neighbour at all -> 0
+        y = y.transpose(1, 2).reshape(B, H, n_c * m, hd)[:, :, lead : lead + L]  # (B, H, L, hd)
+        y = self.attn.output(y)  # (B, L, D)
+        return F.pad(y, (0, 0, skip, 0))  # (B, T, D): zeros for the first tokens
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm decoder block: causal self-attention, [CCA,] feed-forward. The model runs
+    the three steps itself (CCA needs the encoded neighbours and the cache)."""
+
+    def __init__(self, cfg: RetroConfig, retro: bool) -> None:
+        super().__init__()
+        self.norm_attn = RMSNorm(cfg.dim)
+        self.attn = SelfAttention(cfg.dim, cfg.n_heads, cfg.head_dim, cfg.dropout)
+        self.norm_cca = RMSNorm(cfg.dim) if retro else None
+        self.cca = ChunkedCrossAttention(cfg) if retro else None
+        self.norm_ff = RMSNorm(cfg.dim)
+        self.ff = FeedForward(cfg.dim, cfg.ff_hidden, cfg.dropout)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm bidirectional encoder block: self-attention, [cross-attention to the
+    decoder activations of the retrieving chunk,] feed-forward."""
+
+    def __init__(self, cfg: RetroConfig, cross: bool) -> None:
+        super().__init__()
+        E, H, hd = cfg.enc_dim, cfg.enc_heads, cfg.enc_head_dim
+        self.norm_attn = RMSNorm(E)
+        self.attn = SelfAttention(E, H, hd, cfg.dropout)
+        self.norm_cross = RMSNorm(E) if cross else None
+        self.norm_ctx = RMSNorm(cfg.dim) if cross else None
+        self.cross = CrossAttention(E, cfg.dim, H, hd, cfg.dropout) if cross else None
+        self.norm_ff = RMSNorm(E)
+        self.ff = FeedForward(E, ff_hidden(E, cfg.ff_mult), cfg.dropout)
+
+
+class NeighbourEncoder(nn.Module):
+    """Bidirectional encoder over retrieved neighbours, conditioned on the decoder."""
+
+    def __init__(self, cfg: RetroConfig) -> None:
+        super().__init__()
+        # the token embedding is the decoder's (shared); this maps it to the encoder width
+        self.proj_in = (
+            nn.Linear(cfg.dim, cfg.enc_dim, bias=False) if cfg.enc_dim != cfg.dim else None
+        )
+        self.blocks = nn.ModuleList(
+            EncoderBlock(cfg, cross=i in cfg.enc_cross_attn_layers)
+            for i in range(1, cfg.enc_layers + 1)
+        )
+        self.norm_out = RMSNorm(cfg.enc_dim)
+        n_pos = max(cfg.neighbour_len, cfg.chunk_size)
+        self.rope = Rotary(cfg.enc_head_dim, n_pos, cfg.rope_base)
+
+    def forward(self, emb: Tensor, valid: Tensor | None, chunk_states: Tensor) -> Tensor:
+        """Encode the neighbours of n chunks.
+
+        emb (B, n, k, r, D): embedded neighbour tokens.
+        valid (B, n, k, r) bool, True = real token; None = all real.
+        chunk_states (B, n, m, D): decoder activations of the chunk that retrieved them.
+        Returns (B, n, k*r, E).
+        """
+        B, n, k, r, D = emb.shape
+        m = chunk_states.shape[2]
+        h = emb.reshape(B * n * k, r, D)  # (N, r, D)
+        if self.proj_in is not None:
+            h = self.proj_in(h).type_as(emb)  # (N, r, E); the residual stays in emb's dtype
+        key_mask = None
+        if valid is not None:
+            # a neighbour without any real token attends to everything (CCA masks it out
+            # later); otherwise padding is never attended to
+            key_mask, _ = safe_key_mask(valid.reshape(B * n * k, r))  # (N, r)
+        rot_r = self.rope(slice(0, r))  # neighbour token j has position j
+        # cross-attention: the k neighbours of a chunk share its m states, so they are
+        # stacked along the query axis instead of copying the states k times
+        rot_q = self.rope(torch.arange(k * r, device=emb.device) % r)  # (k*r, hd/2)
+        rot_c = self.rope(slice(0, m))  # chunk token i has position i
+        ctx = chunk_states.reshape(B * n, m, D)  # (B*n, m, D)
+        for block in self.blocks:
+            h = h + block.attn(block.norm_attn(h), rot_r, causal=False, key_mask=key_mask)
+            if block.cross is not None:
+                ck, cv = block.cross.project_kv(block.norm_ctx(ctx), rot_c)  # (B*n, H, m, hd)
+                hq = block.norm_cross(h).view(B * n, k * r, -1)  # (B*n, k*r, E)
+                q = block.cross.queries(hq, rot_q)  # (B*n, H, k*r, hd)
+                drop = block.cross.dropout if self.training else 0.0
+                y = attend(q, ck, cv, dropout=drop)  # (B*n, H, k*r, hd)
+                h = h + block.cross.output(y).view(B * n * k, r, -1)  # (N, r, E)
+            h = h + block.ff(block.norm_ff(h))
+        h = self.norm_out(h)
+        return h.view(B, n, k * r, -1)  # (B, n, k*r, E)
+
+
+# ---------------------------------------------------------------------------------------
+# generation cache
+
+
+@dataclass
+class RetroCache:
+    """Everything `RetroModel.forward_step` needs to continue a batch of sequences.
+
+    Make one with `RetroModel.new_cache`. All sequences of the batch advance together.
+    """
+
+    batch_size: int
+    max_len: int  # capacity in tokens
+    retrieval: bool  # whether CCA is on for this generation
+    # self-attention keys and values per decoder layer, each (B, H, max_len, hd)
+    keys: list[Tensor]
+    values: list[Tensor]
+    pos: int = 0  # tokens consumed so far
+    # decoder activations at the conditioning layer's input for the tokens of the
+    # unfinished chunk, (B, pos % m, D); they condition the encoder when it completes
+    pending_states: Tensor | None = None
+    # per RETRO layer (0-based index): CCA keys and values of every completed chunk, one
+    # (B, H, k*r, hd) tensor per chunk, in chunk order
+    cca_keys: dict[int, list[Tensor]] = field(default_factory=dict)
+    cca_values: dict[int, list[Tensor]] = field(default_factory=dict)
+    # per completed chunk: (B, k*r) bool validity of its neighbour tokens, None = all real
+    cca_valid: list[Tensor | None] = field(default_factory=list)
+
+    @property
+    def completed_chunks(self) -> int:
+        """Chunks whose neighbours are encoded (pos // m when retrieval is on, else 0)."""
+        return len(self.cca_valid)
+
+    def chunks_completed_by(self, n_tokens: int, chunk_size: int) -> int:
+        """How many chunks a forward_step over n_tokens more tokens completes: the number
+        of neighbour sets to pass to that call when retrieval is on."""
+        return (self.pos + n_tokens) // chunk_size - self.pos // chunk_size
+
+
+# ---------------------------------------------------------------------------------------
+# the model
+
+
+class RetroModel(nn.Module):
+    """RETRO: a decoder-only transformer with chunked cross-attention to retrieved text."""
+
+    def __init__(self, cfg: RetroConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(
+            DecoderBlock(cfg, retro=i in cfg.retro_layers) for i in range(1, cfg.n_layers + 1)
+        )
+        self.norm_out = RMSNorm(cfg.dim)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.encoder = NeighbourEncoder(cfg)
+        # decoder positions; CCA query positions reach 2m - 2 and key positions r - 1
+        n_pos = max(cfg.max_seq_len, cfg.neighbour_len, 2 * cfg.chunk_size)
+        self.rope = Rotary(cfg.head_dim, n_pos, cfg.rope_base)
+        self.apply(self._init_weights)
+        # projections back into a residual stream start smaller, as in GPT-2
+        n_residual = 2 * cfg.n_layers + len(cfg.retro_layers)
+        for name, p in self.named_parameters():
+            if name.endswith(("proj.weight", "down.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(n_residual))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    # ---- parameters -------------------------------------------------------------------
+
+    def retrieval_modules(self) -> list[nn.Module]:
+        """The modules only retrieval uses: the neighbour encoder and every CCA (+ norm)."""
+        mods: list[nn.Module] = [self.encoder]
+        for block in self.layers:
+            if block.cca is not None:
+                mods += [block.norm_cca, block.cca]
+        return mods
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count, a shared tensor once; optionally without the token embedding
+        (and the output head when it is not tied)."""
+        params = {id(p): p for p in self.parameters()}
+        if exclude_embeddings:
+            params.pop(id(self.wte.weight), None)
+            params.pop(id(self.lm_head.weight), None)
+        return sum(p.numel() for p in params.values())
+
+    def freeze_for_retrofit(self) -> tuple[int, int]:
+        """RETRO-fitting: freeze the decoder, train only CCA and the neighbour encoder.
+
+        Returns (trainable, total) parameter counts."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+        for module in self.retrieval_modules():
+            for p in module.parameters():
+                p.requires_grad_(True)
+        params = {id(p): p for p in self.parameters()}.values()
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        return trainable, sum(p.numel() for p in params)
+
+    def configure_optimizer(
+        self,
+        weight_decay: float,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.95),
+        **adamw_kwargs: Any,
+    ) -> torch.optim.AdamW:
+        """AdamW over the trainable parameters, with weight decay only on matrices (2-D
+        weights: linear layers and the embedding), none on norm gains.
+
+        Uses the fused AdamW kernel (one pass per tensor; several times faster than the
+        default on CPU) unless `fused` or `foreach` is given."""
+        params = list({id(p): p for p in self.parameters() if p.requires_grad}.values())
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        if "foreach" not in adamw_kwargs:
+            adamw_kwargs.setdefault("fused", all(p.is_floating_point() for p in params))
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, **adamw_kwargs)
+
+    # ---- forward ------------------------------------------------------------------------
+
+    def forward(
+        self,
+        tokens: Tensor,
+        retrieved: Tensor | None = None,
+        retrieved_mask: Tensor | None = None,
+        targets: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Logits for every position, and the loss when targets are given.
+
+        tokens: (B, T) token ids; T need not be a multiple of m.
+        retrieved: (B, T // m, k, r) neighbour tokens, retrieved[:, u] for chunk u (used
+            from the last token of chunk u on). None = retrieval off: the model is then
+            exactly its plain decoder (no encoder, no CCA). Negative ids (-1 = no
+            neighbour) are padding.
+        retrieved_mask: (B, T // m, k, r) bool, True = real token. None = every
+            non-negative id is real (except pad_id, when the config sets one).
+        targets: (B, T) next-token ids; positions equal to -100 are ignored. The loss is
+            the mean cross entropy in nats over the other positions.
+        Returns (logits (B, T, V), loss or None).
+        """
+        h = self._decode(tokens, retrieved, retrieved_mask, cache=None)  # (B, T, D)
+        if targets is None:
+            return self.lm_head(h), None  # (B, T, V)
+        if targets.shape != tokens.shape:
+            raise ValueError(f"targets {tuple(targets.shape)} != tokens {tuple(tokens.shape)}")
+        B, T, D = h.shape
+        logits, loss = LinearCrossEntropy.apply(
+            h.reshape(B * T, D), self.lm_head.weight, targets.reshape(B * T)
+        )  # (B*T, V), ()
+        return logits.view(B, T, -1), loss
+
+    # ---- generation ---------------------------------------------------------------------
+
+    def new_cache(
+        self,
+        batch_size: int,
+        *,
+        retrieval: bool = True,
+        max_len: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> RetroCache:
+        """An empty cache for `forward_step`; self-attention keys and values are
+        preallocated for max_len tokens (default config.max_seq_len)."""
+        cfg = self.cfg
+        max_len = cfg.max_seq_len if max_len is None else max_len
+        if not 1 <= max_len <= cfg.max_seq_len:
+            raise ValueError(f"max_len {max_len} must lie in 1..max_seq_len={cfg.max_seq_len}")
+        ref = self.wte.weight
+        device = ref.device if device is None else torch.device(device)
+        dtype = ref.dtype if dtype is None else dtype
+        shape = (batch_size, cfg.n_heads, max_len, cfg.head_dim)
+        keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers]
+        values = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers]
+        return RetroCache(batch_size, max_len, retrieval, keys, values)
+
+    @torch.no_grad()
+    def forward_step(
+        self,
+        tokens: Tensor,
+        cache: RetroCache,
+        retrieved: Tensor | None = None,
+        retrieved_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Continue the sequences in `cache` by tokens (B, t); returns their logits
+        (B, t, V), equal to a full forward over all tokens so far. The cache advances.
+
+        With retrieval on, every chunk that these t tokens complete needs its neighbours
+        in this call (the last token of chunk u already attends to them): retrieved
+        (B, c, k, r) with c = cache.chunks_completed_by(t, m), in chunk order, and None
+        when c == 0. They are encoded conditioned on the cached decoder activations of
+        those chunks. With retrieval off, retrieved must be None.
+        """
+        return self.lm_head(self._decode(tokens, retrieved, retrieved_mask, cache=cache))
+
+    # ---- the body shared by forward and forward_step ------------------------------------
+
+    def _neighbour_validity(self, retrieved: Tensor, mask: Tensor | None) -> Tensor | None:
+        """(..., r) bool validity of retrieved tokens, or None when every token is real."""
+        valid = retrieved >= 0
+        if mask is not None:
+            if mask.shape != retrieved.shape:
+                raise ValueError(
+                    f"retrieved_mask shape {tuple(mask.shape)} differs from retrieved "
+                    f"{tuple(retrieved.shape)}"
+                )
+            valid = valid & mask.bool()
+        elif self.cfg.pad_id is not None:
+            valid = valid & (retrieved != self.cfg.pad_id)
+        return None if bool(valid.all()) else valid
+
+    def _decode(
+        self,
+        tokens: Tensor,
+        retrieved: Tensor | None,
+        retrieved_mask: Tensor | None,
+        cache: RetroCache | None,
+    ) -> Tensor:
+        """Final normalised decoder states (B, T, D) of tokens at positions
+        [start, start + T), where start = cache.pos (0 without a cache)."""
+        cfg = self.cfg
+        m = cfg.chunk_size
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be (B, T), got shape {tuple(tokens.shape)}")
+        B, T = tokens.shape
+        start = 0 if cache is None else cache.pos
+        capacity = cfg.max_seq_len if cache is None else cache.max_len
+        if start + T > capacity:
+            raise ValueError(f"{start + T} tokens exceed the model/cache capacity {capacity}")
+        if cache is not None and B != cache.batch_size:
+            raise ValueError(f"batch of {B}, but the cache was made for {cache.batch_size}")
+        retrieval = retrieved is not None if cache is None else cache.retrieval
+        n_new = (start + T) // m - start // m  # chunks completed by this call
+        if retrieval:
+            if retrieved is None:
+                if n_new > 0:
+                    raise ValueError(
+                        f"these tokens complete {n_new} chunk(s): pass their neighbours"
+                    )
+                retrieved = tokens.new_zeros(B, 0, 1, cfg.neighbour_len)
+            if retrieved.dim() != 4 or retrieved.shape[:2] != (B, n_new):
+                raise ValueError(
+                    f"retrieved must be (B={B}, {n_new}, k, r) for {start + T} tokens in "
+                    f"chunks of {m}, got {tuple(retrieved.shape)}"
+                )
+            if retrieved.shape[3] != cfg.neighbour_len:
+                raise ValueError(
+                    f"neighbours have {retrieved.shape[3]} tokens, config neighbour_len is "
+                    f"{cfg.neighbour_len}"
+                )
+        elif retrieved is not None or retrieved_mask is not None:
+            raise ValueError("this cache was made with retrieval=False: pass no neighbours")
+
+        x = self.drop(self.wte(tokens))  # (B, T, D)
+        rot = self.rope(slice(start, start + T))  # (T, hd/2) complex
+        encoded = valid = None
+        for i, block in enumerate(self.layers):
+            if retrieval and i + 1 == cfg.dec_enc_condition_layer:
+                encoded, valid = self._encode_new_chunks(x, retrieved, retrieved_mask, cache)
+            kv_cache = None if cache is None else (cache.keys[i], cache.values[i])
+            x = x + block.attn(block.norm_attn(x), rot, causal=True, kv_cache=kv_cache, start=start)
+            if retrieval and block.cca is not None:
+                x = x + self._cca(i, block, x, encoded, valid, cache, start)
+            x = x + block.ff(block.norm_ff(x))
+        if cache is not None:
+            cache.pos = start + T
+        return self.norm_out(x)
+
+    def _encode_new_chunks(
+        self,
+        x: Tensor,
+        retrieved: Tensor,
+        retrieved_mask: Tensor | None,
+        cache: RetroCache | None,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Encode the neighbours of the chunks this call completes.
+
+        x: (B, T, D) decoder activations at the conditioning layer's input.
+        Returns (encoded (B, n_new, k*r, E), or None when no chunk completes; validity
+        (B, n_new, k*r), or None when all real). The cache keeps the states of the
+        unfinished chunk for later."""
+        m = self.cfg.chunk_size
+        B, n_new, k, r = retrieved.shape
+        states = x
+        if cache is not None and cache.pending_states is not None:
+            states = torch.cat((cache.pending_states, x), dim=1)  # (B, pos % m + T, D)
+        if cache is not None:
+            cache.pending_states = states[:, n_new * m :]  # (B, (pos + T) % m, D)
+        if n_new == 0:
+            return None, None
+        valid = self._neighbour_validity(retrieved, retrieved_mask)  # (B, n_new, k, r)
+        emb = self.wte(retrieved.clamp(min=0))  # (B, n_new, k, r, D)
+        chunk_states = states[:, : n_new * m].reshape(B, n_new, m, -1)  # (B, n_new, m, D)
+        encoded = self.encoder(emb, valid, chunk_states)  # (B, n_new, k*r, E)
+        if valid is not None:
+            valid = valid.view(B, n_new, k * r)  # (B, n_new, k*r)
+        return encoded, valid
+
+    def _cca(
+        self,
+        i: int,
+        block: DecoderBlock,
+        x: Tensor,
+        encoded: Tensor | None,
+        valid: Tensor | None,
+        cache: RetroCache | None,
+        start: int,
+    ) -> Tensor:
+        """The CCA update of decoder layer i (0-based) for states x (B, T, D)."""
+        assert block.cca is not None and block.norm_cca is not None
+        keys = values = None
+        if encoded is not None:
+            # (B, n_new, H, k*r, hd) each
+            keys, values = block.cca.neighbour_kv(encoded, self.rope, self.cfg.neighbour_len)
+        if cache is None:
+            if keys is None:
+                return torch.zeros_like(x)  # shorter than a chunk: nothing to attend to
+            h = block.norm_cca(x)
+            return block.cca(h, keys, values, valid, self.rope, start=0, first_chunk=0)
+        # generation: remember this call's chunks, then attend over the chunks in use
+        m = self.cfg.chunk_size
+        ck, cv = cache.cca_keys.setdefault(i, []), cache.cca_values.setdefault(i, [])
+        if keys is not None and values is not None:
+            ck.extend(keys.unbind(1))
+            cv.extend(values.unbind(1))
+            if i + 1 == self.cfg.retro_layers[0]:  # record validity once per chunk
+                n_new = keys.shape[1]
+                cache.cca_valid.extend([None] * n_new if valid is None else valid.unbind(1))
+        T = x.shape[1]
+        lo = max(0, (start + 1) // m - 1)  # chunk of the first token (0 if it has none)
+        hi = (start + T) // m  # one past the chunk of the last token
+        if hi <= lo:
+            return torch.zeros_like(x)  # no token of this call has a completed chunk
+        chunk_valid = cache.cca_valid[lo:hi]
+        stacked_valid = None
+        if any(v is not None for v in chunk_valid):
+            all_real = torch.ones(x.shape[0], ck[lo].shape[-2], dtype=torch.bool, device=x.device)
+            stacked_valid = torch.stack(
+                [all_real if v is None else v for v in chunk_valid], dim=1
+            )  # (B, c, k*r)
+        return block.cca(
+            block.norm_cca(x),
+            torch.stack(ck[lo:hi], dim=1),  # (B, c, H, k*r, hd)
+            torch.stack(cv[lo:hi], dim=1),  # (B, c, H, k*r, hd)
+            stacked_valid,
+            self.rope,
+            start=start,
+            first_chunk=lo,
+        )

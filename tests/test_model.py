@@ -1,0 +1,441 @@
+"""Tests of the RETRO model: shapes, causality, retrieval off == plain decoder, masking,
+the generation cache, a tiny overfit, RETRO-fitting, presets and the config."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from retrodb_model.config import RetroConfig, default_retro_layers
+from retrodb_model.model import RetroModel
+
+V = 37  # vocabulary of the tiny test models
+M = 4  # chunk size of the tiny test models
+K = 2  # neighbours per chunk
+R = 2 * M  # tokens per neighbour
+
+
+def tiny_config(**overrides: object) -> RetroConfig:
+    return RetroConfig.preset("tiny", vocab_size=V, chunk_size=M, **overrides)
+
+
+def tiny_model(seed: int = 0, **overrides: object) -> RetroModel:
+    torch.manual_seed(seed)
+    return RetroModel(tiny_config(**overrides)).eval()
+
+
+def batch(seed: int, B: int, T: int, k: int = K) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    retrieved = torch.randint(0, V, (B, T // M, k, R), generator=g)
+    return tokens, retrieved
+
+
+# ---- shapes and loss ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("T", [3, 8, 13, 24])
+def test_shapes_and_finite_loss(T: int) -> None:
+    model = tiny_model()
+    tokens, retrieved = batch(1, 2, T)
+    for neighbours in (retrieved, None):
+        logits, loss = model(tokens, neighbours, targets=tokens)
+        assert logits.shape == (2, T, V)
+        assert loss is not None and torch.isfinite(loss)
+        _, no_loss = model(tokens, neighbours)
+        assert no_loss is None
+
+
+def test_loss_ignores_minus_100() -> None:
+    model = tiny_model()
+    tokens, retrieved = batch(2, 2, 16)
+    targets = tokens.clone()
+    targets[:, :5] = -100
+    logits, loss = model(tokens, retrieved, targets=targets)
+    expected = F.cross_entropy(logits[:, 5:].reshape(-1, V), tokens[:, 5:].reshape(-1))
+    torch.testing.assert_close(loss, expected)
+
+
+def test_fused_loss_gradients_equal_autograd_cross_entropy() -> None:
+    model = tiny_model().train()
+    tokens, retrieved = batch(16, 3, 20)
+    targets = torch.roll(tokens, -1, dims=1)
+    targets[0, 3:9] = -100
+
+    def grads(fused: bool, extra: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        if fused:
+            logits, loss = model(tokens, retrieved, targets=targets)
+        else:
+            logits, _ = model(tokens, retrieved)
+            loss = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1))
+        if extra:  # the returned logits take part in the graph too
+            loss = loss + 0.1 * logits.square().mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    for extra in (False, True):
+        ref_loss, ref = grads(fused=False, extra=extra)
+        loss, got = grads(fused=True, extra=extra)
+        torch.testing.assert_close(loss, ref_loss)
+        for name in ref:
+            torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_bf16_autocast_trains() -> None:
+    model = tiny_model().train()
+    tokens, retrieved = batch(17, 2, 16)
+    _, ref_loss = model(tokens, retrieved, targets=tokens)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(tokens, retrieved, targets=tokens)
+    loss.backward()
+    assert logits.dtype == torch.bfloat16
+    assert abs(loss.item() - ref_loss.item()) < 0.05
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_bad_neighbour_shapes_raise() -> None:
+    model = tiny_model()
+    tokens, retrieved = batch(3, 2, 16)
+    with pytest.raises(ValueError, match="retrieved must be"):
+        model(tokens, retrieved[:, :3])  # one chunk short
+    with pytest.raises(ValueError, match="neighbour_len"):
+        model(tokens, retrieved[..., :5])
+    with pytest.raises(ValueError, match="retrieved_mask"):
+        model(tokens, retrieved, retrieved[..., :4] > 0)
+
+
+# ---- causality ------------------------------------------------------------------------
+
+
+def test_changing_neighbours_of_chunk_u_only_affects_from_its_last_token() -> None:
+    model = tiny_model()
+    T = 22  # 5 chunks with neighbours, two tokens of a sixth chunk
+    tokens, retrieved = batch(4, 2, T)
+    base, _ = model(tokens, retrieved)
+    for u in range(T // M):
+        changed = retrieved.clone()
+        changed[:, u] = (changed[:, u] + 1 + torch.arange(R)) % V
+        logits, _ = model(tokens, changed)
+        first = (u + 1) * M - 1  # the last token of chunk u is the first to see them
+        torch.testing.assert_close(logits[:, :first], base[:, :first], rtol=0, atol=1e-6)
+        assert (logits[:, first] - base[:, first]).abs().max() > 1e-4, u
+        assert (logits[:, first:] - base[:, first:]).abs().amax(dim=-1).min() >= 0
+
+
+def test_changing_future_tokens_changes_nothing_before_them() -> None:
+    model = tiny_model()
+    T = 21
+    tokens, retrieved = batch(5, 2, T)
+    base, _ = model(tokens, retrieved)
+    for p in (0, 3, 4, 10, 20):
+        changed = tokens.clone()
+        changed[:, p] = (changed[:, p] + 1) % V
+        logits, _ = model(changed, retrieved)
+        torch.testing.assert_close(logits[:, :p], base[:, :p], rtol=0, atol=1e-6)
+        assert (logits[:, p] - base[:, p]).abs().max() > 1e-4
+
+
+# ---- retrieval off is the plain decoder ------------------------------------------------
+
+
+def reference_decoder(model: RetroModel, tokens: torch.Tensor) -> torch.Tensor:
+    """An independent plain pre-norm decoder (explicit softmax attention, rotary on
+    consecutive pairs, SwiGLU) that reads the model's weights by name."""
+    cfg = model.cfg
+    w = model.state_dict()
+    B, T = tokens.shape
+    H, hd = cfg.n_heads, cfg.head_dim
+
+    def rms(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * g
+
+    inv_freq = 1.0 / cfg.rope_base ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    angle = (torch.arange(T, dtype=torch.float64)[:, None] * inv_freq).float()  # (T, hd/2)
+    cos, sin = angle.cos(), angle.sin()
+
+    def rope(x: torch.Tensor) -> torch.Tensor:  # (B, H, T, hd)
+        even, odd = x[..., 0::2], x[..., 1::2]
+        out = torch.empty_like(x)
+        out[..., 0::2] = even * cos - odd * sin
+        out[..., 1::2] = even * sin + odd * cos
+        return out
+
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    x = w["wte.weight"][tokens]  # (B, T, D)
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        h = rms(x, w[p + "norm_attn.weight"])
+        q, k, v = (h @ w[p + "attn.qkv.weight"].T).split(H * hd, dim=-1)
+        q, k, v = (t.view(B, T, H, hd).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
+        q, k = rope(q), rope(k)
+        att = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
+        att = att.masked_fill(~causal, float("-inf")).softmax(-1)
+        y = (att @ v).transpose(1, 2).reshape(B, T, H * hd)
+        x = x + y @ w[p + "attn.proj.weight"].T
+        h = rms(x, w[p + "norm_ff.weight"])
+        gate, up = (h @ w[p + "ff.gate_up.weight"].T).chunk(2, dim=-1)
+        x = x + (F.silu(gate) * up) @ w[p + "ff.down.weight"].T
+    x = rms(x, w["norm_out.weight"])
+    return x @ w["lm_head.weight"].T
+
+
+def test_retrieval_off_equals_plain_decoder() -> None:
+    model = tiny_model()
+    tokens, retrieved = batch(6, 2, 19)
+    expected = reference_decoder(model, tokens)
+    logits, _ = model(tokens)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+    with_retrieval, _ = model(tokens, retrieved)
+    assert (with_retrieval - expected).abs().max() > 1e-3  # retrieval does something
+    # and the first m - 1 positions never see any neighbour
+    torch.testing.assert_close(with_retrieval[:, : M - 1], expected[:, : M - 1])
+
+
+# ---- masking --------------------------------------------------------------------------
+
+
+def test_fully_masked_neighbours_equal_no_retrieval_and_are_finite() -> None:
+    model = tiny_model()
+    tokens, retrieved = batch(7, 2, 20)
+    plain, _ = model(tokens)
+    mask = torch.zeros_like(retrieved, dtype=torch.bool)
+    logits, loss = model(tokens, retrieved, mask, targets=tokens)
+    assert torch.isfinite(logits).all() and torch.isfinite(loss)
+    torch.testing.assert_close(logits, plain, rtol=1e-5, atol=1e-5)
+    # -1 (no neighbour) is padding without any mask
+    logits, _ = model(tokens, torch.full_like(retrieved, -1))
+    torch.testing.assert_close(logits, plain, rtol=1e-5, atol=1e-5)
+    # gradients stay finite too
+    model.train()
+    _, loss = model(tokens, retrieved, mask, targets=tokens)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_padded_neighbour_tokens_are_ignored() -> None:
+    model = tiny_model()
+    tokens, retrieved = batch(8, 2, 16)
+    mask = torch.ones_like(retrieved, dtype=torch.bool)
+    mask[:, :, 1] = False  # the second neighbour of every chunk is missing
+    mask[:, 2, 0, M:] = False  # chunk 2's first neighbour has no continuation
+    base, _ = model(tokens, retrieved, mask)
+    assert torch.isfinite(base).all()
+    scrambled = torch.where(mask, retrieved, (retrieved * 7 + 3) % V)
+    logits, _ = model(tokens, scrambled, mask)
+    torch.testing.assert_close(logits, base, rtol=1e-5, atol=1e-6)
+    # the same padding expressed as -1 ids
+    logits, _ = model(tokens, torch.where(mask, retrieved, -1))
+    torch.testing.assert_close(logits, base, rtol=1e-5, atol=1e-6)
+
+
+def test_pad_id_marks_padding_when_no_mask_is_given() -> None:
+    model = tiny_model(pad_id=0)
+    tokens, retrieved = batch(9, 1, 12)
+    retrieved = retrieved.clamp(min=1)
+    retrieved[:, :, :, M + 1 :] = 0
+    explicit = retrieved != 0
+    a, _ = model(tokens, retrieved)
+    b, _ = model(tokens, retrieved, explicit)
+    torch.testing.assert_close(a, b)
+
+
+# ---- generation cache -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("retrieval", [True, False])
+def test_cache_steps_equal_full_forward(retrieval: bool) -> None:
+    model = tiny_model()
+    T = 27
+    tokens, retrieved = batch(10, 2, T)
+    full, _ = model(tokens, retrieved if retrieval else None)
+    cache = model.new_cache(2, retrieval=retrieval, max_len=32)
+    outs, pos = [], 0
+    for t in (5, 1, 1, 1, 6, 1, 4, 8):  # prefill, single tokens, chunk-crossing blocks
+        n_new = cache.chunks_completed_by(t, M)
+        first = pos // M
+        neighbours = retrieved[:, first : first + n_new] if retrieval and n_new else None
+        outs.append(model.forward_step(tokens[:, pos : pos + t], cache, neighbours))
+        pos += t
+    assert pos == T and cache.pos == T
+    assert cache.completed_chunks == (T // M if retrieval else 0)
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_generation_with_cache_equals_recompute() -> None:
+    model = tiny_model(seed=1)
+    g = torch.Generator().manual_seed(11)
+    prompt = torch.randint(0, V, (2, 6), generator=g)
+    bank = torch.randint(0, V, (64, K, R), generator=g)
+
+    def neighbours_for(chunks: torch.Tensor) -> torch.Tensor:
+        """A stand-in retriever: (B, c, m) chunks -> (B, c, k, r) neighbours."""
+        key = chunks.sum(-1) % bank.shape[0]  # (B, c)
+        return bank[key]
+
+    # with the cache, one token per step
+    cache = model.new_cache(2)
+    seq = prompt
+    logits = model.forward_step(prompt, cache, neighbours_for(prompt[:, :M].view(2, 1, M)))
+    cached_logits = [logits[:, -1]]
+    for _ in range(14):
+        nxt = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+        seq = torch.cat((seq, nxt), dim=1)
+        done = cache.chunks_completed_by(1, M)
+        neighbours = None
+        if done:
+            c = seq.shape[1] // M - 1
+            neighbours = neighbours_for(seq[:, c * M : (c + 1) * M].view(2, 1, M))
+        logits = model.forward_step(nxt, cache, neighbours)
+        cached_logits.append(logits[:, -1])
+    # without the cache: a full forward over the whole sequence at every step
+    for i, step_logits in enumerate(cached_logits):
+        prefix = seq[:, : prompt.shape[1] + i]
+        n = prefix.shape[1] // M
+        neighbours = neighbours_for(prefix[:, : n * M].view(2, n, M))
+        full, _ = model(prefix, neighbours)
+        torch.testing.assert_close(step_logits, full[:, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_cache_checks_its_inputs() -> None:
+    model = tiny_model()
+    tokens, retrieved = batch(12, 2, 8)
+    cache = model.new_cache(2)
+    with pytest.raises(ValueError, match="pass their neighbours"):
+        model.forward_step(tokens[:, :4], cache)
+    cache = model.new_cache(2, retrieval=False)
+    with pytest.raises(ValueError, match="retrieval=False"):
+        model.forward_step(tokens[:, :4], cache, retrieved[:, :1])
+    with pytest.raises(ValueError, match="capacity"):
+        model.forward_step(torch.zeros(2, 300, dtype=torch.long), model.new_cache(2))
+
+
+# ---- other wirings --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(dec_enc_condition_layer=1),
+        dict(enc_dim=64, enc_heads=4, enc_cross_attn_layers=(2,)),
+        dict(n_layers=3, retro_layers=None, tie_embeddings=False),
+    ],
+)
+def test_other_wirings_keep_cache_equivalence_and_causality(overrides: dict) -> None:
+    model = tiny_model(**overrides)
+    tokens, retrieved = batch(13, 1, 14)
+    full, _ = model(tokens, retrieved)
+    cache = model.new_cache(1)
+    a = model.forward_step(tokens[:, :9], cache, retrieved[:, :2])
+    b = model.forward_step(tokens[:, 9:], cache, retrieved[:, 2:])
+    torch.testing.assert_close(torch.cat((a, b), 1), full, rtol=1e-5, atol=1e-5)
+    changed = retrieved.clone()
+    changed[:, 1] = (changed[:, 1] + 1) % V
+    logits, _ = model(tokens, changed)
+    torch.testing.assert_close(logits[:, : 2 * M - 1], full[:, : 2 * M - 1])
+
+
+# ---- training -------------------------------------------------------------------------
+
+
+def test_tiny_model_overfits_a_tiny_corpus() -> None:
+    torch.manual_seed(0)
+    model = RetroModel(tiny_config(n_layers=2, retro_layers=(2,))).train()
+    g = torch.Generator().manual_seed(14)
+    data = torch.randint(0, V, (4, 25), generator=g)
+    tokens, targets = data[:, :-1], data[:, 1:]  # (4, 24)
+    retrieved = torch.randint(0, V, (4, 24 // M, K, R), generator=g)
+    opt = model.configure_optimizer(weight_decay=0.0, lr=1e-2, betas=(0.9, 0.99))
+    first = None
+    for _ in range(150):
+        _, loss = model(tokens, retrieved, targets=targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        first = loss.item() if first is None else first
+    print(f"overfit: loss {first:.3f} -> {loss.item():.3f}")
+    assert first > 3.0 and loss.item() < 0.1
+
+
+def test_freeze_for_retrofit_trains_only_cca_and_encoder() -> None:
+    model = tiny_model().train()
+    trainable, total = model.freeze_for_retrofit()
+    assert total == model.num_parameters() and 0 < trainable < total
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all(n.startswith("encoder.") or ".cca." in n or "norm_cca" in n for n in names)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == trainable
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = model.configure_optimizer(weight_decay=0.1, lr=1e-2)
+    tokens, retrieved = batch(15, 2, 16)
+    _, loss = model(tokens, retrieved, targets=tokens)
+    loss.backward()
+    opt.step()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert not torch.equal(p, before[n]), n
+        else:
+            assert torch.equal(p, before[n]), n
+
+
+def test_configure_optimizer_decays_only_matrices() -> None:
+    model = tiny_model()
+    opt = model.configure_optimizer(weight_decay=0.1, lr=1e-3, betas=(0.9, 0.95))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"])
+    assert all(p.dim() == 1 for p in no_decay["params"])
+    n = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert n == model.num_parameters()  # the tied head is counted once
+
+
+# ---- presets and config ---------------------------------------------------------------
+
+
+def test_preset_parameter_counts() -> None:
+    counts = {}
+    for name in ("tiny", "small", "base"):
+        with torch.device("meta"):
+            model = RetroModel(RetroConfig.preset(name, vocab_size=32000))
+        counts[name] = (model.num_parameters(), model.num_parameters(exclude_embeddings=True))
+        print(f"{name}: {counts[name][0] / 1e6:.1f}M, {counts[name][1] / 1e6:.1f}M non-embedding")
+    assert counts["tiny"][1] < 1e6
+    assert 10e6 < counts["small"][1] < 30e6
+    assert 120e6 < counts["base"][1] < 200e6  # the paper's 172M RETRO, same order
+
+
+def test_default_retro_layers_rule() -> None:
+    assert default_retro_layers(12) == (6, 9, 12)
+    assert default_retro_layers(32)[:3] == (6, 9, 12) and default_retro_layers(32)[-1] == 30
+    assert default_retro_layers(6) == (6,)
+    assert default_retro_layers(5) == (2, 5)
+    assert default_retro_layers(4) == (1, 4)
+    assert default_retro_layers(2) == (2,)
+    cfg = RetroConfig(vocab_size=100)
+    assert cfg.retro_layers == (6, 9, 12) and cfg.dec_enc_condition_layer == 6
+    assert cfg.neighbour_len == 128 and cfg.head_dim == 56 and cfg.enc_dim == 896
+
+
+def test_config_round_trip_and_validation() -> None:
+    cfg = tiny_config(pad_id=3)
+    assert RetroConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.replace(dropout=0.1).dropout == 0.1
+    bad = [
+        dict(retro_layers=(0,)),
+        dict(retro_layers=(5,)),
+        dict(dec_enc_condition_layer=3),  # after the first CCA layer (2)
+        dict(n_heads=5),
+        dict(enc_cross_attn_layers=(3,)),
+        dict(dropout=1.0),
+        dict(pad_id=V),
+        dict(max_seq_len=2),
+    ]
+    for overrides in bad:
+        with pytest.raises(ValueError):
+            tiny_config(**overrides)
+    with pytest.raises(ValueError, match="unknown"):
+        RetroConfig.from_dict({**cfg.to_dict(), "typo": 1})
+    with pytest.raises(ValueError, match="preset"):
+        RetroConfig.preset("huge", vocab_size=V)

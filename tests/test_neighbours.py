@@ -1,0 +1,293 @@
+"""Neighbour sets: the exclusion rule, -1 padding, staleness, refresh == full recompute,
+deleted documents, other inputs, the on-disk format and the CLI."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from typer.testing import CliRunner
+
+from retrodb import ChunkConfig, DBConfig, RetroDB, StaleError, TokenizerConfig
+from retrodb.errors import BadInputError, NotFoundError
+from retrodb.neighbours import NeighbourSet, delete_set, list_sets
+from retrodb.storage import Manifest
+
+SMALL = DBConfig(chunk=ChunkConfig(chunk_size=16), tokenizer=TokenizerConfig(vocab_size=400))
+_SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "pe", "da", "gu", "zo", "fi", "be"]
+
+
+def random_docs(n: int, *, seed: int, prefix: str, words: tuple[int, int] = (8, 160)) -> dict:
+    """``n`` documents of distinct random words (so no two chunks are the same text)."""
+    rng = np.random.default_rng(seed)
+    docs = {}
+    for i in range(n):
+        count = int(rng.integers(*words))
+        ws = ["".join(rng.choice(_SYLLABLES, size=rng.integers(1, 4))) for _ in range(count)]
+        docs[f"{prefix}{i:02d}.txt"] = " ".join(ws) + f" {prefix}{i}."
+    return docs
+
+
+def write_docs(root: Path, docs: dict) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for name, text in docs.items():
+        (root / name).write_text(text, encoding="utf-8")
+    return root
+
+
+def build_db(tmp_path: Path, encoder: Path, *, n: int = 8, seed: int = 0) -> RetroDB:
+    corpus = write_docs(tmp_path / "corpus", random_docs(n, seed=seed, prefix="doc"))
+    return RetroDB.build(tmp_path / "db", [corpus], config=SMALL, encoder=encoder)
+
+
+def delete_docs(db: RetroDB, ids: list[str]) -> None:
+    """Delete documents: through the database's API when it has one, else by committing
+    tombstones the way the commit protocol does."""
+    if hasattr(db, "delete"):
+        db.delete(ids)
+        return
+    m = db.manifest
+    db.storage.commit(
+        Manifest(
+            generation=m.generation + 1,
+            config=m.config,
+            tokenizer=m.tokenizer,
+            encoder=m.encoder,
+            next_key=m.next_key,
+            segments=m.segments,
+            tombstones=(*m.tombstones, *ids),
+            features=m.features,
+            format_version=m.format_version,
+        )
+    )
+    db.refresh()
+
+
+@pytest.fixture
+def db(tmp_path: Path, tiny_encoder_dir: Path) -> RetroDB:
+    return build_db(tmp_path, tiny_encoder_dir)
+
+
+def own_docs(db: RetroDB, ns: NeighbourSet) -> np.ndarray:
+    return db.key_doc_numbers(ns.chunk_keys)
+
+
+def test_never_a_neighbour_from_the_own_document_even_when_closest(db: RetroDB) -> None:
+    ns = NeighbourSet.compute(db, "train", k=3, exact=True)
+    n = db.manifest.chunks
+    assert ns.keys.shape == (n, 3) and ns.keys.dtype == np.int64
+    assert ns.distances.shape == (n, 3) and ns.distances.dtype == np.float32
+    assert (np.asarray(ns.chunk_keys) == np.arange(n)).all()
+    # Unfiltered, every chunk's nearest key is itself (same document, distance ~0) ...
+    vectors = np.concatenate(
+        [ix.vectors(np.arange(ix.first_key, ix.first_key + ix.size)) for ix in db.indexes]
+    )
+    plain = db.search_vectors(vectors, 1, exact=True)
+    assert (plain.distances[:, 0] < 1e-3).all()  # the chunk itself (or an equal twin)
+    assert (plain.keys[:, 0] == np.arange(n)).mean() > 0.9
+    # ... and still no neighbour comes from the chunk's own document.
+    got = np.asarray(ns.keys)
+    assert (got >= 0).all()
+    nb_doc = db.key_doc_numbers(got)
+    assert (nb_doc != own_docs(db, ns)[:, None]).all()
+    d = np.asarray(ns.distances)
+    assert (np.diff(d, axis=1) >= 0).all()
+    # The rows' documents and the doc table agree with the database.
+    assert ns.doc_ids == db.segments[0].ids
+    assert (np.asarray(ns.num_rows) == np.asarray(db.segments[0].num_chunks)).all()
+
+
+def test_minus_one_where_fewer_exist(db: RetroDB) -> None:
+    n = db.manifest.chunks
+    ns = NeighbourSet.compute(db, "all", k=n + 5, exact=True)
+    keys, dist = np.asarray(ns.keys), np.asarray(ns.distances)
+    own = own_docs(db, ns)
+    per_doc = np.bincount(own)
+    found = (keys >= 0).sum(axis=1)
+    assert (found == n - per_doc[own]).all()  # every other chunk, and nothing more
+    assert (keys[:, -5:] == -1).all() and np.isinf(dist[keys < 0]).all()
+    assert np.isfinite(dist[keys >= 0]).all()
+    # -1 only ever trails the real neighbours.
+    assert ((keys >= 0)[:, :-1] >= (keys >= 0)[:, 1:]).all()
+
+
+def test_excluded_documents_never_appear(db: RetroDB) -> None:
+    ids = db.segments[0].ids
+    banned = [ids[0], ids[3], "not-in-the-db.txt"]
+    ns = NeighbourSet.compute(db, "x", k=4, exclude_docs=banned, exact=True, batch_size=7)
+    docs = db.key_documents(np.asarray(ns.keys).ravel())
+    assert not set(banned) & set(docs)
+    assert ns.info.exclude == tuple(banned)
+    # Excluded documents are still training rows; only their use as neighbours is barred.
+    assert ids[0] in ns.doc_ids
+    # Batches of one query give the same answer.
+    one = NeighbourSet.compute(db, "y", k=4, exclude_docs=banned, exact=True, batch_size=1)
+    np.testing.assert_array_equal(np.asarray(one.keys), np.asarray(ns.keys))
+
+
+def test_stale_set_is_refused_with_the_refresh_command(db: RetroDB, tmp_path: Path) -> None:
+    NeighbourSet.compute(db, "train", k=2)
+    assert NeighbourSet.open(db, "train").info.generation == db.generation
+    old = RetroDB.open(db.path)
+    db.add([write_docs(tmp_path / "more", random_docs(2, seed=5, prefix="more"))])
+    with pytest.raises(StaleError, match=r"retrodb neighbours .* train --refresh") as err:
+        NeighbourSet.open(db, "train")
+    assert "generation 1" in str(err.value) and "1 segment(s) added" in str(err.value)
+    assert NeighbourSet.open(db, "train", allow_stale=True).is_stale(db)
+    # A database object older than the set is told to reopen.
+    NeighbourSet.refresh(db, "train")
+    with pytest.raises(StaleError, match="reopen"):
+        NeighbourSet.open(old, "train")
+    with pytest.raises(NotFoundError, match="no neighbour set"):
+        NeighbourSet.open(db, "missing")
+    with pytest.raises(BadInputError, match="bad neighbour set name"):
+        NeighbourSet.compute(db, "../evil")
+
+
+def assert_same_sets(a: NeighbourSet, b: NeighbourSet) -> None:
+    assert a.info.rows == b.info.rows and a.doc_ids == b.doc_ids
+    np.testing.assert_array_equal(np.asarray(a.keys), np.asarray(b.keys))
+    np.testing.assert_allclose(np.asarray(a.distances), np.asarray(b.distances), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(a.doc), np.asarray(b.doc))
+    if a.info.source == "db":
+        np.testing.assert_array_equal(np.asarray(a.chunk_keys), np.asarray(b.chunk_keys))
+
+
+def test_refresh_equals_a_full_recompute(db: RetroDB, tmp_path: Path) -> None:
+    k = 3
+    NeighbourSet.compute(db, "train", k=k, exact=True)
+    first = set(NeighbourSet.open(db, "train").info.searched)
+    db.add([write_docs(tmp_path / "more", random_docs(3, seed=7, prefix="more"))])
+    db.add([write_docs(tmp_path / "more2", random_docs(2, seed=8, prefix="late"))])
+    calls: list[tuple[str, int, int]] = []
+    ns = NeighbourSet.refresh(db, "train", progress=lambda *a: calls.append(a))
+    assert ns.info.generation == db.generation and ns.info.refreshed_from == 1
+    # Only the two new segments were searched; the rows of old chunks were not re-searched
+    # against the first segment.
+    assert set(ns.info.searched) == {s.meta.name for s in db.segments[1:]}
+    assert not first & set(ns.info.searched)
+    assert calls[-1][1] == calls[-1][2] == db.manifest.chunks
+    full = NeighbourSet.compute(db, "check", k=k, exact=True)
+    assert_same_sets(ns, full)
+    # New chunks do show up as neighbours of old ones.
+    old_rows = np.asarray(ns.keys)[: db.segments[0].meta.chunks]
+    assert (old_rows >= db.segments[1].meta.first_key).any()
+    # Refreshing a current set does nothing.
+    assert NeighbourSet.refresh(db, "train").info.version == ns.info.version
+
+
+def test_deleted_documents_never_appear_and_refresh_drops_them(db: RetroDB, tmp_path: Path) -> None:
+    k = 3
+    NeighbourSet.compute(db, "train", k=k, exact=True)
+    before = NeighbourSet.open(db, "train")
+    victim = db.key_documents(np.asarray(before.keys)[:1, :1].ravel())[0]
+    db.add([write_docs(tmp_path / "more", random_docs(2, seed=9, prefix="more"))])
+    delete_docs(db, [victim, "more00.txt"])
+    with pytest.raises(StaleError):
+        NeighbourSet.open(db, "train")
+    ns = NeighbourSet.refresh(db, "train")
+    full = NeighbourSet.compute(db, "check", k=k, exact=True)
+    assert_same_sets(ns, full)
+    docs = set(db.key_documents(np.asarray(ns.keys).ravel()))
+    assert victim not in docs and "more00.txt" not in docs
+    assert victim not in ns.doc_ids and "more00.txt" not in ns.doc_ids  # no rows either
+    assert (np.asarray(ns.keys) >= 0).all()
+
+
+def test_neighbours_for_other_inputs(db: RetroDB, tmp_path: Path) -> None:
+    shared = {"doc01.txt": (db.path.parent / "corpus" / "doc01.txt").read_text()}
+    other = write_docs(tmp_path / "other", {**random_docs(3, seed=11, prefix="q"), **shared})
+    ns = NeighbourSet.compute(db, "eval", inputs=[other], k=2, exact=True)
+    assert ns.info.source == "inputs" and ns.info.inputs == (str(other),)
+    assert sorted(ns.doc_ids) == ["doc01.txt", "q00.txt", "q01.txt", "q02.txt"]
+    n = ns.info.rows
+    assert ns.tokens.shape == (n, 16) and ns.tokens.dtype == db.token_dtype
+    assert ns.vectors.shape == (n, db.dim) and ns.lengths.dtype == np.int32
+    # The rows hold the inputs' tokens, exactly as the database would chunk them.
+    toks, lens = ns.row_tokens(db, np.arange(n))
+    for di, doc_id in enumerate(ns.doc_ids):
+        a, c = int(ns.first_row[di]), int(ns.num_rows[di])
+        ids = [int(t) for r in range(a, a + c) for t in toks[r, : lens[r]]]
+        assert db.tokenizer.decode(ids) == (other / doc_id).read_text()
+    # The input document that is also in the database never retrieves its own copy there.
+    rows = np.nonzero(np.asarray(ns.doc) == ns.doc_ids.index("doc01.txt"))[0]
+    assert "doc01.txt" not in db.key_documents(np.asarray(ns.keys)[rows].ravel())
+    assert (np.asarray(ns.keys) >= 0).all()
+    # Refresh after growth equals a recompute, without re-encoding the inputs.
+    db.add([write_docs(tmp_path / "more", random_docs(2, seed=12, prefix="more"))])
+    refreshed = NeighbourSet.refresh(db, "eval")
+    assert_same_sets(refreshed, NeighbourSet.compute(db, "eval2", inputs=[other], k=2, exact=True))
+
+
+def test_format_is_plain_zarr_and_versions_are_atomic(db: RetroDB, tmp_path: Path) -> None:
+    ns = NeighbourSet.compute(db, "train", k=2)
+    root = db.path / "neighbours" / "train"
+    assert (root / "CURRENT").read_text().strip() == ns.dir.name
+    meta = json.loads((ns.dir / "neighbours.json").read_text())
+    for key in (
+        "generation",
+        "segments",
+        "k",
+        "tokenizer_fingerprint",
+        "encoder_fingerprint",
+        "source",
+        "exclude",
+    ):
+        assert key in meta
+    assert meta["generation"] == db.generation and meta["format"] == "retrodb-neighbours"
+    group = zarr.open_group(str(ns.dir), mode="r")
+    np.testing.assert_array_equal(group["keys"][...], np.asarray(ns.keys))
+    np.testing.assert_array_equal(group["distances"][...], np.asarray(ns.distances))
+    assert isinstance(ns.keys, np.memmap)
+    # Pickles without its maps.
+    assert len(pickle.dumps(ns)) < 4000
+    # A recompute writes a new version; one older version is kept for readers, the rest go.
+    v1 = ns.dir.name
+    v2 = NeighbourSet.compute(db, "train", k=2).dir.name
+    v3 = NeighbourSet.compute(db, "train", k=2).dir.name
+    names = sorted(p.name for p in root.iterdir() if p.is_dir())
+    assert names == sorted([v2, v3]) and v1 not in names
+    assert [i.name for i in list_sets(db)] == ["train"]
+    # A half-written version left by a crash is ignored, then removed by the next writer.
+    (root / ".tmp-000009-g1-abc").mkdir()
+    assert NeighbourSet.open(db, "train").dir.name == v3
+    NeighbourSet.compute(db, "train", k=2)
+    assert not (root / ".tmp-000009-g1-abc").exists()
+    delete_set(db, "train")
+    assert not root.exists() and list_sets(db) == []
+
+
+def test_cli_neighbours(db: RetroDB, tmp_path: Path) -> None:
+    from retrodb_cli.main import app
+
+    runner = CliRunner()
+
+    def run(*args: object, code: int = 0):
+        res = runner.invoke(app, [str(a) for a in args])
+        assert res.exit_code == code, res.output
+        return res
+
+    assert "--refresh" in run("neighbours", "--help").output
+    excl = tmp_path / "excl.txt"
+    excl.write_text("# documents for validation\ndoc02.txt\n\n")
+    res = run("neighbours", db.path, "train", "-k", "2", "--exclude-docs", excl)
+    assert "chunks/s" in res.stderr or "neighbours" in res.stderr  # the progress bar
+    assert "neighbours train:" in res.stdout and "k=2" in res.stdout
+    ns = NeighbourSet.open(RetroDB.open(db.path), "train")
+    assert ns.info.exclude == ("doc02.txt",)
+    RetroDB.open(db.path).add([write_docs(tmp_path / "more", random_docs(1, seed=3, prefix="m"))])
+    listed = json.loads(run("neighbours", db.path, "--list", "--json").output)
+    assert listed[0]["name"] == "train" and listed[0]["stale"] is True
+    assert "STALE" in run("neighbours", db.path, "--list").output
+    out = json.loads(run("neighbours", db.path, "train", "--refresh", "--json").output)
+    assert out["stale"] is False and out["refreshed_from"] == 1 and out["generation"] == 2
+    assert run("neighbours", db.path, "train", "--refresh", "-k", "3", code=1).stderr
+    other = write_docs(tmp_path / "q", random_docs(2, seed=4, prefix="q"))
+    out = json.loads(run("neighbours", db.path, "ev", "--input", other, "--json", "-q").output)
+    assert out["source"] == "inputs" and out["documents"] == 2
+    assert "no neighbour set" in run("neighbours", db.path, "nope", "--refresh", code=1).stderr
+    run("neighbours", db.path, code=1)
