@@ -1,7 +1,7 @@
 """Encoder speed and int8 quality: ONNX Runtime fp32 against per-channel dynamic int8.
 
 Run: ``python benchmarks/bench_encoder.py [--n 500] [--threads 2]``. Texts are windows of
-about 48 words (about 64 WordPiece tokens) cut from Python's standard library sources, so
+about 26 words (about 64 WordPiece tokens) cut from Python's standard library sources, so
 the numbers need no download. Prints export time, chunks/s (ONNX Runtime alone, and the
 whole encode path with tokenization), and int8's cosine and top-10 overlap to fp32.
 """
@@ -14,14 +14,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import onnxruntime  # noqa: F401  (load before usearch, which retrodb imports)
 import numpy as np
+import onnxruntime  # noqa: F401  (load before usearch, which retrodb imports)
 
 from retrodb.config import EncoderConfig
 from retrodb.encoder import Encoder, prepare_encoder
 
 
-def stdlib_texts(n: int, *, words: int = 48) -> list[str]:
+def stdlib_texts(n: int, *, words: int = 26) -> list[str]:
     """``n`` windows of ``words`` words from the standard library's .py files."""
     out: list[str] = []
     for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
@@ -59,7 +59,7 @@ def main() -> None:
             encoders[quantize] = enc
             mb = (d / "model.onnx").stat().st_size / 1e6
             print(f"prepare {quantize}: {time.perf_counter() - t:.1f} s, model.onnx {mb:.0f} MB")
-        fp32, int8 = encoders["none"], encoders["int8"]
+        fp32 = encoders["none"]
         lengths = fp32.tokenize(texts)["attention_mask"].sum(axis=1)
         print(f"{len(texts)} texts, WordPiece tokens mean {lengths.mean():.0f} max {lengths.max()}")
         vectors = {}

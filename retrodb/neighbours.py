@@ -866,10 +866,6 @@ class _Searcher:
         for a in range(0, rows.size, batch_size):
             b = min(rows.size, a + batch_size)
             batch = rows[a:b]
-            if batch.size == 1:
-                # USearch answers a single query with another result type, which
-                # SegmentIndex.search does not handle yet: ask twice, keep one.
-                batch = np.repeat(batch, 2)
             if self.own_doc is None:
                 own = self.db.key_doc_numbers(self.rows.chunk_keys[batch])  # type: ignore[index]
             else:
@@ -885,7 +881,7 @@ class _Searcher:
             res = self.db.search_vectors(
                 self.vectors(batch), self.k, exact=self.exact, keep=keep, segments=segments
             )
-            keys[a:b], dist[a:b] = res.keys[: b - a], res.distances[: b - a]
+            keys[a:b], dist[a:b] = res.keys, res.distances
             progress("neighbours", done + b, total)
         return keys, dist
 
