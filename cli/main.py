@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -27,12 +27,12 @@ app = typer.Typer(
 )
 
 
-class Quantize(str, Enum):
+class Quantize(StrEnum):
     none = "none"
     int8 = "int8"
 
 
-class OnError(str, Enum):
+class OnError(StrEnum):
     strict = "strict"
     replace = "replace"
 
@@ -93,7 +93,8 @@ def build(
     threads: ThreadsOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Build a new database from INPUT... (trains the tokenizer, exports the encoder, indexes every chunk)."""
+    """Build a new database from INPUT... (trains the tokenizer, exports the encoder,
+    indexes every chunk)."""
     config = DBConfig(
         chunk=ChunkConfig(chunk_size=chunk_size),
         tokenizer=TokenizerConfig(vocab_size=vocab_size),
@@ -114,7 +115,8 @@ def build(
     if not quiet:
         typer.echo(
             f"built {db}: {info['documents']} documents, {info['chunks']} chunks, "
-            f"{info['tokens']} tokens, vocabulary {info['tokenizer']['vocab_size']} (generation {info['generation']})"
+            f"{info['tokens']} tokens, vocabulary {info['tokenizer']['vocab_size']} "
+            f"(generation {info['generation']})"
         )
 
 
@@ -247,10 +249,12 @@ def info(
     typer.echo(f"tokens       {d['tokens']:,}")
     typer.echo(f"segments     {d['segments']}")
     typer.echo(
-        f"tokenizer    vocabulary {d['tokenizer']['vocab_size']:,}  {d['tokenizer']['fingerprint'][:23]}…"
+        f"tokenizer    vocabulary {d['tokenizer']['vocab_size']:,}  "
+        f"{d['tokenizer']['fingerprint'][:23]}…"
     )
     typer.echo(
-        f"encoder      dimension {d['encoder']['dim']}  {d['encoder']['fingerprint'][:23]}…  quantize {d['config']['encoder']['quantize']}"
+        f"encoder      dimension {d['encoder']['dim']}  {d['encoder']['fingerprint'][:23]}…  "
+        f"quantize {d['config']['encoder']['quantize']}"
     )
     typer.echo("bytes on disk")
     for part, n in d["bytes"].items():
@@ -280,6 +284,8 @@ def verify(
             typer.echo(f"leftover (run --repair to remove): {p}")
         for p in rep["removed"]:
             typer.echo(f"removed: {p}")
+        for p in rep.get("retained", []):
+            typer.echo(f"kept one more generation for readers (merged by compact): {p}")
         status = "ok" if rep["ok"] else "DAMAGED"
         typer.echo(
             f"{status}: generation {rep['generation']}, {rep['files_checked']} files checked"
@@ -288,9 +294,62 @@ def verify(
         raise typer.Exit(1)
 
 
+@app.command()
+@handle_errors
+def delete(
+    db: DBArg,
+    doc: Annotated[
+        list[str] | None, typer.Option("--doc", help="A document id to delete (repeatable).")
+    ] = None,
+    doc_file: Annotated[
+        Path | None,
+        typer.Option("--doc-file", help="A file of document ids, one per line ('-' for stdin)."),
+    ] = None,
+) -> None:
+    """Delete documents: they disappear from every search and neighbour set at once.
+
+    Their rows stay on disk until `retrodb compact`."""
+    ids = list(doc or [])
+    if doc_file is not None:
+        if str(doc_file) == "-":
+            text = sys.stdin.read()
+        elif not doc_file.is_file():
+            fail(f"{doc_file}: no such file")
+        else:
+            text = doc_file.read_text(encoding="utf-8")
+        ids += [line.strip() for line in text.splitlines() if line.strip()]
+    if not ids:
+        fail("no document ids: give --doc ID or --doc-file FILE")
+    res = RetroDB.open(db).delete(ids)
+    typer.echo(
+        f"deleted {res.deleted} documents (generation {res.generation}; "
+        f"{res.tombstones} deleted documents stored until `retrodb compact`)"
+    )
+
+
+@app.command()
+@handle_errors
+def compact(db: DBArg, quiet: QuietOpt = False) -> None:
+    """Merge all segments into one and drop the rows of deleted documents.
+
+    No chunk is encoded again and no live key changes."""
+    rdb = RetroDB.open(db)
+    with progress_bars(quiet) as progress:
+        res = rdb.compact(progress=progress)
+    if not res.changed:
+        typer.echo(f"nothing to compact (generation {res.generation}, one segment, no deletions)")
+        return
+    typer.echo(
+        f"compacted {res.segments_before} segments into {res.segments_after}, dropped "
+        f"{res.documents_dropped} deleted documents ({res.chunks_dropped} chunks) "
+        f"(generation {res.generation})"
+    )
+
+
 # Commands defined in other modules of this package register here, one line each.
 # --- command registrations ---
 from . import neighbours as _neighbours; _neighbours.register(app)  # noqa: E402, E702, I001
+from . import model as _model; _model.register(app)  # noqa: E402, E702, I001
 
 
 def main() -> None:  # pragma: no cover - console entry point

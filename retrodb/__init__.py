@@ -27,6 +27,7 @@ from .errors import (
     NotFoundError,
     RetroDBError,
     StaleError,
+    WriteError,
 )
 
 __version__ = "0.1.0"
@@ -47,8 +48,10 @@ __all__ = [
     "Retrieved",
     "RetroDB",
     "SearchResult",
+    "RetroDBError",
     "StaleError",
     "TokenizerConfig",
+    "WriteError",
     "open",
 ]
 

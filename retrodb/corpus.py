@@ -1,8 +1,11 @@
 """Reading inputs: folders of text files, JSONL files and JSONL on stdin.
 
 Every input is validated before anything is written (``scan``), then read again in a
-stream (``iter_documents``), so a bad file deep in a folder never leaves half a segment
-behind and the documents are never all held in memory at once.
+stream (``iter_documents``, or ``iter_pieces`` for pieces of at most about
+``PIECE_CHARS`` characters), so a bad file deep in a folder never leaves half a segment
+behind and the documents are never all held in memory at once. Text files are validated
+and read in blocks, so even a single very large document is never held whole; a JSONL
+document is held while its line is parsed.
 
 A document's id is its path relative to the folder given (a file given directly is named
 by its file name), or the JSONL ``id`` (``<file name>:<line>`` when a line has none).
@@ -10,10 +13,11 @@ by its file name), or the JSONL ``id`` (``<file name>:<line>`` when a line has n
 
 from __future__ import annotations
 
+import codecs
 import gzip
-import io
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -29,6 +33,13 @@ TEXT_SUFFIXES = (".txt", ".md", ".rst")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
 Errors = Literal["strict", "replace"]
+
+#: Target size of the pieces :meth:`Corpus.iter_pieces` yields (characters).
+PIECE_CHARS = 1 << 18
+#: Bytes read at a time from a file.
+_BLOCK = 1 << 20
+#: A space with a non-space on each side: where a line without newlines may be cut.
+_SPACE_CUT = re.compile(r"(?<=\S) (?=\S)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,18 +73,45 @@ class Corpus:
 
     def iter_documents(self) -> Iterator[tuple[str, str]]:
         """Yield ``(id, text)`` for every document, in a stable order."""
-        current: Path | None = None
-        lines: list[bytes] = []
-        for ref in self.refs:
+        doc = -1
+        parts: list[str] = []
+        for i, piece in self.iter_pieces():
+            if i != doc:
+                if parts:
+                    yield self.refs[doc].id, "".join(parts)
+                doc, parts = i, []
+            parts.append(piece)
+        if doc >= 0:
+            yield self.refs[doc].id, "".join(parts)
+
+    def iter_pieces(self, max_chars: int | None = None) -> Iterator[tuple[int, str]]:
+        """Yield ``(document number, piece)``: every document's text in order, cut into
+        pieces of about ``max_chars`` characters. A piece ends just after a newline, or,
+        in a line longer than ``4 * max_chars``, just before a space between two
+        non-spaces; the pieces of a document concatenate to its text. Each document
+        yields at least one piece."""
+        max_chars = max_chars or PIECE_CHARS
+        open_jsonl: tuple[Path, Iterator[tuple[int, bytes]]] | None = None
+        for i, ref in enumerate(self.refs):
             if ref.line is None:
-                yield ref.id, _decode(_read_bytes(ref.path), ref.path, self.errors)
+                yield from ((i, p) for p in _cut(self._text_blocks(ref.path), max_chars))
                 continue
-            if ref.path != current:
-                current = ref.path
-                lines = _read_bytes(ref.path).split(b"\n")
-            raw = lines[ref.line]
+            if open_jsonl is None or open_jsonl[0] != ref.path:
+                open_jsonl = (ref.path, _jsonl_lines(ref.path))
+            raw = next((raw for n, raw in open_jsonl[1] if n == ref.line), None)
+            if raw is None:
+                raise BadInputError(f"{ref.path}: changed while reading (line {ref.line + 1} gone)")
             obj = json.loads(_decode(raw, ref.path, self.errors, line=ref.line))
-            yield ref.id, str(obj["text"])
+            yield from ((i, p) for p in _cut(iter([str(obj["text"])]), max_chars))
+
+    def _text_blocks(self, path: Path) -> Iterator[str]:
+        decoder = codecs.getincrementaldecoder("utf-8")(
+            "replace" if self.errors == "replace" else "strict"
+        )
+        with _open_binary(path) as f:
+            while block := f.read(_BLOCK):
+                yield decoder.decode(block)
+        yield decoder.decode(b"", final=True)
 
     def cleanup(self) -> None:
         for p in self._tempfiles:
@@ -146,14 +184,77 @@ def _kind(path: Path) -> str | None:
     return None
 
 
-def _read_bytes(path: Path) -> bytes:
-    try:
-        if path.name.lower().endswith(".gz"):
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise BadInputError(f"{path}: cannot read ({exc})") from exc
+def _cut(blocks: Iterator[str], max_chars: int) -> Iterator[str]:
+    """Re-cut a stream of text into pieces (see :meth:`Corpus.iter_pieces`).
+
+    A run of more than ``4 * max_chars`` characters with neither a newline nor a space
+    between non-spaces is held whole (cutting it could change its tokenization)."""
+    buf = ""
+    emitted = False
+    for block in blocks:
+        buf += block
+        while len(buf) >= max_chars:
+            nl = buf.rfind("\n", 0, max_chars)
+            if nl < 0:
+                nl = buf.find("\n", max_chars, 4 * max_chars)
+            if nl >= 0:
+                cut = nl + 1
+            elif len(buf) < 4 * max_chars:
+                break  # the line may end in the next block
+            else:
+                cut = 0
+                for m in _SPACE_CUT.finditer(buf, 1, 4 * max_chars):
+                    cut = m.start()
+                if cut == 0:
+                    break
+            yield buf[:cut]
+            emitted = True
+            buf = buf[cut:]
+    if buf or not emitted:
+        yield buf
+
+
+class _Reader:
+    """A binary file (gzip decompressed) whose read errors become BadInputError."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            gz = path.name.lower().endswith(".gz")
+            self._f = gzip.open(path, "rb") if gz else open(path, "rb")  # noqa: SIM115
+        except OSError as exc:
+            raise BadInputError(f"{path}: cannot read ({exc})") from exc
+
+    def read(self, n: int) -> bytes:
+        try:
+            return self._f.read(n)
+        except (OSError, EOFError, gzip.BadGzipFile) as exc:
+            raise BadInputError(f"{self.path}: cannot read ({exc})") from exc
+
+    def readline(self) -> bytes:
+        try:
+            return self._f.readline()
+        except (OSError, EOFError, gzip.BadGzipFile) as exc:
+            raise BadInputError(f"{self.path}: cannot read ({exc})") from exc
+
+    def __enter__(self) -> _Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._f.close()
+
+
+def _open_binary(path: Path) -> _Reader:
+    return _Reader(path)
+
+
+def _jsonl_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """``(line number, bytes without the newline)`` of a JSONL file, streamed."""
+    with _open_binary(path) as f:
+        n = 0
+        while line := f.readline():
+            yield n, line[:-1] if line.endswith(b"\n") else line
+            n += 1
 
 
 def _decode(raw: bytes, path: Path, errors: Errors, *, line: int | None = None) -> str:
@@ -170,7 +271,15 @@ def _decode(raw: bytes, path: Path, errors: Errors, *, line: int | None = None) 
         ) from exc
 
 
-def _add(corpus: Corpus, seen: dict[str, str], ref: DocumentRef, text: str, where: str) -> None:
+def _add(
+    corpus: Corpus,
+    seen: dict[str, str],
+    ref: DocumentRef,
+    text: str,
+    where: str,
+    *,
+    size: int | None = None,
+) -> None:
     if not text.strip():
         corpus.skipped_empty.append(ref.id)
         return
@@ -178,22 +287,55 @@ def _add(corpus: Corpus, seen: dict[str, str], ref: DocumentRef, text: str, wher
         raise BadInputError(f"{where}: duplicate document id {ref.id!r} (also in {seen[ref.id]})")
     seen[ref.id] = where
     corpus.refs.append(ref)
-    corpus.bytes += len(text.encode("utf-8", errors="replace"))
+    corpus.bytes += len(text.encode("utf-8", errors="replace")) if size is None else size
 
 
 def _scan_file(path: Path, corpus: Corpus, seen: dict[str, str], *, doc_id: str) -> None:
     if _kind(path) == "jsonl":
         _scan_jsonl(path, corpus, seen, label=str(path))
         return
-    text = _decode(_read_bytes(path), path, corpus.errors)
-    _add(corpus, seen, DocumentRef(id=doc_id, path=path), text, str(path))
+    _scan_text(path, corpus, seen, doc_id=doc_id)
+
+
+def _scan_text(path: Path, corpus: Corpus, seen: dict[str, str], *, doc_id: str) -> None:
+    """Validate a text file block by block (never holding it whole)."""
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    pos = 0
+    size = 0
+    has_text = False
+    with _open_binary(path) as f:
+        while True:
+            block = f.read(_BLOCK)
+            if b"\x00" in block:
+                raise BadInputError(
+                    f"{path}: binary data (NUL byte at offset {pos + block.index(0)}); "
+                    f"not a text document"
+                )
+            pending = len(decoder.getstate()[0])
+            try:
+                text = decoder.decode(block, final=not block)
+            except UnicodeDecodeError as exc:
+                if corpus.errors != "replace":
+                    raise BadInputError(
+                        f"{path}: invalid UTF-8 at byte {pos - pending + exc.start} "
+                        f"(use --errors replace to substitute)"
+                    ) from exc
+                decoder = codecs.getincrementaldecoder("utf-8")("replace")
+                text = decoder.decode(block, final=not block)
+                has_text = True  # U+FFFD is text
+            has_text = has_text or bool(text.strip())
+            size += len(text.encode("utf-8", errors="replace"))
+            pos += len(block)
+            if not block:
+                break
+    ref = DocumentRef(id=doc_id, path=path)
+    _add(corpus, seen, ref, "x" if has_text else "", str(path), size=size)
 
 
 def _scan_jsonl(path: Path, corpus: Corpus, seen: dict[str, str], *, label: str) -> None:
-    data = _read_bytes(path)
     base = Path(label).name
     offset = 0
-    for i, raw in enumerate(io.BytesIO(data).read().split(b"\n")):
+    for i, raw in _jsonl_lines(path):
         where = f"{label}:{i + 1}"
         start = offset
         offset += len(raw) + 1

@@ -23,6 +23,20 @@ class FormatVersionError(RetroDBError, ValueError):
     """The database was written by an unknown (newer) on-disk format version."""
 
 
+class WriteError(RetroDBError, OSError):
+    """Writing failed (disk full, a failed write, fsync or rename); the message says which
+    file and which generation the database is left at. ``errno`` and ``filename`` are
+    those of the underlying OSError."""
+
+    def __init__(self, message: str, *, errno: int | None = None, filename: str | None = None):
+        super().__init__(message)
+        self.errno = errno
+        self.filename = filename
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class LockedError(RetroDBError, BlockingIOError):
     """Another writer holds the database lock."""
 

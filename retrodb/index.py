@@ -1,11 +1,22 @@
 """USearch HNSW indexes, one per segment. The only usearch user.
 
 An index file is written once under a temporary name, fsynced and renamed; afterwards it
-is only ever memory-mapped (``view``), never rewritten, so readers can map it safely."""
+is only ever memory-mapped (``view``), never rewritten, so readers can map it safely.
+
+USearch trusts the file it maps: a flipped byte in the graph (neighbour lists, levels)
+can make a search read out of bounds and crash the process. So :meth:`IndexBuilder.save`
+returns an *index guard*, the CRC-32 of everything after the vector matrix (the graph,
+about 150 bytes a vector at connectivity 16), which the manifest records and
+:meth:`SegmentIndex.open` checks before mapping. Flipped bytes inside the vectors cannot
+crash a search (they only change distances); ``retrodb verify`` finds them by sha256.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
+import struct
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +26,7 @@ from usearch.index import Index
 
 from .config import IndexConfig
 from .errors import BadInputError, CorruptError, MismatchError
+from .failpoints import failpoint
 from .progress import ProgressFn, no_progress
 
 #: ``keep(query_rows, keys) -> bool mask``: which candidate keys a search may return.
@@ -29,22 +41,91 @@ def build_index(
     config: IndexConfig,
     progress: ProgressFn = no_progress,
     batch: int = 4096,
-) -> None:
-    """Build an HNSW index of ``vectors`` under ``keys`` and write it atomically to ``path``."""
+) -> tuple[int, int]:
+    """Build an HNSW index of ``vectors`` under ``keys`` and write it atomically to ``path``.
+
+    Returns the index guard ``(offset, crc32)``."""
     vectors = check_vectors(vectors)
     if keys.shape[0] != vectors.shape[0]:
         raise BadInputError(f"{keys.shape[0]} keys for {vectors.shape[0]} vectors")
-    index = new_index(vectors.shape[1], config)
+    builder = IndexBuilder(vectors.shape[1], config)
     n = vectors.shape[0]
     progress("index", 0, n)
     for start in range(0, n, batch):
         stop = min(n, start + batch)
-        index.add(keys[start:stop].astype(np.uint64), vectors[start:stop])
+        builder.add(keys[start:stop], vectors[start:stop])
         progress("index", stop, n)
-    tmp = path.with_name(path.name + ".tmp")
-    index.save(str(tmp))
-    fsync_file(tmp)
-    os.replace(tmp, path)
+    return builder.save(path)
+
+
+class IndexBuilder:
+    """An in-memory HNSW index filled batch by batch, then saved once."""
+
+    def __init__(self, ndim: int, config: IndexConfig) -> None:
+        self.ndim = ndim
+        self.index = new_index(ndim, config)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+        vectors = check_vectors(vectors, self.ndim)
+        if keys.shape[0] != vectors.shape[0]:
+            raise BadInputError(f"{keys.shape[0]} keys for {vectors.shape[0]} vectors")
+        if keys.shape[0]:
+            self.index.add(np.asarray(keys).astype(np.uint64), vectors)
+
+    def save(self, path: Path) -> tuple[int, int]:
+        """Write the index to ``path`` (temporary name, fsync, rename); returns its guard."""
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            try:
+                self.index.save(str(tmp))
+            except RuntimeError as exc:  # USearch reports a failed write this way
+                raise OSError(errno.EIO, f"cannot write the index ({exc})", str(tmp)) from exc
+            failpoint("after_index_tmp", tmp)
+            guard = index_guard(tmp)
+            fsync_file(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return guard
+
+
+def _graph_offset(path: Path, size: int) -> int:
+    """Where the vector matrix of a saved dense index ends (0 when it has none)."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    try:
+        meta = Index.metadata(str(path))
+    except (ValueError, RuntimeError):
+        meta = None
+    if not meta or not meta.get("matrix_included") or len(head) < 16:
+        return 0
+    if meta.get("matrix_uses_64_bit_dimensions"):
+        rows, cols = struct.unpack("<QQ", head[:16])
+        start = 16
+    else:
+        rows, cols = struct.unpack("<II", head[:8])
+        start = 8
+    end = start + rows * cols
+    return end if 0 < end <= size else 0
+
+
+def _crc32(path: Path, offset: int) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while block := f.read(1 << 22):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def index_guard(path: Path) -> tuple[int, int]:
+    """``(offset, crc32)`` of the part of an index file after its vectors (the graph)."""
+    offset = _graph_offset(path, path.stat().st_size)
+    return offset, _crc32(path, offset)
 
 
 def new_index(ndim: int, config: IndexConfig) -> Index:
@@ -102,8 +183,10 @@ class SegmentIndex:
         ndim: int,
         expected_size: int | None,
         config: IndexConfig,
+        guard: tuple[int, int] | None = None,
     ) -> SegmentIndex:
-        """Map ``path`` after checking its size and header against what the manifest says."""
+        """Map ``path`` after checking its size and header against what the manifest says,
+        and its graph against the recorded ``guard`` (see the module docstring)."""
         try:
             st = path.stat()
         except FileNotFoundError as exc:
@@ -123,6 +206,13 @@ class SegmentIndex:
                 f"{path}: index holds {meta['count_present']} vectors of dimension "
                 f"{meta['dimensions']}, expected {count} of dimension {ndim}"
             )
+        if guard is not None:
+            offset, crc = guard
+            if not 0 <= offset <= st.st_size or _crc32(path, offset) != crc:
+                raise CorruptError(
+                    f"{path}: index graph checksum does not match the manifest (the file is "
+                    f"damaged; searching it could crash)"
+                )
         index = new_index(ndim, config)
         try:
             index.view(str(path))
@@ -133,8 +223,13 @@ class SegmentIndex:
 
     def vectors(self, keys: np.ndarray) -> np.ndarray:
         """The stored vectors of ``keys`` (as float32; f16 indexes round them)."""
+        keys = np.asarray(keys)
+        if keys.size == 0:
+            return np.zeros((0, self.index.ndim), np.float32)
         got = self.index.get(keys.astype(np.uint64), dtype=np.float32)
-        return np.stack([np.asarray(g, dtype=np.float32) for g in got])
+        if any(g is None for g in got):
+            raise CorruptError(f"{self.path}: some keys have no vector in the index")
+        return np.stack([np.asarray(g, dtype=np.float32).reshape(-1) for g in got])
 
     def search(
         self, queries: np.ndarray, count: int, *, exact: bool = False

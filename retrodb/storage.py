@@ -39,6 +39,7 @@ from .errors import (
     NotFoundError,
     RetroDBError,
 )
+from .failpoints import failpoint
 
 CURRENT = "CURRENT"
 LOCK = "LOCK"
@@ -51,6 +52,8 @@ INDEX_FILE = "index.usearch"
 TMP_PREFIX = ".tmp-"
 #: Old manifests kept after a commit (for debugging and for readers that are slow to start).
 KEEP_MANIFESTS = 5
+#: The manifest feature of segments that store their keys explicitly (written by compaction).
+EXPLICIT_KEYS = "explicit-keys"
 
 _MANIFEST_RE = re.compile(r"^\d{6,}\.json$")
 
@@ -75,14 +78,36 @@ class SegmentMeta:
     tokens: int
     files: Mapping[str, FileInfo]
     """Every file of the segment (relative path -> size and sha256), the index included."""
+    key_stop: int | None = None
+    """None: the segment holds keys ``first_key .. first_key + chunks - 1`` (row r is key
+    ``first_key + r``). Else its keys are the sorted ``keys`` array, all in
+    ``first_key .. key_stop - 1`` (a compacted segment, with the rows of deleted documents
+    dropped)."""
+    index_guard: tuple[int, int] | None = None
+    """``(offset, crc32)`` of the index file's graph (everything after the vectors),
+    checked before the index is mapped: a damaged graph would crash USearch."""
+
+    @property
+    def explicit_keys(self) -> bool:
+        return self.key_stop is not None
+
+    @property
+    def stop_key(self) -> int:
+        """One past the largest key the segment may hold."""
+        return self.first_key + self.chunks if self.key_stop is None else self.key_stop
 
     @property
     def last_key(self) -> int:
-        return self.first_key + self.chunks - 1
+        return self.stop_key - 1
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["files"] = {k: dataclasses.asdict(v) for k, v in self.files.items()}
+        for opt in ("key_stop", "index_guard"):
+            if d[opt] is None:
+                del d[opt]
+        if self.index_guard is not None:
+            d["index_guard"] = {"offset": self.index_guard[0], "crc32": self.index_guard[1]}
         return d
 
     @classmethod
@@ -94,6 +119,12 @@ class SegmentMeta:
             documents=int(d["documents"]),
             tokens=int(d["tokens"]),
             files={k: FileInfo(int(v["size"]), str(v["sha256"])) for k, v in d["files"].items()},
+            key_stop=None if d.get("key_stop") is None else int(d["key_stop"]),
+            index_guard=(
+                (int(d["index_guard"]["offset"]), int(d["index_guard"]["crc32"]))
+                if d.get("index_guard")
+                else None
+            ),
         )
 
 
@@ -137,6 +168,7 @@ class Manifest:
             "segments": [s.to_dict() for s in self.segments],
             "tombstones": list(self.tombstones),
         }
+        d["checksum"] = _manifest_checksum(d)
         return json.dumps(d, indent=1, sort_keys=False) + "\n"
 
     @classmethod
@@ -156,6 +188,9 @@ class Manifest:
         unknown = set(d.get("features", [])) - KNOWN_FEATURES
         if unknown:
             raise FormatVersionError(f"{where}: unknown format features {sorted(unknown)}")
+        recorded = d.pop("checksum", None)
+        if recorded is not None and recorded != _manifest_checksum(d):
+            raise CorruptError(f"{where}: manifest checksum does not match (the file is damaged)")
         try:
             return cls(
                 generation=int(d["generation"]),
@@ -173,7 +208,13 @@ class Manifest:
             raise CorruptError(f"{where}: manifest is missing or has a bad field ({exc})") from exc
 
 
-KNOWN_FEATURES: frozenset[str] = frozenset()
+KNOWN_FEATURES: frozenset[str] = frozenset({EXPLICIT_KEYS})
+
+
+def _manifest_checksum(d: dict[str, Any]) -> str:
+    """sha256 of a manifest's canonical JSON (without its own ``checksum`` field)."""
+    canon = json.dumps(d, sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(canon.encode()).hexdigest()
 
 
 # ---------------------------------------------------------------- durability helpers
@@ -183,6 +224,7 @@ def fsync_path(path: Path) -> None:
     """fsync a file or a directory."""
     fd = os.open(path, os.O_RDONLY)
     try:
+        failpoint("fsync", path)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -199,11 +241,19 @@ def fsync_tree(root: Path) -> None:
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file, fsync, rename, fsync the directory."""
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            failpoint("atomic_write", tmp)
+            f.flush()
+            failpoint("fsync", tmp)
+            os.fsync(f.fileno())
+        failpoint("atomic_rename", path)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
     fsync_path(path.parent)
 
 
@@ -226,6 +276,11 @@ def file_table(root: Path) -> dict[str, FileInfo]:
 
 def write_array(group_dir: Path, name: str, data: np.ndarray) -> None:
     """Write ``data`` as an uncompressed single-chunk Zarr v3 array ``name`` of ``group_dir``."""
+    if data.dtype.kind not in ("U", "O") and data.size:
+        w = RawArrayWriter(group_dir, name, data.dtype, data.shape[1:])
+        w.append(data)
+        w.finish()
+        return
     group = zarr.open_group(str(group_dir), mode="a", zarr_format=3)
     if data.dtype.kind in ("U", "O"):
         arr = group.create_array(
@@ -252,6 +307,62 @@ def write_array(group_dir: Path, name: str, data: np.ndarray) -> None:
 
 def _chunk_path(array_dir: Path, ndim: int) -> Path:
     return array_dir.joinpath("c", *(["0"] * ndim))
+
+
+class RawArrayWriter:
+    """Build a large array by appending rows, without holding it in memory.
+
+    Rows go to a raw little-endian file beside the group; :meth:`finish` writes the
+    array's ``zarr.json`` for the final shape and moves the file into place as its single
+    chunk, which is exactly what :func:`write_array` would have written."""
+
+    def __init__(
+        self, group_dir: Path, name: str, dtype: np.dtype | type, row_shape: tuple[int, ...] = ()
+    ) -> None:
+        self.group_dir = Path(group_dir)
+        self.name = name
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.row_shape = tuple(int(s) for s in row_shape)
+        self.rows = 0
+        self.group_dir.mkdir(parents=True, exist_ok=True)
+        self.raw = self.group_dir / f"{TMP_PREFIX}raw-{name.replace('/', '-')}"
+        self._f = open(self.raw, "wb")  # noqa: SIM115 - closed in finish()/discard()
+
+    def append(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows)
+        if rows.shape[1:] != self.row_shape:
+            raise ValueError(f"{self.name}: rows {rows.shape[1:]}, expected {self.row_shape}")
+        try:
+            failpoint("array_write", self.raw)
+            self._f.write(np.ascontiguousarray(rows, dtype=self.dtype).tobytes())
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(self.raw)) from exc
+        self.rows += rows.shape[0]
+
+    def finish(self) -> Path:
+        """Close the file and make it a Zarr array; returns the array's directory."""
+        self._f.close()
+        shape = (self.rows, *self.row_shape)
+        group = zarr.open_group(str(self.group_dir), mode="a", zarr_format=3)
+        group.create_array(
+            self.name,
+            shape=shape,
+            chunks=shape,
+            dtype=self.dtype.newbyteorder("="),
+            compressors=None,
+            filters=None,
+            fill_value=0,
+            config={"write_empty_chunks": True},
+        )
+        array_dir = self.group_dir / self.name
+        chunk = _chunk_path(array_dir, len(shape))
+        chunk.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.raw, chunk)
+        return array_dir
+
+    def discard(self) -> None:
+        self._f.close()
+        self.raw.unlink(missing_ok=True)
 
 
 def open_raw_array(
@@ -371,7 +482,8 @@ class Storage:
             except OSError as exc:
                 if exc.errno in (errno.EAGAIN, errno.EACCES):
                     raise LockedError(
-                        f"{self.root}: another writer holds the lock ({path}); try again when it is done"
+                        f"{self.root}: another writer holds the lock ({path}); "
+                        f"try again when it is done"
                     ) from exc
                 raise
             yield
@@ -393,8 +505,10 @@ class Storage:
         files = file_table(tmp)
         fsync_tree(tmp)
         final = self.segment_dir(name)
+        failpoint("before_segment_rename", final)
         os.rename(tmp, final)
         fsync_path(final.parent)
+        failpoint("after_segment_rename", final)
         return files
 
     def commit(self, manifest: Manifest) -> None:
@@ -402,14 +516,34 @@ class Storage:
         name = f"{manifest.generation:06d}.json"
         mdir = self.root / MANIFESTS
         mdir.mkdir(exist_ok=True)
+        failpoint("before_manifest", mdir / name)
         write_atomic(mdir / name, manifest.to_json().encode())
+        failpoint("after_manifest", mdir / name)
+        failpoint("before_current", self.root / CURRENT)
         write_atomic(self.root / CURRENT, (name + "\n").encode())
+        failpoint("after_current", self.root / CURRENT)
+        # Old manifests beyond the last KEEP_MANIFESTS (best effort: the commit is done).
+        with contextlib.suppress(OSError):
+            names = sorted(p.name for p in mdir.iterdir() if _MANIFEST_RE.match(p.name))
+            for old in names[: max(0, len(names) - KEEP_MANIFESTS)]:
+                if int(old.split(".")[0]) < manifest.generation:
+                    (mdir / old).unlink(missing_ok=True)
+
+    def retained(self, manifest: Manifest) -> set[str]:
+        """Segments the previous generation names and ``manifest`` does not (merged away by
+        compaction): kept for one more generation, for readers that opened the previous one."""
+        try:
+            prev = self.read_manifest(f"{manifest.generation - 1:06d}.json")
+        except (RetroDBError, OSError):
+            return set()
+        return {s.name for s in prev.segments} - {s.name for s in manifest.segments}
 
     def leftovers(self, manifest: Manifest) -> list[Path]:
         """Files and directories that no committed generation uses: what an interrupted
-        writer left behind (temporary files, uncommitted segments, old manifests)."""
+        writer left behind (temporary files, uncommitted segments, old manifests), and
+        segments dropped by a compaction more than one generation ago."""
         out: list[Path] = []
-        live = {s.name for s in manifest.segments}
+        live = {s.name for s in manifest.segments} | self.retained(manifest)
         seg_root = self.root / SEGMENTS
         if seg_root.is_dir():
             out += [p for p in sorted(seg_root.iterdir()) if p.name not in live]
@@ -441,14 +575,21 @@ class Storage:
         return removed
 
     def disk_usage(self) -> dict[str, int]:
-        """Bytes on disk per part of the database."""
+        """Bytes on disk per part of the database. Safe while a writer works: files that
+        vanish during the walk (a writer's temporary files) are skipped."""
+
+        def files(p: Path) -> Iterator[tuple[str, int]]:
+            if p.is_file():
+                with contextlib.suppress(OSError):
+                    yield p.name, p.stat().st_size
+                return
+            for dirpath, _dirs, names in os.walk(p):  # os.walk ignores vanished directories
+                for name in names:
+                    with contextlib.suppress(OSError):
+                        yield name, os.stat(os.path.join(dirpath, name)).st_size
 
         def size(p: Path) -> int:
-            if p.is_file():
-                return p.stat().st_size
-            if p.is_dir():
-                return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-            return 0
+            return sum(n for _, n in files(p))
 
         usage = {
             "tokenizer": size(self.root / TOKENIZER_FILE),
@@ -458,12 +599,8 @@ class Storage:
             "segment_arrays": 0,
             "segment_indexes": 0,
         }
-        seg_root = self.root / SEGMENTS
-        if seg_root.is_dir():
-            for f in seg_root.rglob("*"):
-                if f.is_file():
-                    key = "segment_indexes" if f.name.endswith(".usearch") else "segment_arrays"
-                    usage[key] += f.stat().st_size
+        for name, n in files(self.root / SEGMENTS):
+            usage["segment_indexes" if name.endswith(".usearch") else "segment_arrays"] += n
         usage["total"] = sum(usage.values())
         return usage
 

@@ -32,7 +32,12 @@ def default_retro_layers(n_layers: int) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class RetroConfig:
-    """Hyper-parameters of a RETRO model. Derived fields left as None are filled in."""
+    """Hyper-parameters of a RETRO model.
+
+    Derived fields left at 0 / () (head_dim, retro_layers, enc_dim, enc_heads,
+    dec_enc_condition_layer, neighbour_len) and enc_cross_attn_layers left at None are
+    filled in by __post_init__, so every field of a built config holds its real value.
+    """
 
     vocab_size: int
     # m: tokens per chunk. Retrieval happens once per chunk; neighbours hold 2m tokens.
@@ -41,30 +46,30 @@ class RetroConfig:
     dim: int = 896
     n_layers: int = 12
     n_heads: int = 16
-    # width of one attention head; None -> dim // n_heads (dim must then divide evenly)
-    head_dim: int | None = None
+    # width of one attention head; 0 -> dim // n_heads (dim must then divide evenly)
+    head_dim: int = 0
     # feed-forward: SwiGLU with hidden width round_up(2/3 * ff_mult * dim, 32), which
     # keeps the parameter count of a GELU feed-forward of width ff_mult * dim
     ff_mult: float = 4.0
     # 1-based decoder layers that are RETRO blocks (attention, CCA, feed-forward);
-    # None -> default_retro_layers(n_layers), i.e. (6, 9, 12) for 12 layers
-    retro_layers: tuple[int, ...] | None = None
-    # neighbour encoder: width (None -> dim), depth, heads (None -> n_heads scaled to
-    # enc_dim with the decoder's head width when possible)
-    enc_dim: int | None = None
+    # () -> default_retro_layers(n_layers), i.e. (6, 9, 12) for 12 layers
+    retro_layers: tuple[int, ...] = ()
+    # neighbour encoder: width (0 -> dim), depth, heads (0 -> enc_dim // head_dim when
+    # that divides, else 1)
+    enc_dim: int = 0
     enc_layers: int = 2
-    enc_heads: int | None = None
+    enc_heads: int = 0
     # 1-based encoder layers with cross-attention to the decoder activations of the chunk
-    # that retrieved the neighbour; None -> every encoder layer
+    # that retrieved the neighbour; None -> every encoder layer, () -> none (unconditioned)
     enc_cross_attn_layers: tuple[int, ...] | None = None
     # the encoder is conditioned on the *input* activations of this 1-based decoder layer;
-    # None -> retro_layers[0] (the paper: the first CCA layer's input). Must be <= it,
+    # 0 -> retro_layers[0] (the paper: the first CCA layer's input). Must be <= it,
     # because the encoded neighbours are needed by the first CCA layer.
-    dec_enc_condition_layer: int | None = None
+    dec_enc_condition_layer: int = 0
     # k: neighbours per chunk (2 in training; evaluation may pass more, see note below)
     num_neighbours: int = 2
-    # r: tokens per neighbour (neighbour chunk + its continuation); None -> 2 * chunk_size
-    neighbour_len: int | None = None
+    # r: tokens per neighbour (neighbour chunk + its continuation); 0 -> 2 * chunk_size
+    neighbour_len: int = 0
     dropout: float = 0.0
     # rotary position embedding base (theta)
     rope_base: float = 10000.0
@@ -90,7 +95,7 @@ class RetroConfig:
         need(self.chunk_size >= 1, f"chunk_size must be >= 1, got {self.chunk_size}")
         need(self.dim >= 1 and self.n_layers >= 1, "dim and n_layers must be >= 1")
         need(self.n_heads >= 1, f"n_heads must be >= 1, got {self.n_heads}")
-        if self.head_dim is None:
+        if not self.head_dim:
             need(
                 self.dim % self.n_heads == 0,
                 f"dim {self.dim} is not divisible by n_heads {self.n_heads}; set head_dim",
@@ -103,7 +108,7 @@ class RetroConfig:
         need(self.ff_mult > 0, f"ff_mult must be > 0, got {self.ff_mult}")
 
         retro = self.retro_layers
-        retro = default_retro_layers(self.n_layers) if retro is None else tuple(retro)
+        retro = tuple(retro) if retro else default_retro_layers(self.n_layers)
         need(len(retro) >= 1, "retro_layers must name at least one layer")
         need(
             all(1 <= i <= self.n_layers for i in retro),
@@ -114,7 +119,7 @@ class RetroConfig:
         setd("retro_layers", retro)
 
         cond = self.dec_enc_condition_layer
-        cond = retro[0] if cond is None else cond
+        cond = cond or retro[0]
         need(
             1 <= cond <= retro[0],
             f"dec_enc_condition_layer {cond} must lie in 1..{retro[0]} (the first CCA "
@@ -122,10 +127,10 @@ class RetroConfig:
         )
         setd("dec_enc_condition_layer", cond)
 
-        if self.enc_dim is None:
+        if not self.enc_dim:
             setd("enc_dim", self.dim)
         need(self.enc_layers >= 1, f"enc_layers must be >= 1, got {self.enc_layers}")
-        if self.enc_heads is None:
+        if not self.enc_heads:
             heads = self.enc_dim // self.head_dim if self.enc_dim % self.head_dim == 0 else 0
             setd("enc_heads", heads if heads >= 1 else 1)
         need(
@@ -145,7 +150,7 @@ class RetroConfig:
         setd("enc_cross_attn_layers", eca)
 
         need(self.num_neighbours >= 1, f"num_neighbours must be >= 1, got {self.num_neighbours}")
-        if self.neighbour_len is None:
+        if not self.neighbour_len:
             setd("neighbour_len", 2 * self.chunk_size)
         need(self.neighbour_len >= 1, f"neighbour_len must be >= 1, got {self.neighbour_len}")
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
@@ -194,8 +199,9 @@ class RetroConfig:
         return cls(**kwargs)
 
     def replace(self, **changes: Any) -> RetroConfig:
-        """A copy with some fields changed. Derived fields keep their values; pass None
-        for one (e.g. ``retro_layers=None``) to have it derived again from the new values."""
+        """A copy with some fields changed. Derived fields keep their values; pass 0 / ()
+        (None for enc_cross_attn_layers) to have one derived again, e.g.
+        ``cfg.replace(n_layers=24, retro_layers=())``."""
         return dataclasses.replace(self, **changes)
 
     # ---- presets ---------------------------------------------------------------------

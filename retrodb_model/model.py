@@ -1,7 +1,7 @@
 """The RETRO language model (Borgeaud et al., 2022), in one file.
 
-Read it top to bottom: small pieces (RMSNorm, rotary positions, feed-forward, attention,
-the loss), then the blocks (chunked cross-attention, decoder block, encoder block), the
+Read it top to bottom: small pieces (RMSNorm, rotary positions, feed-forward, attention),
+then the blocks (chunked cross-attention, decoder block, encoder block), the
 neighbour encoder, the generation cache and finally `RetroModel`.
 
 Shape letters used in the comments:
@@ -35,8 +35,9 @@ inside each neighbour (keys have positions 0..r-1 within each neighbour).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +65,9 @@ class RMSNorm(nn.Module):
 
 class Rotary(nn.Module):
     """Rotary position tables: cos and sin of position * frequency, (positions, hd/2)."""
+
+    cos: Tensor
+    sin: Tensor
 
     def __init__(self, head_dim: int, max_positions: int, base: float) -> None:
         super().__init__()
@@ -128,71 +132,6 @@ def safe_key_mask(valid: Tensor) -> tuple[Tensor, Tensor]:
     """
     has_any = valid.any(dim=-1)  # (...,)
     return valid | ~has_any.unsqueeze(-1), has_any
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """logits = h @ weight.T and their mean cross entropy, with a lean backward.
-
-    Equal to `F.linear` then `F.cross_entropy(..., ignore_index=-100)` (NaN when no target
-    counts). With a large vocabulary the (N, V) logits dominate memory traffic, and
-    autograd's cross entropy adds three more (N, V) tensors (log-softmax, one-hot
-    gradient, softmax gradient). Here the forward keeps one log-sum-exp per row, and the
-    backward turns the logits into their gradient (softmax - one-hot) one block of rows at
-    a time, feeding each block straight into the two matmuls.
-    """
-
-    BLOCK = 512  # rows per block
-
-    @staticmethod
-    def forward(ctx: Any, h: Tensor, weight: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        # h (N, D), weight (V, D), targets (N,)
-        logits = h @ weight.T  # (N, V), in the autocast dtype when autocast is on
-        device = h.device.type
-        # the backward's matmuls use the same dtype as this one (backward runs without
-        # autocast, so it casts by hand)
-        ctx.matmul_dtype = (
-            torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
-        )
-        blocks = logits.split(LinearCrossEntropy.BLOCK)
-        lse = torch.cat([torch.logsumexp(b.float(), dim=-1) for b in blocks])  # (N,)
-        valid = targets != IGNORE_INDEX  # (N,)
-        safe_targets = targets.clamp(min=0)
-        picked = logits.gather(1, safe_targets[:, None]).squeeze(1).float()  # (N,)
-        count = valid.sum()
-        loss = torch.where(valid, lse - picked, 0.0).sum() / count
-        ctx.save_for_backward(h, weight, logits, lse, safe_targets, valid, count)
-        ctx.set_materialize_grads(False)  # unused logits get no (N, V) zero gradient
-        return logits, loss
-
-    @staticmethod
-    def backward(ctx: Any, grad_logits: Tensor | None, grad_loss: Tensor | None) -> Any:
-        h, weight, logits, lse, targets, valid, count = ctx.saved_tensors
-        dtype = ctx.matmul_dtype
-        w = weight.to(dtype)
-        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
-        scale = None if grad_loss is None else (grad_loss / count) * valid  # (N,)
-        N, V = logits.shape
-        for lo in range(0, N, LinearCrossEntropy.BLOCK):
-            hi = min(lo + LinearCrossEntropy.BLOCK, N)
-            make = torch.zeros if scale is None else torch.empty
-            g = make(hi - lo, V, dtype=torch.float32, device=h.device)  # (rows, V)
-            if scale is not None:
-                torch.sub(logits[lo:hi].float(), lse[lo:hi, None], out=g).exp_()  # softmax
-                g.scatter_add_(1, targets[lo:hi, None], g.new_full((hi - lo, 1), -1.0))
-                g.mul_(scale[lo:hi, None])
-            if grad_logits is not None:
-                g += grad_logits[lo:hi]
-            g = g.to(dtype)
-            hb = h[lo:hi].to(dtype)  # (rows, D)
-            if grad_h is not None:
-                grad_h[lo:hi] = g @ w
-            if grad_w is not None:
-                if dtype == grad_w.dtype:
-                    grad_w.addmm_(g.T, hb)
-                else:
-                    grad_w += g.T @ hb
-        return grad_h, grad_w, None
 
 
 # ---------------------------------------------------------------------------------------
@@ -297,6 +236,7 @@ class ChunkedCrossAttention(nn.Module):
     def __init__(self, cfg: RetroConfig) -> None:
         super().__init__()
         self.chunk_size = cfg.chunk_size
+        self.norm = RMSNorm(cfg.dim)  # pre-norm of the decoder states
         self.attn = CrossAttention(cfg.dim, cfg.enc_dim, cfg.n_heads, cfg.head_dim, cfg.dropout)
 
     def neighbour_kv(self, encoded: Tensor, rope: Rotary, r: int) -> tuple[Tensor, Tensor]:
@@ -318,7 +258,7 @@ class ChunkedCrossAttention(nn.Module):
         start: int,
         first_chunk: int,
     ) -> Tensor:
-        """The CCA update (B, T, D) of normalised decoder states x (B, T, D) at positions
+        """The CCA update (B, T, D) of decoder states x (B, T, D) at positions
         [start, start + T); exactly 0 for tokens that have no completed chunk yet.
 
         keys, values (B, c, H, k*r, hd): CCA keys/values of chunks first_chunk ..
@@ -337,7 +277,7 @@ class ChunkedCrossAttention(nn.Module):
         n_c = (lead + L + m - 1) // m  # shifted chunks touched by this call
         offset = torch.arange(lead, lead + L, device=x.device) % m  # offset j in the chunk
         rot = rope(offset + (m - 1))  # query position m-1+j: its counterpart in a neighbour
-        q = self.attn.queries(x[:, skip:], rot)  # (B, H, L, hd)
+        q = self.attn.queries(self.norm(x[:, skip:]), rot)  # (B, H, L, hd)
         q = F.pad(q, (0, 0, lead, n_c * m - lead - L))  # (B, H, n_c*m, hd)
         H, hd = q.shape[1], q.shape[3]
         q = q.view(B, H, n_c, m, hd).transpose(1, 2)  # (B, n_c, H, m, hd)
@@ -372,10 +312,31 @@ class DecoderBlock(nn.Module):
         super().__init__()
         self.norm_attn = RMSNorm(cfg.dim)
         self.attn = SelfAttention(cfg.dim, cfg.n_heads, cfg.head_dim, cfg.dropout)
-        self.norm_cca = RMSNorm(cfg.dim) if retro else None
         self.cca = ChunkedCrossAttention(cfg) if retro else None
         self.norm_ff = RMSNorm(cfg.dim)
         self.ff = FeedForward(cfg.dim, cfg.ff_hidden, cfg.dropout)
+
+
+class ChunkConditioning(nn.Module):
+    """Encoder cross-attention from the neighbours of a chunk to the decoder's
+    activations of that chunk (the chunk that retrieved them)."""
+
+    def __init__(self, cfg: RetroConfig) -> None:
+        super().__init__()
+        self.norm = RMSNorm(cfg.enc_dim)
+        self.norm_ctx = RMSNorm(cfg.dim)
+        self.attn = CrossAttention(
+            cfg.enc_dim, cfg.dim, cfg.enc_heads, cfg.enc_head_dim, cfg.dropout
+        )
+
+    def forward(self, h: Tensor, ctx: Tensor, rot_q: Tensor, rot_c: Tensor) -> Tensor:
+        """h (B*n, k*r, E): the k neighbours of each chunk, stacked along the token axis
+        (they share the chunk's states, so those are not copied k times); ctx (B*n, m, D):
+        the chunk's decoder states. Returns the update (B*n, k*r, E)."""
+        k, v = self.attn.project_kv(self.norm_ctx(ctx), rot_c)  # (B*n, H, m, hd)
+        q = self.attn.queries(self.norm(h), rot_q)  # (B*n, H, k*r, hd)
+        drop = self.attn.dropout if self.training else 0.0
+        return self.attn.output(attend(q, k, v, dropout=drop))  # (B*n, k*r, E)
 
 
 class EncoderBlock(nn.Module):
@@ -387,9 +348,7 @@ class EncoderBlock(nn.Module):
         E, H, hd = cfg.enc_dim, cfg.enc_heads, cfg.enc_head_dim
         self.norm_attn = RMSNorm(E)
         self.attn = SelfAttention(E, H, hd, cfg.dropout)
-        self.norm_cross = RMSNorm(E) if cross else None
-        self.norm_ctx = RMSNorm(cfg.dim) if cross else None
-        self.cross = CrossAttention(E, cfg.dim, H, hd, cfg.dropout) if cross else None
+        self.cross = ChunkConditioning(cfg) if cross else None
         self.norm_ff = RMSNorm(E)
         self.ff = FeedForward(E, ff_hidden(E, cfg.ff_mult), cfg.dropout)
 
@@ -404,7 +363,7 @@ class NeighbourEncoder(nn.Module):
             nn.Linear(cfg.dim, cfg.enc_dim, bias=False) if cfg.enc_dim != cfg.dim else None
         )
         self.blocks = nn.ModuleList(
-            EncoderBlock(cfg, cross=i in cfg.enc_cross_attn_layers)
+            EncoderBlock(cfg, cross=i in (cfg.enc_cross_attn_layers or ()))
             for i in range(1, cfg.enc_layers + 1)
         )
         self.norm_out = RMSNorm(cfg.enc_dim)
@@ -430,20 +389,14 @@ class NeighbourEncoder(nn.Module):
             # later); otherwise padding is never attended to
             key_mask, _ = safe_key_mask(valid.reshape(B * n * k, r))  # (N, r)
         rot_r = self.rope(slice(0, r))  # neighbour token j has position j
-        # cross-attention: the k neighbours of a chunk share its m states, so they are
-        # stacked along the query axis instead of copying the states k times
         rot_q = self.rope(torch.arange(k * r, device=emb.device) % r)  # (k*r, hd/2)
         rot_c = self.rope(slice(0, m))  # chunk token i has position i
         ctx = chunk_states.reshape(B * n, m, D)  # (B*n, m, D)
-        for block in self.blocks:
+        for block in cast(Iterable[EncoderBlock], self.blocks):
             h = h + block.attn(block.norm_attn(h), rot_r, causal=False, key_mask=key_mask)
             if block.cross is not None:
-                ck, cv = block.cross.project_kv(block.norm_ctx(ctx), rot_c)  # (B*n, H, m, hd)
-                hq = block.norm_cross(h).view(B * n, k * r, -1)  # (B*n, k*r, E)
-                q = block.cross.queries(hq, rot_q)  # (B*n, H, k*r, hd)
-                drop = block.cross.dropout if self.training else 0.0
-                y = attend(q, ck, cv, dropout=drop)  # (B*n, H, k*r, hd)
-                h = h + block.cross.output(y).view(B * n * k, r, -1)  # (N, r, E)
+                update = block.cross(h.view(B * n, k * r, -1), ctx, rot_q, rot_c)
+                h = h + update.view(B * n * k, r, -1)  # (N, r, E)
             h = h + block.ff(block.norm_ff(h))
         h = self.norm_out(h)
         return h.view(B, n, k * r, -1)  # (B, n, k*r, E)
@@ -462,6 +415,7 @@ class RetroCache:
 
     batch_size: int
     max_len: int  # capacity in tokens
+    chunk_size: int  # m
     retrieval: bool  # whether CCA is on for this generation
     # self-attention keys and values per decoder layer, each (B, H, max_len, hd)
     keys: list[Tensor]
@@ -482,10 +436,12 @@ class RetroCache:
         """Chunks whose neighbours are encoded (pos // m when retrieval is on, else 0)."""
         return len(self.cca_valid)
 
-    def chunks_completed_by(self, n_tokens: int, chunk_size: int) -> int:
+    def chunks_completed_by(self, n_tokens: int) -> int:
         """How many chunks a forward_step over n_tokens more tokens completes: the number
-        of neighbour sets to pass to that call when retrieval is on."""
-        return (self.pos + n_tokens) // chunk_size - self.pos // chunk_size
+        of neighbour sets to pass to that call when retrieval is on. They are the chunks
+        completed_chunks, completed_chunks + 1, ... (when retrieval is on)."""
+        m = self.chunk_size
+        return (self.pos + n_tokens) // m - self.pos // m
 
 
 # ---------------------------------------------------------------------------------------
@@ -525,12 +481,16 @@ class RetroModel(nn.Module):
 
     # ---- parameters -------------------------------------------------------------------
 
+    def decoder_blocks(self) -> Iterable[DecoderBlock]:
+        """self.layers, typed."""
+        return cast(Iterable[DecoderBlock], self.layers)
+
     def retrieval_modules(self) -> list[nn.Module]:
-        """The modules only retrieval uses: the neighbour encoder and every CCA (+ norm)."""
+        """The modules only retrieval uses: the neighbour encoder and every CCA."""
         mods: list[nn.Module] = [self.encoder]
-        for block in self.layers:
+        for block in self.decoder_blocks():
             if block.cca is not None:
-                mods += [block.norm_cca, block.cca]
+                mods.append(block.cca)
         return mods
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
@@ -599,15 +559,15 @@ class RetroModel(nn.Module):
         Returns (logits (B, T, V), loss or None).
         """
         h = self._decode(tokens, retrieved, retrieved_mask, cache=None)  # (B, T, D)
-        if targets is None:
-            return self.lm_head(h), None  # (B, T, V)
-        if targets.shape != tokens.shape:
-            raise ValueError(f"targets {tuple(targets.shape)} != tokens {tuple(tokens.shape)}")
-        B, T, D = h.shape
-        logits, loss = LinearCrossEntropy.apply(
-            h.reshape(B * T, D), self.lm_head.weight, targets.reshape(B * T)
-        )  # (B*T, V), ()
-        return logits.view(B, T, -1), loss
+        logits = self.lm_head(h)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            if targets.shape != tokens.shape:
+                raise ValueError(f"targets {tuple(targets.shape)} != tokens {tuple(tokens.shape)}")
+            loss = F.cross_entropy(
+                logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+            )
+        return logits, loss
 
     # ---- generation ---------------------------------------------------------------------
 
@@ -632,7 +592,7 @@ class RetroModel(nn.Module):
         shape = (batch_size, cfg.n_heads, max_len, cfg.head_dim)
         keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers]
         values = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers]
-        return RetroCache(batch_size, max_len, retrieval, keys, values)
+        return RetroCache(batch_size, max_len, cfg.chunk_size, retrieval, keys, values)
 
     @torch.no_grad()
     def forward_step(
@@ -647,7 +607,7 @@ class RetroModel(nn.Module):
 
         With retrieval on, every chunk that these t tokens complete needs its neighbours
         in this call (the last token of chunk u already attends to them): retrieved
-        (B, c, k, r) with c = cache.chunks_completed_by(t, m), in chunk order, and None
+        (B, c, k, r) with c = cache.chunks_completed_by(t), in chunk order, and None
         when c == 0. They are encoded conditioned on the cached decoder activations of
         those chunks. With retrieval off, retrieved must be None.
         """
@@ -714,13 +674,13 @@ class RetroModel(nn.Module):
         x = self.drop(self.wte(tokens))  # (B, T, D)
         rot = self.rope(slice(start, start + T))  # (T, hd/2) complex
         encoded = valid = None
-        for i, block in enumerate(self.layers):
-            if retrieval and i + 1 == cfg.dec_enc_condition_layer:
+        for i, block in enumerate(self.decoder_blocks()):
+            if retrieved is not None and i + 1 == cfg.dec_enc_condition_layer:
                 encoded, valid = self._encode_new_chunks(x, retrieved, retrieved_mask, cache)
             kv_cache = None if cache is None else (cache.keys[i], cache.values[i])
             x = x + block.attn(block.norm_attn(x), rot, causal=True, kv_cache=kv_cache, start=start)
-            if retrieval and block.cca is not None:
-                x = x + self._cca(i, block, x, encoded, valid, cache, start)
+            if retrieved is not None and block.cca is not None:
+                x = x + self._cca(i, block.cca, x, encoded, valid, cache, start)
             x = x + block.ff(block.norm_ff(x))
         if cache is not None:
             cache.pos = start + T
@@ -759,24 +719,22 @@ class RetroModel(nn.Module):
     def _cca(
         self,
         i: int,
-        block: DecoderBlock,
+        cca: ChunkedCrossAttention,
         x: Tensor,
         encoded: Tensor | None,
         valid: Tensor | None,
         cache: RetroCache | None,
         start: int,
     ) -> Tensor:
-        """The CCA update of decoder layer i (0-based) for states x (B, T, D)."""
-        assert block.cca is not None and block.norm_cca is not None
+        """The update of the CCA of decoder layer i (0-based) for states x (B, T, D)."""
         keys = values = None
         if encoded is not None:
             # (B, n_new, H, k*r, hd) each
-            keys, values = block.cca.neighbour_kv(encoded, self.rope, self.cfg.neighbour_len)
+            keys, values = cca.neighbour_kv(encoded, self.rope, self.cfg.neighbour_len)
         if cache is None:
-            if keys is None:
+            if keys is None or values is None:
                 return torch.zeros_like(x)  # shorter than a chunk: nothing to attend to
-            h = block.norm_cca(x)
-            return block.cca(h, keys, values, valid, self.rope, start=0, first_chunk=0)
+            return cca(x, keys, values, valid, self.rope, start=0, first_chunk=0)
         # generation: remember this call's chunks, then attend over the chunks in use
         m = self.cfg.chunk_size
         ck, cv = cache.cca_keys.setdefault(i, []), cache.cca_values.setdefault(i, [])
@@ -798,8 +756,8 @@ class RetroModel(nn.Module):
             stacked_valid = torch.stack(
                 [all_real if v is None else v for v in chunk_valid], dim=1
             )  # (B, c, k*r)
-        return block.cca(
-            block.norm_cca(x),
+        return cca(
+            x,
             torch.stack(ck[lo:hi], dim=1),  # (B, c, H, k*r, hd)
             torch.stack(cv[lo:hi], dim=1),  # (B, c, H, k*r, hd)
             stacked_valid,

@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
 from retrodb_cli.main import app
+from typer.testing import CliRunner
 
 from .conftest import write_corpus
 
@@ -17,14 +16,27 @@ runner = CliRunner()
 
 def run(*args: str, input: str | None = None, code: int = 0):
     res = runner.invoke(app, [str(a) for a in args], input=input)
-    assert res.exit_code == code, f"exit {res.exit_code}: {res.output}\n{res.stderr if res.stderr_bytes else ''}"
+    assert res.exit_code == code, (
+        f"exit {res.exit_code}: {res.output}\n{res.stderr if res.stderr_bytes else ''}"
+    )
     return res
 
 
 @pytest.fixture
 def built(tmp_path: Path, corpus_dir: Path, tiny_encoder_dir: Path) -> Path:
     db = tmp_path / "db"
-    run("build", db, corpus_dir, "--vocab-size", "400", "--chunk-size", "16", "--encoder", tiny_encoder_dir, "--quiet")
+    run(
+        "build",
+        db,
+        corpus_dir,
+        "--vocab-size",
+        "400",
+        "--chunk-size",
+        "16",
+        "--encoder",
+        tiny_encoder_dir,
+        "--quiet",
+    )
     return db
 
 
@@ -38,7 +50,16 @@ def test_every_command_has_help() -> None:
 
 def test_build_info_query_add_verify(built: Path, more_dir: Path, tmp_path: Path) -> None:
     info = json.loads(run("info", built, "--json").output)
-    for key in ("documents", "chunks", "segments", "generation", "tokenizer", "encoder", "bytes", "config"):
+    for key in (
+        "documents",
+        "chunks",
+        "segments",
+        "generation",
+        "tokenizer",
+        "encoder",
+        "bytes",
+        "config",
+    ):
         assert key in info
     assert info["documents"] == 4 and info["generation"] == 1
     assert "documents" in run("info", built).output
@@ -51,7 +72,11 @@ def test_build_info_query_add_verify(built: Path, more_dir: Path, tmp_path: Path
         d = [n["distance"] for n in r["neighbours"]]
         assert d == sorted(d)
         for n in r["neighbours"]:
-            assert isinstance(n["key"], int) and isinstance(n["doc"], str) and isinstance(n["text"], str)
+            assert (
+                isinstance(n["key"], int)
+                and isinstance(n["doc"], str)
+                and isinstance(n["text"], str)
+            )
             assert isinstance(n["continuation"], str) and isinstance(n["distance"], float)
     qfile = tmp_path / "q.txt"
     qfile.write_text("threads and locks\n\nregular expressions\n")
@@ -64,8 +89,12 @@ def test_build_info_query_add_verify(built: Path, more_dir: Path, tmp_path: Path
     assert "ok" in run("verify", built).output
 
 
-def test_progress_bars_unless_quiet(tmp_path: Path, corpus_dir: Path, tiny_encoder_dir: Path) -> None:
-    res = run("build", tmp_path / "db", corpus_dir, "--vocab-size", "400", "--encoder", tiny_encoder_dir)
+def test_progress_bars_unless_quiet(
+    tmp_path: Path, corpus_dir: Path, tiny_encoder_dir: Path
+) -> None:
+    res = run(
+        "build", tmp_path / "db", corpus_dir, "--vocab-size", "400", "--encoder", tiny_encoder_dir
+    )
     assert "encode" in res.stderr and "chunks/s" in res.stderr
     assert "built" in res.stdout
 

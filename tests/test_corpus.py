@@ -25,7 +25,9 @@ def test_folder_recursive_with_relative_ids_and_gzip(tmp_path) -> None:
 
 def test_jsonl_file_and_stdin(tmp_path) -> None:
     p = tmp_path / "x.jsonl"
-    p.write_text(json.dumps({"id": "one", "text": "first"}) + "\n\n" + json.dumps({"text": "second"}) + "\n")
+    p.write_text(
+        json.dumps({"id": "one", "text": "first"}) + "\n\n" + json.dumps({"text": "second"}) + "\n"
+    )
     c = scan([p])
     assert list(c.iter_documents()) == [("one", "first"), ("x.jsonl:3", "second")]
     c = scan(["-"], stdin=io.BytesIO(b'{"id": 7, "text": "seven"}\n'))
@@ -41,11 +43,17 @@ def test_jsonl_file_and_stdin(tmp_path) -> None:
         ("bad.jsonl", b'{"text": 1}\n', "'text' must be a string"),
         ("bad2.jsonl", b"not json\n", "invalid JSON"),
         ("bad3.jsonl", b'{"id": "a"}\n', "'text' field"),
-        ("dup.jsonl", b'{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n', "duplicate document id"),
+        (
+            "dup.jsonl",
+            b'{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n',
+            "duplicate document id",
+        ),
         ("blank.txt", b"   \n", "no documents"),
     ],
 )
-def test_bad_input_is_refused_naming_the_file(tmp_path, name: str, content: bytes, message: str) -> None:
+def test_bad_input_is_refused_naming_the_file(
+    tmp_path, name: str, content: bytes, message: str
+) -> None:
     p = tmp_path / name
     p.write_bytes(content)
     with pytest.raises(BadInputError, match=message) as exc:

@@ -98,9 +98,17 @@ def test_add_then_query_finds_new_text_and_reopen(minilm_db: RetroDB, tmp_path: 
     db_path = minilm_db.path
     before = RetroDB.open(db_path)
     gen = before.generation
-    new = write_corpus(tmp_path / "new", {"volcano.txt": (
-        "Basaltic lava erupts from shield volcanoes in Hawaii; magma chambers feed fissures "
-        "and lava tubes carry molten rock towards the ocean. ")}, repeat=2)
+    new = write_corpus(
+        tmp_path / "new",
+        {
+            "volcano.txt": (
+                "Basaltic lava erupts from shield volcanoes in Hawaii; magma chambers feed "
+                "fissures "
+                "and lava tubes carry molten rock towards the ocean. "
+            )
+        },
+        repeat=2,
+    )
     res = minilm_db.add([new])
     assert res.generation == gen + 1 and res.documents == 1
     hit = minilm_db.search(["lava erupting from a volcano"], k=2)
@@ -118,13 +126,18 @@ def test_add_then_query_finds_new_text_and_reopen(minilm_db: RetroDB, tmp_path: 
 
 
 def test_jsonl_on_stdin(tiny_db: RetroDB) -> None:
-    lines = [json.dumps({"id": f"j{i}", "text": "lambda functions are small anonymous functions " * 3}) for i in range(3)]
+    lines = [
+        json.dumps({"id": f"j{i}", "text": "lambda functions are small anonymous functions " * 3})
+        for i in range(3)
+    ]
     res = tiny_db.add(["-"], stdin=io.BytesIO("\n".join(lines).encode()))
     assert res.documents == 3
     assert "j1" in tiny_db.doc_index()
 
 
-def test_fingerprint_mismatch_is_refused(tiny_db: RetroDB, tmp_path: Path, corpus_dir: Path, minilm_encoder_dir: Path) -> None:
+def test_fingerprint_mismatch_is_refused(
+    tiny_db: RetroDB, tmp_path: Path, corpus_dir: Path, minilm_encoder_dir: Path
+) -> None:
     other = Tokenizer.train(["something else entirely"], config=TokenizerConfig(vocab_size=300))
     other.save(tmp_path / "other.model")
     with pytest.raises(MismatchError, match="tokenizer"):
@@ -154,7 +167,9 @@ def test_errors_write_nothing(tmp_path: Path, corpus_dir: Path, tiny_encoder_dir
     with pytest.raises(BadInputError, match="broken.txt"):
         db.add([bad])
     assert RetroDB.open(tmp_path / "db").generation == 1
-    assert sorted(p.name for p in (tmp_path / "db" / "segments").iterdir()) == [db.segments[0].meta.name]
+    assert sorted(p.name for p in (tmp_path / "db" / "segments").iterdir()) == [
+        db.segments[0].meta.name
+    ]
     with pytest.raises(BadInputError, match="empty query"):
         db.search(["  "])
     with pytest.raises(BadInputError, match="k must be"):

@@ -15,8 +15,12 @@ def _segment(tmp_path, name: str, first_key: int, vectors: np.ndarray) -> Segmen
     keys = np.arange(first_key, first_key + len(vectors))
     build_index(path, keys, vectors, config=CFG)
     return SegmentIndex.open(
-        path, first_key=first_key, count=len(vectors), ndim=vectors.shape[1],
-        expected_size=path.stat().st_size, config=CFG,
+        path,
+        first_key=first_key,
+        count=len(vectors),
+        ndim=vectors.shape[1],
+        expected_size=path.stat().st_size,
+        config=CFG,
     )
 
 

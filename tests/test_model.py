@@ -4,6 +4,8 @@ the generation cache, a tiny overfit, RETRO-fitting, presets and the config."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -16,6 +18,16 @@ V = 37  # vocabulary of the tiny test models
 M = 4  # chunk size of the tiny test models
 K = 2  # neighbours per chunk
 R = 2 * M  # tokens per neighbour
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny tensors gain nothing from threads, and on a busy machine the OpenMP barriers of
+    a second thread make small ops many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_config(**overrides: object) -> RetroConfig:
@@ -57,32 +69,6 @@ def test_loss_ignores_minus_100() -> None:
     logits, loss = model(tokens, retrieved, targets=targets)
     expected = F.cross_entropy(logits[:, 5:].reshape(-1, V), tokens[:, 5:].reshape(-1))
     torch.testing.assert_close(loss, expected)
-
-
-def test_fused_loss_gradients_equal_autograd_cross_entropy() -> None:
-    model = tiny_model().train()
-    tokens, retrieved = batch(16, 3, 20)
-    targets = torch.roll(tokens, -1, dims=1)
-    targets[0, 3:9] = -100
-
-    def grads(fused: bool, extra: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        model.zero_grad(set_to_none=True)
-        if fused:
-            logits, loss = model(tokens, retrieved, targets=targets)
-        else:
-            logits, _ = model(tokens, retrieved)
-            loss = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1))
-        if extra:  # the returned logits take part in the graph too
-            loss = loss + 0.1 * logits.square().mean()
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    for extra in (False, True):
-        ref_loss, ref = grads(fused=False, extra=extra)
-        loss, got = grads(fused=True, extra=extra)
-        torch.testing.assert_close(loss, ref_loss)
-        for name in ref:
-            torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_bf16_autocast_trains() -> None:
@@ -255,7 +241,7 @@ def test_cache_steps_equal_full_forward(retrieval: bool) -> None:
     cache = model.new_cache(2, retrieval=retrieval, max_len=32)
     outs, pos = [], 0
     for t in (5, 1, 1, 1, 6, 1, 4, 8):  # prefill, single tokens, chunk-crossing blocks
-        n_new = cache.chunks_completed_by(t, M)
+        n_new = cache.chunks_completed_by(t)
         first = pos // M
         neighbours = retrieved[:, first : first + n_new] if retrieval and n_new else None
         outs.append(model.forward_step(tokens[:, pos : pos + t], cache, neighbours))
@@ -284,7 +270,7 @@ def test_greedy_generation_with_cache_equals_recompute() -> None:
     for _ in range(14):
         nxt = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
         seq = torch.cat((seq, nxt), dim=1)
-        done = cache.chunks_completed_by(1, M)
+        done = cache.chunks_completed_by(1)
         neighbours = None
         if done:
             c = seq.shape[1] // M - 1
@@ -349,15 +335,15 @@ def test_tiny_model_overfits_a_tiny_corpus() -> None:
     tokens, targets = data[:, :-1], data[:, 1:]  # (4, 24)
     retrieved = torch.randint(0, V, (4, 24 // M, K, R), generator=g)
     opt = model.configure_optimizer(weight_decay=0.0, lr=1e-2, betas=(0.9, 0.99))
-    first = None
+    losses = []
     for _ in range(150):
         _, loss = model(tokens, retrieved, targets=targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        first = loss.item() if first is None else first
-    print(f"overfit: loss {first:.3f} -> {loss.item():.3f}")
-    assert first > 3.0 and loss.item() < 0.1
+        losses.append(loss.item())
+    print(f"overfit: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    assert losses[0] > 3.0 and losses[-1] < 0.1
 
 
 def test_freeze_for_retrofit_trains_only_cca_and_encoder() -> None:
@@ -365,7 +351,7 @@ def test_freeze_for_retrofit_trains_only_cca_and_encoder() -> None:
     trainable, total = model.freeze_for_retrofit()
     assert total == model.num_parameters() and 0 < trainable < total
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert names and all(n.startswith("encoder.") or ".cca." in n or "norm_cca" in n for n in names)
+    assert names and all(n.startswith("encoder.") or ".cca." in n for n in names)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == trainable
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = model.configure_optimizer(weight_decay=0.1, lr=1e-2)
@@ -422,7 +408,7 @@ def test_config_round_trip_and_validation() -> None:
     cfg = tiny_config(pad_id=3)
     assert RetroConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.replace(dropout=0.1).dropout == 0.1
-    bad = [
+    bad: list[dict[str, Any]] = [
         dict(retro_layers=(0,)),
         dict(retro_layers=(5,)),
         dict(dec_enc_condition_layer=3),  # after the first CCA layer (2)

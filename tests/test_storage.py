@@ -6,14 +6,29 @@ import numpy as np
 import pytest
 import zarr
 
-from retrodb.errors import CorruptError, FormatVersionError, LockedError, NotADatabaseError, NotFoundError
-from retrodb.storage import Manifest, SegmentMeta, Storage, open_raw_array, read_strings, write_array
+from retrodb.errors import (
+    CorruptError,
+    FormatVersionError,
+    LockedError,
+    NotADatabaseError,
+    NotFoundError,
+)
+from retrodb.storage import (
+    Manifest,
+    SegmentMeta,
+    Storage,
+    open_raw_array,
+    read_strings,
+    write_array,
+)
 
 
 def test_arrays_are_plain_zarr_and_memory_mappable(tmp_path) -> None:
     data = np.arange(40, dtype=np.uint16).reshape(10, 4)
     write_array(tmp_path / "g", "tokens", data)
-    write_array(tmp_path / "g", "zeros", np.zeros(7, dtype=np.int32))  # all fill value: still written
+    write_array(
+        tmp_path / "g", "zeros", np.zeros(7, dtype=np.int32)
+    )  # all fill value: still written
     write_array(tmp_path / "g", "docs/ids", np.array(["a", "bé"], dtype=object))
     assert np.array_equal(zarr.open(str(tmp_path / "g" / "tokens"), mode="r")[...], data)
     mm = open_raw_array(tmp_path / "g" / "tokens", dtype=np.dtype(np.uint16), shape=(10, 4))
@@ -37,7 +52,14 @@ def test_raw_array_damage_is_a_typed_error(tmp_path) -> None:
 
 def _manifest(gen: int) -> Manifest:
     seg = SegmentMeta(name="000001-ab", first_key=0, chunks=3, documents=1, tokens=100, files={})
-    return Manifest(generation=gen, config={}, tokenizer={"fingerprint": "x"}, encoder={}, next_key=3, segments=(seg,))
+    return Manifest(
+        generation=gen,
+        config={},
+        tokenizer={"fingerprint": "x"},
+        encoder={},
+        next_key=3,
+        segments=(seg,),
+    )
 
 
 def test_commit_swaps_current_and_round_trips(tmp_path) -> None:

@@ -1,0 +1,211 @@
+"""Checkpoints of the RETRO model: one directory, plain files, and the database they fit.
+
+    DIR/
+      model.safetensors   the weights (a tied output head is stored once, as wte.weight)
+      config.json         {"model": RetroConfig.to_dict(), "train": the training arguments}
+      optimizer.pt        AdamW state (torch.save), for resuming
+      state.json          step, epoch position, RNG state, metrics history: written last,
+                          so a checkpoint without it is incomplete and never loaded
+      db.json             the database the model was trained against: tokenizer and encoder
+                          fingerprints, chunk size, k, neighbour set, vocabulary, pad id
+      log.jsonl           one JSON object per logged training step (appended)
+
+A model only makes sense with the tokenizer it was trained with: :func:`check_db` (called by
+:func:`load_model` when given a database) refuses any other with a
+:class:`retrodb.errors.MismatchError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from retrodb.db import RetroDB
+from retrodb.errors import CorruptError, MismatchError, NotFoundError
+from retrodb_model.config import RetroConfig
+from retrodb_model.model import RetroModel
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+OPTIMIZER = "optimizer.pt"
+STATE = "state.json"
+DB_INFO = "db.json"
+LOG = "log.jsonl"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a checkpoint directory holds besides the weights."""
+
+    path: Path
+    config: RetroConfig
+    train_args: dict[str, Any]
+    state: dict[str, Any]
+    db_info: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.state.get("step", 0))
+
+    @property
+    def retrieval(self) -> bool:
+        """Whether the model was trained with retrieval (False: a plain decoder)."""
+        return not self.train_args.get("no_retrieval", False)
+
+
+def db_info(db: RetroDB, *, neighbours: str | None, k: int) -> dict[str, Any]:
+    """The facts about ``db`` that a checkpoint records (see the module docstring)."""
+    tok = db.manifest.tokenizer
+    return {
+        "path": str(db.path),
+        "tokenizer_fingerprint": tok["fingerprint"],
+        "encoder_fingerprint": db.manifest.encoder["fingerprint"],
+        "vocab_size": int(tok["vocab_size"]),
+        "pad_id": int(tok["pad_id"]),
+        "chunk_size": int(db.chunk_size),
+        "k": int(k),
+        "neighbour_set": neighbours,
+        "generation": int(db.generation),
+    }
+
+
+def check_db(info: dict[str, Any], db: RetroDB, *, where: str | Path = "checkpoint") -> None:
+    """Refuse a database whose tokenizer or chunk size differ from the checkpoint's.
+
+    A different encoder only changes which neighbours are found, not what the tokens
+    mean, so it is a warning (retrieval quality may suffer), not an error."""
+    want = info.get("tokenizer_fingerprint")
+    got = db.manifest.tokenizer["fingerprint"]
+    if want != got:
+        raise MismatchError(
+            f"{where}: the model was trained with tokenizer {str(want)[:19]}… but {db.path} "
+            f"uses {got[:19]}…; a model only works with the tokenizer it was trained with "
+            "(use the database it was trained on, or one built with its --tokenizer)"
+        )
+    if int(info.get("chunk_size", db.chunk_size)) != db.chunk_size:
+        raise MismatchError(
+            f"{where}: the model was trained with chunks of {info['chunk_size']} tokens, "
+            f"{db.path} has chunks of {db.chunk_size}"
+        )
+    if info.get("encoder_fingerprint") not in (None, db.manifest.encoder["fingerprint"]):
+        warnings.warn(
+            f"{db.path} uses another retrieval encoder than the one the model was trained "
+            "with; neighbours will differ from those seen in training",
+            stacklevel=2,
+        )
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: RetroModel,
+    *,
+    train_args: dict[str, Any],
+    state: dict[str, Any],
+    db_meta: dict[str, Any],
+    optimizer: torch.optim.Optimizer | None = None,
+) -> Path:
+    """Write a checkpoint into ``directory`` (created if needed). Each file is replaced
+    atomically. ``state.json`` is removed first and written last, so a crash in between
+    leaves an incomplete checkpoint that is refused, never weights of one step labelled
+    with another."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    if state.get("step", 0) > 0 and (out / STATE).exists():
+        (out / STATE).unlink()  # from here until the rename below, the checkpoint is incomplete
+    tensors = {
+        name: t.detach().to("cpu").contiguous()
+        for name, t in model.state_dict().items()
+        if not (model.cfg.tie_embeddings and name == "lm_head.weight")
+    }
+    tmp = out / f".{WEIGHTS}.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "retrodb-retro"})
+    os.replace(tmp, out / WEIGHTS)
+    config = {"model": model.cfg.to_dict(), "train": train_args}
+    _write_atomic(out / CONFIG, (json.dumps(config, indent=1) + "\n").encode())
+    _write_atomic(out / DB_INFO, (json.dumps(db_meta, indent=1) + "\n").encode())
+    if optimizer is not None:
+        tmp = out / f".{OPTIMIZER}.tmp"
+        torch.save(optimizer.state_dict(), tmp)
+        os.replace(tmp, out / OPTIMIZER)
+    _write_atomic(out / STATE, (json.dumps(state) + "\n").encode())
+    return out
+
+
+def read_checkpoint(directory: str | Path) -> Checkpoint:
+    """The metadata of the checkpoint in ``directory`` (no weights loaded)."""
+    d = Path(directory)
+    if not (d / STATE).is_file():
+        if not d.exists():
+            raise NotFoundError(f"{d}: no such checkpoint directory")
+        raise NotFoundError(f"{d}: no complete checkpoint here ({STATE} missing)")
+    try:
+        config = json.loads((d / CONFIG).read_text())
+        state = json.loads((d / STATE).read_text())
+        info = json.loads((d / DB_INFO).read_text())
+    except FileNotFoundError as exc:
+        raise CorruptError(f"{exc.filename}: missing from the checkpoint") from exc
+    except json.JSONDecodeError as exc:
+        raise CorruptError(f"{d}: a checkpoint file is not valid JSON ({exc.msg})") from exc
+    return Checkpoint(
+        path=d,
+        config=RetroConfig.from_dict(config["model"]),
+        train_args=config.get("train", {}),
+        state=state,
+        db_info=info,
+    )
+
+
+def load_weights(model: RetroModel, directory: str | Path) -> None:
+    """Load ``model.safetensors`` from ``directory`` into ``model`` (strict)."""
+    path = Path(directory) / WEIGHTS
+    if not path.is_file():
+        raise CorruptError(f"{path}: missing from the checkpoint")
+    tensors = load_file(str(path))
+    if model.cfg.tie_embeddings:
+        tensors["lm_head.weight"] = tensors["wte.weight"]
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise CorruptError(
+            f"{path}: weights do not fit the configuration (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]})"
+        )
+
+
+def load_model(
+    directory: str | Path, *, db: RetroDB | None = None, device: str | torch.device = "cpu"
+) -> tuple[RetroModel, Checkpoint]:
+    """The model of a checkpoint, in eval mode, and its metadata. Given ``db``, refuses it
+    unless its tokenizer is the one the model was trained with."""
+    ckpt = read_checkpoint(directory)
+    if db is not None:
+        check_db(ckpt.db_info, db, where=ckpt.path)
+    model = RetroModel(ckpt.config)
+    load_weights(model, ckpt.path)
+    return model.to(device).eval(), ckpt
+
+
+__all__ = [
+    "Checkpoint",
+    "check_db",
+    "db_info",
+    "load_model",
+    "load_weights",
+    "read_checkpoint",
+    "save_checkpoint",
+]

@@ -1,0 +1,94 @@
+"""Live retrieval for evaluation and generation: token chunks in, neighbour tokens out.
+
+Training reads precomputed neighbour sets; evaluation and generation retrieve live, through
+the one path the database uses for its own keys (``RetroDB.encode_chunks``: detokenize,
+BERT WordPiece, ONNX encoder, mean pool), then ``search_vectors`` and ``retrieve``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from retrodb.db import RetroDB
+
+
+@dataclass
+class Neighbours:
+    """The k neighbours of n query chunks.
+
+    keys [n, k] int64 (-1 = none); tokens [n, k, 2m] int64 (neighbour + continuation,
+    padding where the mask is False); mask [n, k, 2m] bool."""
+
+    keys: np.ndarray
+    tokens: np.ndarray
+    mask: np.ndarray
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, mask) as torch tensors, with -1 wherever the mask is False."""
+        toks = np.where(self.mask, self.tokens, -1)
+        return torch.from_numpy(toks), torch.from_numpy(self.mask.copy())
+
+
+@dataclass
+class LiveRetriever:
+    """Encode chunks with ``db``'s encoder and fetch their k nearest neighbours.
+
+    ``exclude_docs``: document ids never returned (e.g. the evaluated document itself).
+    ``seconds`` accumulates the time spent (encoding, search and gathering)."""
+
+    db: RetroDB
+    k: int
+    seconds: float = 0.0
+    calls: int = 0
+    _numbers: dict[str, int] | None = field(default=None, repr=False)
+
+    def doc_number(self, doc_id: str) -> int:
+        """The database's global number of document ``doc_id`` (-2 when it is not stored:
+        never equal to a key's document, nor to -1 for "no key")."""
+        if self._numbers is None:
+            offsets = np.cumsum([0] + [s.meta.documents for s in self.db.segments])
+            self._numbers = {
+                d: int(offsets[si] + di) for d, (si, di) in self.db.doc_index().items()
+            }
+        return self._numbers.get(doc_id, -2)
+
+    def __call__(
+        self,
+        chunks: np.ndarray,
+        lengths: np.ndarray | None = None,
+        *,
+        exclude: np.ndarray | None = None,
+    ) -> Neighbours:
+        """Neighbours of ``chunks [n, m]`` (``lengths`` real tokens each, default all).
+
+        ``exclude [n]``: per chunk, a document number (see :meth:`doc_number`) whose
+        chunks must not be returned for it; -2 = none."""
+        t0 = time.perf_counter()
+        chunks = np.asarray(chunks, dtype=np.int64)
+        n, m = chunks.shape[0], self.db.chunk_size
+        if n == 0:
+            return Neighbours(
+                np.zeros((0, self.k), np.int64),
+                np.zeros((0, self.k, 2 * m), np.int64),
+                np.zeros((0, self.k, 2 * m), bool),
+            )
+        vectors = self.db.encode_chunks(chunks, lengths)
+        keep = None
+        if exclude is not None:
+            own = np.asarray(exclude, dtype=np.int64)
+
+            def keep(rows: np.ndarray, keys: np.ndarray) -> np.ndarray:
+                return self.db.key_doc_numbers(keys) != own[rows]
+
+        res = self.db.search_vectors(vectors, self.k, keep=keep)
+        got = self.db.retrieve(res.keys)
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        return Neighbours(res.keys, got.tokens, got.mask)
+
+
+__all__ = ["LiveRetriever", "Neighbours"]
