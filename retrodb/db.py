@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import secrets
@@ -830,14 +831,37 @@ class RetroDB:
 
     def retrieve(self, keys: np.ndarray) -> Retrieved:
         """Neighbour + continuation tokens for ``keys [...]``: ``tokens [..., 2m]`` int64 and
-        ``mask [..., 2m]`` bool. Key -1 gives an all-padding, all-False row."""
+        ``mask [..., 2m]`` bool. Key -1 gives an all-padding, all-False row.
+
+        One pass of memory-mapped gathers per segment: the continuation of row r is row
+        r + 1 when it belongs to the same document (documents never span segments)."""
         keys = np.asarray(keys, dtype=np.int64)
         m = self.chunk_size
-        both = np.stack([keys, self.continuation_keys(keys)], axis=-1)  # (..., 2)
-        toks, lens = self.chunks(both)  # (..., 2, m), (..., 2)
-        mask = np.arange(m)[None, :] < lens.reshape(-1, 1)
-        mask = mask.reshape(*keys.shape, 2 * m)
-        return Retrieved(tokens=toks.reshape(*keys.shape, 2 * m), mask=mask)
+        flat = keys.ravel()
+        seg, row = self.locate(flat)
+        if ((flat >= 0) & (seg < 0)).any():
+            bad = flat[(flat >= 0) & (seg < 0)][0]
+            raise BadInputError(
+                f"key {int(bad)} is not in the database (keys are 0..{self.manifest.next_key - 1})"
+            )
+        out = np.full((flat.size, 2 * m), self.pad_id, dtype=np.int64)
+        lengths = np.zeros((flat.size, 2), dtype=np.int32)
+        for si, s in enumerate(self.segments):
+            sel = np.nonzero(seg == si)[0]
+            if not sel.size:
+                continue
+            r = row[sel]
+            nxt = np.minimum(r + 1, s.meta.chunks - 1)
+            same = (r + 1 < s.meta.chunks) & (s.doc[nxt] == s.doc[r])
+            out[sel, :m] = s.tokens[r]
+            lengths[sel, 0] = s.lengths[r]
+            cont = sel[same]
+            out[cont, m:] = s.tokens[nxt[same]]
+            lengths[cont, 1] = s.lengths[nxt[same]]
+        mask = _prefix_masks(m)[lengths].reshape(flat.size, 2 * m)  # a row gather, not a compare
+        return Retrieved(
+            tokens=out.reshape(*keys.shape, 2 * m), mask=mask.reshape(*keys.shape, 2 * m)
+        )
 
     def decode(self, keys: Sequence[int] | np.ndarray) -> list[str]:
         """The text of each key's chunk ('' for -1)."""
@@ -966,6 +990,12 @@ class RetroDB:
 
 
 # ---------------------------------------------------------------- segment writing
+
+
+@functools.lru_cache(maxsize=8)
+def _prefix_masks(m: int) -> np.ndarray:
+    """``[m + 1, m]`` bool: row n is True on its first n positions (a chunk of length n)."""
+    return np.arange(m)[None, :] < np.arange(m + 1)[:, None]
 
 
 def _check_k(k: Any) -> None:

@@ -82,12 +82,38 @@ if [ ! -f "$W/eval-new-after.json" ]; then
   ev "$W/eval-new-after.json" "$W/retro" "$W/db" "$W/new"
 fi
 
-# 6. Result 4: one prompt, retrieval on and off (greedy), from the database with the added
+# 6. A RETRO-fit that has seen copyable neighbours. At this budget the model trained with
+#    the paper's rule (never a neighbour from the chunk's own document) has not learned to
+#    use its neighbours at all. Here the frozen --no-retrieval decoder gets CCA and an
+#    encoder trained on a neighbour set that *allows* near-duplicates: the training
+#    documents (minus the held-out ones) read again under other ids (copy/...), so their
+#    own chunks are retrievable (the paper's leakage, on purpose). The new documents stay
+#    out of training and, until `retrodb add`, out of the database.
+RSTEPS=${RSTEPS:-200}
+if [ ! -d "$W/leak" ]; then
+  mkdir -p "$W/leak/copy"
+  for f in "$W"/db-corpus/*; do
+    [ -f "$W/heldout/$(basename "$f")" ] || cp "$f" "$W/leak/copy/"
+  done
+fi
+[ -e "$W/db.pristine/neighbours/leak/CURRENT" ] ||
+  "$RETRODB" neighbours "$W/db.pristine" leak --input "$W/leak" -k 2 --quiet
+"$RETRODB" train "$W/db.pristine" --neighbours leak --retrofit "$W/plain" --out "$W/retrofit" \
+  --steps "$RSTEPS" --seq-len "$SEQ_LEN" --batch-size "$BATCH" --lr 1e-3 --warmup 20 \
+  --dtype "$DTYPE" --val-fraction 0 --log-every 10 --save-every 100 --threads 2 --resume \
+  >> "$W/train-retrofit.log" 2>&1
+ev "$W/eval-retrofit-new-before.json" "$W/retrofit" "$W/db.pristine" "$W/new"
+ev "$W/eval-retrofit-new-after.json" "$W/retrofit" "$W/db" "$W/new"
+ev "$W/eval-retrofit-heldout.json" "$W/retrofit" "$W/db.pristine" "$W/heldout" --exclude-self
+
+# 7. Result 4: one prompt, retrieval on and off (greedy), from the database with the added
 #    documents; then the report and plots.
 PROMPT=${PROMPT:-"SQLite is a C library that provides a lightweight disk-based database that doesn't require a separate server process and allows accessing the database using a nonstandard variant of the SQL query language."}
 "$RETRODB" generate "$W/retro" "$W/db" "$PROMPT" -n 96 -t 0 --threads 1 --show-neighbours > "$W/gen-retrieval.txt" 2>&1
 "$RETRODB" generate "$W/retro" "$W/db" "$PROMPT" -n 96 -t 0 --threads 1 --no-retrieval > "$W/gen-no-retrieval.txt" 2>&1
 "$RETRODB" generate "$W/plain" "$W/db" "$PROMPT" -n 96 -t 0 --threads 1 --no-retrieval > "$W/gen-plain.txt" 2>&1
+"$RETRODB" generate "$W/retrofit" "$W/db" "$PROMPT" -n 96 -t 0 --threads 1 --show-neighbours > "$W/gen-retrofit.txt" 2>&1
+"$RETRODB" generate "$W/retrofit" "$W/db.pristine" "$PROMPT" -n 96 -t 0 --threads 1 > "$W/gen-retrofit-before-add.txt" 2>&1
 "$PY" -m benchmarks.bench_generate --db "$W/db" --checkpoint "$W/retro" --threads 1 > "$W/bench-generate.txt"
 "$PY" scripts/results_model.py "$W" docs/results-model.md docs/img
 echo "wrote docs/results-model.md"

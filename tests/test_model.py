@@ -109,7 +109,6 @@ def test_changing_neighbours_of_chunk_u_only_affects_from_its_last_token() -> No
         first = (u + 1) * M - 1  # the last token of chunk u is the first to see them
         torch.testing.assert_close(logits[:, :first], base[:, :first], rtol=0, atol=1e-6)
         assert (logits[:, first] - base[:, first]).abs().max() > 1e-4, u
-        assert (logits[:, first:] - base[:, first:]).abs().amax(dim=-1).min() >= 0
 
 
 def test_changing_future_tokens_changes_nothing_before_them() -> None:
