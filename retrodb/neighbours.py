@@ -93,7 +93,9 @@ Source = Literal["db", "inputs"]
 
 @dataclass(frozen=True, slots=True)
 class SegmentRef:
-    """A database segment a neighbour set has searched (by name and key range)."""
+    """A database segment a neighbour set has searched: its name and key range
+    ``first_key .. first_key + chunks - 1`` (``chunks`` is the key span, which exceeds the
+    row count of a compacted segment whose keys have gaps)."""
 
     name: str
     first_key: int
@@ -424,10 +426,10 @@ class NeighbourSet:
             new_segments = [
                 si
                 for si, s in enumerate(db.segments)
-                if covered.count(s.meta.first_key, s.meta.chunks) < s.meta.chunks
+                if covered.count(s.meta.first_key, _span(s.meta)) < _span(s.meta)
             ]
             partial = any(
-                covered.count(db.segments[si].meta.first_key, db.segments[si].meta.chunks) > 0
+                covered.count(db.segments[si].meta.first_key, _span(db.segments[si].meta)) > 0
                 for si in new_segments
             )
             search = _Searcher(db, rows, exclude=i.exclude, k=i.k, exact=exact)
@@ -640,6 +642,8 @@ class _Maps:
     seg_tokens: list[np.ndarray]
     seg_lengths: list[np.ndarray]
     first_keys: np.ndarray
+    key_arrays: list[np.ndarray | None]
+    """Sorted keys of each compacted segment's rows (None: row = key - first_key)."""
     pad_id: int
     chunk_size: int
 
@@ -659,6 +663,7 @@ class _Maps:
             seg_tokens=[_plain(s.tokens) for s in segs],
             seg_lengths=[_plain(s.lengths) for s in segs],
             first_keys=np.array([s.meta.first_key for s in segs], dtype=np.int64),
+            key_arrays=[None if s.key_array is None else _plain(s.key_array) for s in segs],
             pad_id=r.pad_id,
             chunk_size=r.chunk_size,
         )
@@ -668,7 +673,7 @@ class _Maps:
 
         The keys come from a set checked against this generation; a key past the end of
         its segment makes ``np.take`` raise IndexError rather than read another row."""
-        if self.first_keys.size == 1:
+        if self.first_keys.size == 1 and self.key_arrays[0] is None:
             ok = keys >= self.first_keys[0]  # False for -1
             row = np.where(ok, keys - self.first_keys[0], 0)
             toks = np.take(self.seg_tokens[0], row, axis=0).astype(np.int64)
@@ -684,7 +689,13 @@ class _Maps:
         for si in range(self.first_keys.size):
             sel = np.nonzero(seg == si)[0]  # -1 keys fall before every segment
             if sel.size:
-                r = keys[sel] - self.first_keys[si]
+                ka = self.key_arrays[si]
+                if ka is None:
+                    r = keys[sel] - self.first_keys[si]
+                else:  # a compacted segment: its keys have gaps, look the rows up
+                    r = np.searchsorted(ka, keys[sel])
+                    if (r >= ka.size).any() or (ka[np.minimum(r, ka.size - 1)] != keys[sel]).any():
+                        raise IndexError("a neighbour key is not in its segment")
                 toks[sel] = np.take(self.seg_tokens[si], r, axis=0)
                 lens[sel] = np.take(self.seg_lengths[si], r)
         return toks, lens
@@ -740,7 +751,7 @@ def _db_rows(db: RetroDB) -> _Rows:
         number = np.cumsum(live) - 1 + len(ids)  # live document -> its index in this set
         seg_doc = np.asarray(seg.doc)
         sel = np.nonzero(live[seg_doc])[0]
-        keys.append(seg.meta.first_key + sel.astype(np.int64))
+        keys.append(seg.row_keys(sel.astype(np.int64)))
         docs.append(number[seg_doc[sel]].astype(np.int32))
         ids += [i for i, ok in zip(seg.ids, live, strict=True) if ok]
     return _Rows(
@@ -785,6 +796,11 @@ def _input_rows(
         lengths=lengths.astype(np.int32),
         vectors=vectors.astype(np.float16),
     )
+
+
+def _span(meta: Any) -> int:
+    """How many keys a segment's key range spans (its chunk count unless compacted with gaps)."""
+    return int(meta.stop_key - meta.first_key)
 
 
 class _KeyRanges:
@@ -907,7 +923,7 @@ def _info(
     refreshed_from: int | None = None,
     searched: tuple[str, ...] | None = None,
 ) -> NeighbourSetInfo:
-    segs = tuple(SegmentRef(s.meta.name, s.meta.first_key, s.meta.chunks) for s in db.segments)
+    segs = tuple(SegmentRef(s.meta.name, s.meta.first_key, _span(s.meta)) for s in db.segments)
     return NeighbourSetInfo(
         name=name,
         version="",  # set by _commit
