@@ -26,8 +26,12 @@ from retrodb.tokenizer import Tokenizer
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sub", default="library", help="subfolder of the Python docs (default library)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--sub", default="library", help="subfolder of the Python docs (default library)"
+    )
     ap.add_argument("--docs", type=int, default=60, help="use the first N documents (0 = all)")
     ap.add_argument("--quantize", default="none", choices=["none", "int8"])
     args = ap.parse_args()
@@ -45,13 +49,21 @@ def main() -> None:
     config = DBConfig(encoder=EncoderConfig(quantize=args.quantize))
 
     with Timer() as t_tok:
-        tok = Tokenizer.train((t for _, t in scan([corpus_dir]).iter_documents()), config=config.tokenizer)
+        tok = Tokenizer.train(
+            (t for _, t in scan([corpus_dir]).iter_documents()), config=config.tokenizer
+        )
     tok.save(work / "tok.model")
     with Timer() as t_exp:
         prepare_encoder(None, work / "enc", config=config.encoder)
 
     with Timer() as t_build:
-        db = RetroDB.build(work / "db", [corpus_dir], config=config, tokenizer=work / "tok.model", encoder=work / "enc")
+        db = RetroDB.build(
+            work / "db",
+            [corpus_dir],
+            config=config,
+            tokenizer=work / "tok.model",
+            encoder=work / "enc",
+        )
     n = db.manifest.chunks
 
     # ONNX Runtime alone on the same chunk texts, batched the same way (sorted by length).
@@ -69,7 +81,9 @@ def main() -> None:
     pipe = n / t_build.s
     ort = n / t_ort
     print(f"machine: {machine()}")
-    print(f"corpus: {len(files)} documents from {args.sub}/, {db.info()['tokens']:,} tokens, {n:,} chunks of 64")
+    print(
+        f"corpus: {len(files)} documents from {args.sub}/, {db.info()['tokens']:,} tokens, {n:,} chunks of 64"
+    )
     print(f"tokenizer training: {t_tok.s:.1f} s; encoder export ({args.quantize}): {t_exp.s:.1f} s")
     print(f"build (tokenizer and encoder given): {t_build.s:.1f} s = {pipe:.1f} chunks/s")
     print(f"ONNX Runtime alone, same chunks:   {t_ort:.1f} s = {ort:.1f} chunks/s")

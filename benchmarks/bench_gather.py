@@ -18,7 +18,9 @@ from retrodb import RetroDB
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("db")
     ap.add_argument("--keys", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=50)

@@ -23,7 +23,9 @@ from retrodb.index import search_segments
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("db")
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--text-queries", type=int, default=200)
@@ -36,7 +38,9 @@ def main() -> None:
     keys = rng.choice(n, size=min(args.queries, n), replace=False)
 
     # All stored vectors (as the index holds them) for exact search.
-    stored = np.concatenate([ix.vectors(np.arange(ix.first_key, ix.first_key + ix.size)) for ix in db.indexes])
+    stored = np.concatenate(
+        [ix.vectors(np.arange(ix.first_key, ix.first_key + ix.size)) for ix in db.indexes]
+    )
     stored /= np.linalg.norm(stored, axis=1, keepdims=True)
     q = stored[keys] + rng.normal(scale=0.02, size=(len(keys), stored.shape[1])).astype(np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
@@ -52,7 +56,9 @@ def main() -> None:
     got, _ = search_segments(db.indexes, q, args.k)
 
     exact = np.argsort(-(q @ stored.T), axis=1)[:, : args.k]  # keys are 0..n-1 in order
-    recall = np.mean([len(set(a) & set(b)) / args.k for a, b in zip(got.tolist(), exact.tolist(), strict=True)])
+    recall = np.mean(
+        [len(set(a) & set(b)) / args.k for a, b in zip(got.tolist(), exact.tolist(), strict=True)]
+    )
 
     # End to end: text in, neighbours out.
     tkeys = rng.choice(n, size=min(args.text_queries, n), replace=False)
@@ -67,10 +73,16 @@ def main() -> None:
         self_hits += int(res.keys[0, 0] == key)
     e50, e99 = percentiles(lat_e2e)
     print(f"machine: {machine()}")
-    print(f"database: {args.db}: {n:,} chunks in {len(db.segments)} segment(s), dim {db.dim}, index {db.config.index.dtype}")
-    print(f"search only (k={args.k}, {len(keys)} queries): p50 {s50:.3f} ms, p99 {s99:.3f} ms  (target p50 < 1 ms)")
+    print(
+        f"database: {args.db}: {n:,} chunks in {len(db.segments)} segment(s), dim {db.dim}, index {db.config.index.dtype}"
+    )
+    print(
+        f"search only (k={args.k}, {len(keys)} queries): p50 {s50:.3f} ms, p99 {s99:.3f} ms  (target p50 < 1 ms)"
+    )
     print(f"recall@{args.k} vs exact search over the same vectors: {recall:.4f}  (target >= 0.98)")
-    print(f"end to end (tokenize + encode + search, {len(tkeys)} texts): p50 {e50:.2f} ms, p99 {e99:.2f} ms")
+    print(
+        f"end to end (tokenize + encode + search, {len(tkeys)} texts): p50 {e50:.2f} ms, p99 {e99:.2f} ms"
+    )
     print(f"a chunk's own text finds itself first: {self_hits}/{len(tkeys)}")
 
 

@@ -15,10 +15,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def pydocs(sub: str | None = None) -> Path:
     """The _sources folder of Debian's python3.11-doc (fetched on first use), or one subfolder."""
-    out = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "get-pydocs.sh"), str(ROOT / "data" / "pydocs")],
-        check=True, capture_output=True, text=True,
-    ).stdout.strip().splitlines()[-1]
+    out = (
+        subprocess.run(
+            ["bash", str(ROOT / "scripts" / "get-pydocs.sh"), str(ROOT / "data" / "pydocs")],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     src = Path(out)
     if not src.is_absolute():
         src = ROOT / src

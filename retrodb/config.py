@@ -33,7 +33,8 @@ class TokenizerConfig:
     def __post_init__(self) -> None:
         if self.vocab_size < 300:
             raise ValueError(
-                f"vocab_size must be at least 300 (256 byte pieces + specials), got {self.vocab_size}"
+                "vocab_size must be at least 300 (256 byte pieces + specials), "
+                f"got {self.vocab_size}"
             )
         if self.model_type not in ("unigram", "bpe"):
             raise ValueError(f"model_type must be 'unigram' or 'bpe', got {self.model_type!r}")
@@ -42,7 +43,8 @@ class TokenizerConfig:
 @dataclass(frozen=True, slots=True)
 class EncoderConfig:
     max_length: int = 256
-    """WordPiece tokens per chunk fed to BERT ([CLS] and [SEP] included); longer text is truncated."""
+    """WordPiece tokens per text fed to BERT ([CLS] and [SEP] included); longer text is
+    truncated."""
     batch_size: int = 32
     quantize: Literal["none", "int8"] = "none"
     normalize: bool = True

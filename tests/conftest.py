@@ -11,7 +11,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-pytest_plugins = ["tests.encoder_fixtures"] if (Path(__file__).parent / "encoder_fixtures.py").exists() else []
+pytest_plugins = ["tests.encoder_fixtures"]
 
 TOPICS = {
     "files.txt": (
