@@ -656,6 +656,17 @@ class RetroDB:
             ok[sel] = r >= 0
         return np.where(ok, seg, -1), np.where(ok, row, -1)
 
+    def _locate_known(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`locate`, refusing keys (other than -1) that the database does not hold."""
+        seg, row = self.locate(keys)
+        unknown = (keys >= 0) & (seg < 0)
+        if unknown.any():
+            raise BadInputError(
+                f"key {int(keys[unknown][0])} is not in the database "
+                f"(keys are 0..{self.manifest.next_key - 1})"
+            )
+        return seg, row
+
     def key_documents(self, keys: np.ndarray) -> list[str | None]:
         """The document id of each key (None for -1)."""
         seg, row = self.locate(np.asarray(keys).ravel())
@@ -796,12 +807,7 @@ class RetroDB:
         length 0."""
         keys = np.asarray(keys, dtype=np.int64)
         flat = keys.ravel()
-        seg, row = self.locate(flat)
-        if ((flat >= 0) & (seg < 0)).any():
-            bad = flat[(flat >= 0) & (seg < 0)][0]
-            raise BadInputError(
-                f"key {int(bad)} is not in the database (keys are 0..{self.manifest.next_key - 1})"
-            )
+        seg, row = self._locate_known(flat)
         out = np.full((flat.size, self.chunk_size), self.pad_id, dtype=np.int64)
         lengths = np.zeros(flat.size, dtype=np.int32)
         for si, s in enumerate(self.segments):
@@ -838,12 +844,7 @@ class RetroDB:
         keys = np.asarray(keys, dtype=np.int64)
         m = self.chunk_size
         flat = keys.ravel()
-        seg, row = self.locate(flat)
-        if ((flat >= 0) & (seg < 0)).any():
-            bad = flat[(flat >= 0) & (seg < 0)][0]
-            raise BadInputError(
-                f"key {int(bad)} is not in the database (keys are 0..{self.manifest.next_key - 1})"
-            )
+        seg, row = self._locate_known(flat)
         out = np.full((flat.size, 2 * m), self.pad_id, dtype=np.int64)
         lengths = np.zeros((flat.size, 2), dtype=np.int32)
         for si, s in enumerate(self.segments):

@@ -29,8 +29,6 @@ turns windows of rows into training batches with memory-mapped gathers only.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import os
 import re
@@ -51,7 +49,6 @@ from .errors import (
     BadInputError,
     CorruptError,
     FormatVersionError,
-    LockedError,
     MismatchError,
     NotFoundError,
     StaleError,
@@ -61,6 +58,7 @@ from .storage import (
     NEIGHBOURS,
     TMP_PREFIX,
     SegmentMeta,
+    exclusive_lock,
     fsync_path,
     fsync_tree,
     open_raw_array,
@@ -1022,22 +1020,13 @@ def _set_lock(db: RetroDB, name: str) -> Iterator[None]:
     """The single-writer lock of one set; removes what an interrupted writer left."""
     root = _set_root(db, name)
     root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                raise LockedError(
-                    f"{root}: another process is writing neighbour set {name!r}"
-                ) from exc
-            raise
+    with exclusive_lock(
+        root / LOCK_FILE, f"{root}: another process is writing neighbour set {name!r}"
+    ):
         for p in root.iterdir():
             if p.name.startswith(TMP_PREFIX):
                 shutil.rmtree(p, ignore_errors=True)
         yield
-    finally:
-        os.close(fd)
 
 
 def _what_changed(ns: NeighbourSet, db: RetroDB) -> str:

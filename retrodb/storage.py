@@ -426,6 +426,26 @@ def read_strings(array_dir: Path) -> list[str]:
         raise CorruptError(f"{array_dir}: cannot read string array ({exc})") from exc
 
 
+# ---------------------------------------------------------------- locking
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, busy_message: str) -> Iterator[None]:
+    """Hold ``flock(LOCK_EX)`` on ``path`` (created if needed) without waiting: a lock held
+    by another process raises :class:`LockedError` with ``busy_message`` at once."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise LockedError(busy_message) from exc
+            raise
+        yield
+    finally:
+        os.close(fd)
+
+
 # ---------------------------------------------------------------- the database directory
 
 
@@ -471,24 +491,12 @@ class Storage:
 
     # -- writing
 
-    @contextlib.contextmanager
-    def writer_lock(self) -> Iterator[None]:
+    def writer_lock(self) -> contextlib.AbstractContextManager[None]:
         """Hold the single-writer lock; fail at once with :class:`LockedError` if it is held."""
         path = self.root / LOCK
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno in (errno.EAGAIN, errno.EACCES):
-                    raise LockedError(
-                        f"{self.root}: another writer holds the lock ({path}); "
-                        f"try again when it is done"
-                    ) from exc
-                raise
-            yield
-        finally:
-            os.close(fd)
+        return exclusive_lock(
+            path, f"{self.root}: another writer holds the lock ({path}); try again when it is done"
+        )
 
     def init_layout(self) -> None:
         for d in (MANIFESTS, SEGMENTS, NEIGHBOURS):
