@@ -134,6 +134,20 @@ def main() -> None:
     srf = load(w / "retrofit" / "state.json") or {}
     hrf = history(w / "retrofit")
 
+    longer = ""
+    e1000 = {k: load(w / f"eval-1000-{k}.json") for k in ("heldout", "new-before", "new-after")}
+    if all(e1000.values()):
+        h1000 = history(w / "retro-1000")
+        longer = (
+            f"A longer run (not part of `scripts/results.sh`: the same RETRO configuration for "
+            f"{h1000[-1]['step'] if h1000 else '?'} steps, `--out {w}/retro-1000`) reaches held-out bpb "
+            f"{fmt(e1000['heldout']['bpb']['retrieval'])} with retrieval and "
+            f"{fmt(e1000['heldout']['bpb']['no_retrieval'], '.5f')} without (retrieval on: "
+            f"{fmt(e1000['heldout']['bpb']['retrieval'], '.5f')}); on the new documents "
+            f"{fmt(e1000['new-before']['bpb']['retrieval'], '.5f')} before `retrodb add` and "
+            f"{fmt(e1000['new-after']['bpb']['retrieval'], '.5f')} after: still no use of the neighbours.\n"
+        )
+
     def overlap(key: str) -> str:
         return fmt((evals[key] or {}).get("bpb_alpha", {}).get("mean_overlap"), ".2f")
 
@@ -247,6 +261,7 @@ models see billions of tokens; here the signal that teaches copying (a neighbour
 contains what comes next) is rare, because in this corpus near-duplicates across
 documents are rare.
 
+{longer}
 To show the database side at work, the `--no-retrieval` decoder is RETRO-fitted
 (`--retrofit`: decoder frozen, {100 * srf.get("trainable_fraction", 0):.1f}% of the parameters trained: CCA and the
 encoder) for {len(hrf) and hrf[-1]["step"]} steps on a neighbour set `leak` computed for the training documents under
