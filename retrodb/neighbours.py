@@ -68,7 +68,7 @@ from .storage import (
 )
 
 if TYPE_CHECKING:
-    from .db import RetroDB
+    from .db import RetroDB, Segment
 
 #: Version of the neighbour-set layout written by this code.
 SET_FORMAT_VERSION = 1
@@ -98,6 +98,11 @@ class SegmentRef:
     name: str
     first_key: int
     chunks: int
+
+    @property
+    def stop_key(self) -> int:
+        """One past the largest key of the range (``SegmentMeta.stop_key`` when written)."""
+        return self.first_key + self.chunks
 
 
 @dataclass(frozen=True, slots=True)
@@ -640,8 +645,9 @@ class _Maps:
     seg_tokens: list[np.ndarray]
     seg_lengths: list[np.ndarray]
     first_keys: np.ndarray
-    key_arrays: list[np.ndarray | None]
-    """Sorted keys of each compacted segment's rows (None: row = key - first_key)."""
+    segments: list[Segment]
+    """The :class:`~retrodb.db.Segment` of each entry: ``key_rows`` maps the keys of a
+    compacted segment (keys with gaps) to rows; the others use ``row = key - first_key``."""
     pad_id: int
     chunk_size: int
 
@@ -650,6 +656,9 @@ class _Maps:
         from .db import Segment  # the one place that knows a segment's arrays
 
         segs = [Segment(Path(d), meta, r.chunk_size, r._token_dtype) for d, meta in r._segments]
+        for s in segs:
+            if s.key_array is not None:  # key_rows searches it: skip np.memmap's Python layer
+                s.key_array = _plain(s.key_array)
         ns = NeighbourSet(r.nset.dir, r.nset.info)  # fresh maps in this process
         db_source = ns.info.source == "db"
         return cls(
@@ -661,7 +670,7 @@ class _Maps:
             seg_tokens=[_plain(s.tokens) for s in segs],
             seg_lengths=[_plain(s.lengths) for s in segs],
             first_keys=np.array([s.meta.first_key for s in segs], dtype=np.int64),
-            key_arrays=[None if s.key_array is None else _plain(s.key_array) for s in segs],
+            segments=segs,
             pad_id=r.pad_id,
             chunk_size=r.chunk_size,
         )
@@ -671,7 +680,7 @@ class _Maps:
 
         The keys come from a set checked against this generation; a key past the end of
         its segment makes ``np.take`` raise IndexError rather than read another row."""
-        if self.first_keys.size == 1 and self.key_arrays[0] is None:
+        if self.first_keys.size == 1 and self.segments[0].key_array is None:
             ok = keys >= self.first_keys[0]  # False for -1
             row = np.where(ok, keys - self.first_keys[0], 0)
             toks = np.take(self.seg_tokens[0], row, axis=0).astype(np.int64)
@@ -687,12 +696,12 @@ class _Maps:
         for si in range(self.first_keys.size):
             sel = np.nonzero(seg == si)[0]  # -1 keys fall before every segment
             if sel.size:
-                ka = self.key_arrays[si]
-                if ka is None:
+                s = self.segments[si]
+                if s.key_array is None:
                     r = keys[sel] - self.first_keys[si]
                 else:  # a compacted segment: its keys have gaps, look the rows up
-                    r = np.searchsorted(ka, keys[sel])
-                    if (r >= ka.size).any() or (ka[np.minimum(r, ka.size - 1)] != keys[sel]).any():
+                    r = s.key_rows(keys[sel])
+                    if (r < 0).any():
                         raise IndexError("a neighbour key is not in its segment")
                 toks[sel] = np.take(self.seg_tokens[si], r, axis=0)
                 lens[sel] = np.take(self.seg_lengths[si], r)
@@ -805,7 +814,7 @@ class _KeyRanges:
     """The key ranges of segments a set has already searched."""
 
     def __init__(self, segments: Iterable[SegmentRef]) -> None:
-        spans = sorted((s.first_key, s.first_key + s.chunks) for s in segments)
+        spans = sorted((s.first_key, s.stop_key) for s in segments)
         self.starts = np.array([a for a, _ in spans], dtype=np.int64)
         self.stops = np.array([b for _, b in spans], dtype=np.int64)
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from retrodb import ChunkConfig, DBConfig, RetroDB, StaleError, TokenizerConfig
 from retrodb.errors import BadInputError, NotFoundError
-from retrodb.neighbours import NeighbourSet, delete_set, list_sets
+from retrodb.neighbours import NeighbourSet, SequenceReader, delete_set, list_sets
 from retrodb.storage import Manifest
 
 SMALL = DBConfig(chunk=ChunkConfig(chunk_size=16), tokenizer=TokenizerConfig(vocab_size=400))
@@ -196,6 +196,72 @@ def test_deleted_documents_never_appear_and_refresh_drops_them(db: RetroDB, tmp_
     assert victim not in docs and "more00.txt" not in docs
     assert victim not in ns.doc_ids and "more00.txt" not in ns.doc_ids  # no rows either
     assert (np.asarray(ns.keys) >= 0).all()
+
+
+def test_sets_read_the_right_rows_after_delete_and_compact(db: RetroDB, tmp_path: Path) -> None:
+    """Compaction drops the rows of deleted documents and keeps every live key, so the
+    merged segment's keys have gaps (row != key - first_key): every read must go by key."""
+    k, seq = 3, 4 * db.chunk_size
+    NeighbourSet.compute(db, "train", k=k, exact=True)
+    db.add([write_docs(tmp_path / "more", random_docs(4, seed=11, prefix="more"))])
+    before = {int(key): tok for key, tok in zip(*_all_chunks(db), strict=True)}
+    gone = ["doc03.txt", "more01.txt"]  # from the middle of each segment
+    db.delete(gone)
+    db.compact()
+    assert len(db.segments) == 1 and db.segments[0].key_array is not None
+    keys = db.segments[0].row_keys(np.arange(db.segments[0].meta.chunks))
+    assert (np.diff(keys) > 1).any()  # a gap before the last rows: arithmetic would misread
+    db.add([write_docs(tmp_path / "late", random_docs(2, seed=12, prefix="late"))])
+    for key, tok in zip(*_all_chunks(db), strict=True):  # plain segment after a compacted one
+        before.setdefault(int(key), tok)
+
+    ns = NeighbourSet.refresh(db, "train")  # after compaction, then one more add
+    assert_same_sets(ns, NeighbourSet.compute(db, "check", k=k, exact=True))
+    nkeys = np.asarray(ns.keys)
+    assert (nkeys >= 0).all() and set(gone).isdisjoint(ns.doc_ids)
+    assert set(gone).isdisjoint(db.key_documents(nkeys.ravel()))
+    assert (nkeys < db.segments[0].meta.stop_key).any()  # neighbours in the compacted segment
+    assert (nkeys >= db.segments[1].meta.first_key).any()  # and in the plain one
+
+    # The training reader's memory-map gathers equal the database's reads, which equal
+    # the tokens the keys had before compaction.
+    reader = SequenceReader(db, ns, seq_len=seq)
+    flat = np.concatenate([np.asarray(ns.chunk_keys), nkeys.ravel(), [-1]])
+    toks, lens = reader.maps.gather(flat)
+    ref_toks, ref_lens = db.chunks(flat)
+    np.testing.assert_array_equal(toks, ref_toks)
+    np.testing.assert_array_equal(lens, ref_lens)
+    assert lens[-1] == 0 and (toks[-1] == db.pad_id).all()
+    for key, tok in zip(flat[:-1].tolist(), toks[:-1], strict=True):
+        np.testing.assert_array_equal(tok, before[key])
+    start, end = reader.windows()
+    batch = pickle.loads(pickle.dumps(reader)).read(start, end)  # as in a DataLoader worker
+    ref = db.retrieve(batch["neighbours"])
+    np.testing.assert_array_equal(batch["retrieved"], ref.tokens)
+    np.testing.assert_array_equal(batch["retrieved_mask"], ref.mask)
+    rows = start[:, None] + np.arange(seq // db.chunk_size)
+    valid = rows < end[:, None]
+    own = np.asarray(ns.chunk_keys)[np.where(valid, rows, 0)]
+    own_toks, _ = db.chunks(np.where(valid, own, -1))
+    got = batch["tokens"][:, :seq].reshape(own_toks.shape)
+    np.testing.assert_array_equal(got[valid], own_toks[valid])
+
+    # Again from a set that recorded a compacted segment (its key span exceeds its rows):
+    # the keys already searched are not searched twice (no duplicate neighbours).
+    db.delete(["late00.txt"])
+    db.compact()
+    ns = NeighbourSet.refresh(db, "train")
+    assert_same_sets(ns, NeighbourSet.compute(db, "check", k=k, exact=True))
+    nkeys = np.asarray(ns.keys)
+    assert all(len(set(r)) == k for r in nkeys.tolist())
+    toks, _ = SequenceReader(db, ns, seq_len=seq).maps.gather(nkeys.ravel())
+    np.testing.assert_array_equal(toks, np.stack([before[key] for key in nkeys.ravel().tolist()]))
+
+
+def _all_chunks(db: RetroDB) -> tuple[np.ndarray, np.ndarray]:
+    """Every key the database holds (deleted documents' included) and its tokens."""
+    keys = np.concatenate([s.row_keys(np.arange(s.meta.chunks)) for s in db.segments])
+    return keys, db.chunks(keys)[0]
 
 
 def test_neighbours_for_other_inputs(db: RetroDB, tmp_path: Path) -> None:
