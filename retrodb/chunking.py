@@ -59,11 +59,12 @@ def chunk_documents(
 
 def continuation_rows(doc: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """For each row, the row of its continuation (the next chunk of the same document),
-    or -1 at the end of a document."""
-    nxt = rows + 1
-    ok = nxt < doc.shape[0]
-    out = np.full(rows.shape, -1, dtype=np.int64)
-    ok_idx = np.nonzero(ok)[0]
-    same = doc[nxt[ok_idx]] == doc[rows[ok_idx]]
-    out[ok_idx[same]] = nxt[ok_idx[same]]
-    return out
+    or -1 at the end of a document. ``doc`` may be a memory map; it is read at ``rows``
+    and ``rows + 1`` only."""
+    rows = np.asarray(rows, dtype=np.int64)
+    n = doc.shape[0]
+    if n == 0:
+        return np.full(rows.shape, -1, dtype=np.int64)
+    nxt = np.minimum(rows + 1, n - 1)
+    same = (rows + 1 < n) & (doc[nxt] == doc[rows])
+    return np.where(same, nxt, -1)

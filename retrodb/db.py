@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 
 from . import corpus as corpus_mod
+from .chunking import continuation_rows
 from .config import FORMAT_VERSION, DBConfig
 from .errors import (
     BadInputError,
@@ -759,7 +760,6 @@ class RetroDB:
         k: int = 4,
         *,
         exact: bool = False,
-        exclude_keys_of: Any = None,
     ) -> SearchResult:
         """The ``k`` nearest chunks of each query, best first.
 
@@ -827,11 +827,8 @@ class RetroDB:
         for si, s in enumerate(self.segments):
             sel = np.nonzero(seg == si)[0]
             if sel.size:
-                r = row[sel]
-                nxt = r + 1
-                inside = nxt < s.meta.chunks
-                same = np.zeros(r.shape, dtype=bool)
-                same[inside] = s.doc[nxt[inside]] == s.doc[r[inside]]
+                nxt = continuation_rows(s.doc, row[sel])
+                same = nxt >= 0
                 out[sel[same]] = s.row_keys(nxt[same])
         return out.reshape(keys.shape)
 
@@ -845,21 +842,24 @@ class RetroDB:
         m = self.chunk_size
         flat = keys.ravel()
         seg, row = self._locate_known(flat)
-        out = np.full((flat.size, 2 * m), self.pad_id, dtype=np.int64)
+        out = np.empty((flat.size, 2, m), dtype=np.int64)
         lengths = np.zeros((flat.size, 2), dtype=np.int32)
         for si, s in enumerate(self.segments):
-            sel = np.nonzero(seg == si)[0]
-            if not sel.size:
-                continue
+            here = seg == si
+            # All keys in one segment (the common case): plain slices instead of a selection.
+            sel: slice | np.ndarray = slice(None) if here.all() else np.nonzero(here)[0]
             r = row[sel]
-            nxt = np.minimum(r + 1, s.meta.chunks - 1)
-            same = (r + 1 < s.meta.chunks) & (s.doc[nxt] == s.doc[r])
-            out[sel, :m] = s.tokens[r]
+            if not r.size:
+                continue
+            nxt = continuation_rows(s.doc, r)
+            same = nxt >= 0
+            nxt[~same] = r[~same]  # gather something cheap, then mark it padding
+            out[sel, 0] = s.tokens[r]
+            out[sel, 1] = s.tokens[nxt]
             lengths[sel, 0] = s.lengths[r]
-            cont = sel[same]
-            out[cont, m:] = s.tokens[nxt[same]]
-            lengths[cont, 1] = s.lengths[nxt[same]]
-        mask = _prefix_masks(m)[lengths].reshape(flat.size, 2 * m)  # a row gather, not a compare
+            lengths[sel, 1] = np.where(same, s.lengths[nxt], 0)
+        out[lengths == 0] = self.pad_id  # key -1 and missing continuations
+        mask = _prefix_masks(m)[lengths]  # a row gather, not a compare
         return Retrieved(
             tokens=out.reshape(*keys.shape, 2 * m), mask=mask.reshape(*keys.shape, 2 * m)
         )

@@ -47,6 +47,18 @@ def write_corpus(root: Path, docs: dict[str, str], repeat: int = 6) -> Path:
 
 
 @pytest.fixture
+def torch_one_thread():
+    """One torch thread for tiny models: they gain nothing from threads, and on a busy
+    machine the OpenMP barriers of a second thread make small ops many times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def corpus_dir(tmp_path: Path) -> Path:
     return write_corpus(tmp_path / "corpus", TOPICS)
 

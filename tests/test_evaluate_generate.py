@@ -32,13 +32,7 @@ from .test_neighbours import build_db
 M = 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: the model is tiny, and on a loaded machine two threads spin."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

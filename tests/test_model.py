@@ -4,7 +4,6 @@ the generation cache, a tiny overfit, RETRO-fitting, presets and the config."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,14 +19,7 @@ K = 2  # neighbours per chunk
 R = 2 * M  # tokens per neighbour
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from threads, and on a busy machine the OpenMP barriers of
-    a second thread make small ops many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def tiny_config(**overrides: object) -> RetroConfig:
