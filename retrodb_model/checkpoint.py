@@ -171,8 +171,12 @@ def read_checkpoint(directory: str | Path) -> Checkpoint:
     )
 
 
-def load_weights(model: RetroModel, directory: str | Path) -> None:
-    """Load ``model.safetensors`` from ``directory`` into ``model`` (strict)."""
+def load_weights(model: RetroModel, directory: str | Path, *, decoder_only: bool = False) -> None:
+    """Load ``model.safetensors`` from ``directory`` into ``model`` (strict).
+
+    ``decoder_only``: parameters of the retrieval modules (encoder, CCA) that the file
+    lacks keep their initial values (a retrofit from a --no-retrieval decoder whose
+    retrieval modules, never trained, were saved with an older configuration)."""
     path = Path(directory) / WEIGHTS
     if not path.is_file():
         raise CorruptError(f"{path}: missing from the checkpoint")
@@ -180,6 +184,14 @@ def load_weights(model: RetroModel, directory: str | Path) -> None:
     if model.cfg.tie_embeddings:
         tensors["lm_head.weight"] = tensors["wte.weight"]
     missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if decoder_only:
+        retrieval = {
+            f"{name}.{p}" if name else p
+            for name, module in model.named_modules()
+            if module in model.retrieval_modules()
+            for p, _ in module.named_parameters()
+        }
+        missing = [key for key in missing if key not in retrieval]
     if missing or unexpected:
         raise CorruptError(
             f"{path}: weights do not fit the configuration (missing {missing[:3]}, "

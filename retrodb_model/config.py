@@ -80,6 +80,12 @@ class RetroConfig:
     # token id that marks padding inside retrieved neighbours when no explicit mask is
     # given; None -> only negative ids (e.g. -1 for "no neighbour") are padding
     pad_id: int | None = None
+    # a learned bias per CCA head and relative offset (key position - aligned query
+    # position), added to the rotary scores: the content-independent positional term of
+    # the paper's relative attention (Transformer-XL's v.R), which rotary alone lacks.
+    # It lets CCA attend "one token after my counterpart" from the start, so copying
+    # from a matching neighbour is learned in hundreds of steps instead of not at all.
+    cca_position_bias: bool = True
     # The model accepts any number of neighbours per chunk at run time (the encoder and
     # CCA are independent of k); num_neighbours is the training value and a check for data.
 
@@ -193,6 +199,8 @@ class RetroConfig:
         if unknown:
             raise ValueError(f"RetroConfig.from_dict: unknown fields {unknown}")
         kwargs = dict(data)
+        # written before CCA had a position bias: keep the model those weights belong to
+        kwargs.setdefault("cca_position_bias", False)
         for key in ("retro_layers", "enc_cross_attn_layers"):
             if kwargs.get(key) is not None:
                 kwargs[key] = tuple(kwargs[key])

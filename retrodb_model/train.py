@@ -329,7 +329,9 @@ def _train(args: TrainArgs, d: _Dist, log: LogFn) -> dict[str, Any]:
                 f"{base.path} was trained with retrieval; --retrofit expects a decoder trained "
                 "with --no-retrieval"
             )
-        config = base.config.replace(num_neighbours=k)
+        # the base's retrieval modules were never trained: a retrofit starts them afresh
+        # with the current defaults (the CCA position bias included)
+        config = base.config.replace(num_neighbours=k, cca_position_bias=True)
         if config.max_seq_len < args.seq_len:
             config = config.replace(max_seq_len=args.seq_len)
     else:
@@ -347,7 +349,7 @@ def _train(args: TrainArgs, d: _Dist, log: LogFn) -> dict[str, Any]:
     if resumed is not None:
         ckpt_mod.load_weights(model, out)
     elif args.retrofit:
-        ckpt_mod.load_weights(model, args.retrofit)
+        ckpt_mod.load_weights(model, args.retrofit, decoder_only=True)
     if args.retrofit:
         trainable, total = model.freeze_for_retrofit()
     else:

@@ -363,7 +363,10 @@ def test_configure_optimizer_decays_only_matrices() -> None:
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decay["params"])
-    assert all(p.dim() == 1 for p in no_decay["params"])
+    biases = {id(b.cca.position_bias) for b in model.decoder_blocks() if b.cca is not None}
+    assert len(biases) == len(model.cfg.retro_layers)
+    assert all(p.dim() == 1 or id(p) in biases for p in no_decay["params"])
+    assert biases <= {id(p) for p in no_decay["params"]}  # a position table is not decayed
     n = sum(p.numel() for g in opt.param_groups for p in g["params"])
     assert n == model.num_parameters()  # the tied head is counted once
 
@@ -416,3 +419,59 @@ def test_config_round_trip_and_validation() -> None:
         RetroConfig.from_dict({**cfg.to_dict(), "typo": 1})
     with pytest.raises(ValueError, match="preset"):
         RetroConfig.preset("huge", vocab_size=V)
+
+
+# ---- the CCA position bias -------------------------------------------------------------
+
+
+def copy_task_loss(position_bias: bool, steps: int) -> tuple[float, float]:
+    """Train a tiny model on random tokens whose first neighbour is an exact copy of the
+    chunk and its continuation (the second is noise): only copying lowers the loss below
+    log V. Returns (first loss, mean of the last 20)."""
+    m, T, B, vocab = 16, 64, 16, 64
+    torch.manual_seed(0)
+    cfg = RetroConfig.preset(
+        "tiny", vocab_size=vocab, chunk_size=m, cca_position_bias=position_bias
+    )
+    model = RetroModel(cfg).train()
+    opt = model.configure_optimizer(weight_decay=0.1, lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        data = torch.randint(0, vocab, (B, T + m + 1), generator=g)
+        copy = torch.stack([data[:, u * m : (u + 2) * m] for u in range(T // m)], 1)
+        retrieved = torch.stack([copy, torch.randint(0, vocab, copy.shape, generator=g)], 2)
+        _, loss = model(data[:, :T], retrieved, targets=data[:, 1 : T + 1])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses[0], sum(losses[-20:]) / 20
+
+
+def test_model_learns_to_copy_its_neighbours() -> None:
+    # tokens from the last of chunk 0 on (49 of 64) can copy: the floor is ~15/64 log V
+    first, last = copy_task_loss(position_bias=True, steps=120)
+    print(f"copy task: loss {first:.3f} -> {last:.3f} (log V = {math.log(64):.3f})")
+    assert first > 0.95 * math.log(64)
+    assert last < 0.5 * math.log(64)
+
+
+def test_position_bias_starts_at_the_predicted_tokens_counterpart() -> None:
+    model = tiny_model()
+    cca = next(b.cca for b in model.decoder_blocks() if b.cca is not None)
+    bias = cca.score_bias(K * R, torch.float32)  # (H, m, k*r)
+    assert bias is not None and bias.shape == (model.cfg.n_heads, M, K * R)
+    # query j (position m-1+j) scores highest the key at position m+j of every neighbour
+    best = bias[0].view(M, K, R).argmax(dim=-1)  # (m, k)
+    assert torch.equal(best, (torch.arange(M) + M)[:, None].expand(M, K))
+    assert (
+        tiny_model(cca_position_bias=False).layers[1].cca.score_bias(K * R, torch.float32) is None
+    )
+
+
+def test_configs_written_before_the_position_bias_load_without_it() -> None:
+    cfg = tiny_config()
+    assert cfg.cca_position_bias
+    old = {key: value for key, value in cfg.to_dict().items() if key != "cca_position_bias"}
+    assert RetroConfig.from_dict(old) == cfg.replace(cca_position_bias=False)
