@@ -646,8 +646,8 @@ class _Maps:
     seg_lengths: list[np.ndarray]
     first_keys: np.ndarray
     segments: list[Segment]
-    """The :class:`~retrodb.db.Segment` of each entry: ``key_rows`` maps the keys of a
-    compacted segment (keys with gaps) to rows; the others use ``row = key - first_key``."""
+    """The :class:`~retrodb.db.Segment` of each entry: ``key_rows`` maps keys to rows
+    (a lookup in a compacted segment, whose keys have gaps)."""
     pad_id: int
     chunk_size: int
 
@@ -678,8 +678,8 @@ class _Maps:
     def gather(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Tokens ``[n, m]`` int64 and lengths ``[n]`` of keys; -1 gives padding, length 0.
 
-        The keys come from a set checked against this generation; a key past the end of
-        its segment makes ``np.take`` raise IndexError rather than read another row."""
+        The keys come from a set checked against this generation; a key that its segment
+        does not hold raises IndexError rather than read another row."""
         if self.first_keys.size == 1 and self.segments[0].key_array is None:
             ok = keys >= self.first_keys[0]  # False for -1
             row = np.where(ok, keys - self.first_keys[0], 0)
@@ -696,13 +696,9 @@ class _Maps:
         for si in range(self.first_keys.size):
             sel = np.nonzero(seg == si)[0]  # -1 keys fall before every segment
             if sel.size:
-                s = self.segments[si]
-                if s.key_array is None:
-                    r = keys[sel] - self.first_keys[si]
-                else:  # a compacted segment: its keys have gaps, look the rows up
-                    r = s.key_rows(keys[sel])
-                    if (r < 0).any():
-                        raise IndexError("a neighbour key is not in its segment")
+                r = self.segments[si].key_rows(keys[sel])  # compacted: keys with gaps
+                if (r < 0).any():
+                    raise IndexError("a neighbour key is not in its segment")
                 toks[sel] = np.take(self.seg_tokens[si], r, axis=0)
                 lens[sel] = np.take(self.seg_lengths[si], r)
         return toks, lens

@@ -185,13 +185,9 @@ def load_weights(model: RetroModel, directory: str | Path, *, decoder_only: bool
         tensors["lm_head.weight"] = tensors["wte.weight"]
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if decoder_only:
-        retrieval = {
-            f"{name}.{p}" if name else p
-            for name, module in model.named_modules()
-            if module in model.retrieval_modules()
-            for p, _ in module.named_parameters()
-        }
-        missing = [key for key in missing if key not in retrieval]
+        params = dict(model.named_parameters())
+        retrieval = {id(p) for mod in model.retrieval_modules() for p in mod.parameters()}
+        missing = [key for key in missing if id(params.get(key)) not in retrieval]
     if missing or unexpected:
         raise CorruptError(
             f"{path}: weights do not fit the configuration (missing {missing[:3]}, "

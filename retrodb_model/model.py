@@ -251,7 +251,6 @@ class ChunkedCrossAttention(nn.Module):
     def __init__(self, cfg: RetroConfig) -> None:
         super().__init__()
         self.chunk_size = cfg.chunk_size
-        self.neighbour_len = cfg.neighbour_len
         self.norm = RMSNorm(cfg.dim)  # pre-norm of the decoder states
         self.attn = CrossAttention(cfg.dim, cfg.enc_dim, cfg.n_heads, cfg.head_dim, cfg.dropout)
         # learned score bias per head and relative offset: key position p (0..r-1) minus
@@ -261,18 +260,20 @@ class ChunkedCrossAttention(nn.Module):
             if cfg.cca_position_bias
             else None
         )
+        # the table index of (query offset j, key position p) inside one neighbour
+        m, r = cfg.chunk_size, cfg.neighbour_len
+        offset = torch.arange(r)[None, :] - torch.arange(m)[:, None] - (m - 1)  # (m, r)
+        self.register_buffer("bias_index", offset + (2 * m - 2), persistent=False)
+
+    bias_index: Tensor
 
     def score_bias(self, kr: int, dtype: torch.dtype) -> Tensor | None:
         """The additive position bias (H, m, k*r) for one shifted chunk against k*r
         neighbour keys (positions restart in every neighbour), or None when off."""
         if self.position_bias is None:
             return None
-        m, r = self.chunk_size, self.neighbour_len
-        dev = self.position_bias.device
-        key_pos = torch.arange(kr, device=dev) % r  # (k*r,)
-        query_pos = torch.arange(m, device=dev) + (m - 1)  # (m,)
-        index = key_pos[None, :] - query_pos[:, None] + (2 * m - 2)  # (m, k*r), >= 0
-        return self.position_bias[:, index].to(dtype)  # (H, m, k*r)
+        k = kr // self.bias_index.shape[1]
+        return self.position_bias[:, self.bias_index.repeat(1, k)].to(dtype)  # (H, m, k*r)
 
     def neighbour_kv(self, encoded: Tensor, rope: Rotary, r: int) -> tuple[Tensor, Tensor]:
         """encoded (B, n, k*r, E) -> keys, values, each (B, n, H, k*r, hd).

@@ -475,3 +475,20 @@ def test_configs_written_before_the_position_bias_load_without_it() -> None:
     assert cfg.cca_position_bias
     old = {key: value for key, value in cfg.to_dict().items() if key != "cca_position_bias"}
     assert RetroConfig.from_dict(old) == cfg.replace(cca_position_bias=False)
+
+
+def test_retrofit_loads_a_decoder_saved_without_the_position_bias(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from retrodb.errors import CorruptError
+    from retrodb_model.checkpoint import WEIGHTS, load_weights
+
+    old = tiny_model(cca_position_bias=False)
+    weights = {n: t for n, t in old.state_dict().items() if n != "lm_head.weight"}
+    save_file(weights, str(tmp_path / WEIGHTS))
+    new = tiny_model(seed=1)
+    with pytest.raises(CorruptError, match="position_bias"):
+        load_weights(new, tmp_path)  # strict: a missing tensor is an error
+    load_weights(new, tmp_path, decoder_only=True)
+    assert torch.equal(new.wte.weight, old.wte.weight)
+    assert new.layers[1].cca.position_bias is not None  # kept its initial prior
