@@ -1,26 +1,186 @@
-"""`retrodb train`, `retrodb evaluate`, `retrodb generate`: the RETRO model over a database."""
+"""`retrodb train`, `retrodb evaluate`, `retrodb generate`: the RETRO model over a database.
+
+Each command opens the database, calls one library function and prints. The options of
+`train` are made from the `TrainArgs` dataclass: one option per field, its docstring as the
+help and its default as the default, so no field is missing and no default can drift."""
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import inspect
 import json
 import math
 import os
 import sys
+import textwrap
+import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Union, get_args, get_origin, get_type_hints
 
 import typer
+from typer.core import TyperCommand, TyperOption
 
 from retrodb.db import RetroDB
+from retrodb.errors import BadInputError
+from retrodb_model.threads import RULE as THREADS_RULE
+from retrodb_model.threads import default_threads
 
-from .common import fail, handle_errors, progress_bars
+from .common import err_console, fail, handle_errors, progress_bars
 
 DirArg = Annotated[Path, typer.Argument(help="The checkpoint directory (from `retrodb train`).")]
 DBArg = Annotated[Path, typer.Argument(help="Path of the database directory.")]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option("--threads", help=f"torch and encoder threads ({THREADS_RULE}).", min=1),
+]
+
+
+class ModelCommand(TyperCommand):
+    """Help that names arguments as the usage line of a Unix tool does (`DB`, not `{db}`)
+    and shows no `<bool>` type after flags, which take no value."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if getattr(param, "is_flag", False):
+                param.metavar = ""  # typer shows a flag's metavar as its type
+
+    # typer's own (vendored) click types the context; Any keeps this file off its internals
+    def get_help_option(self, ctx: Any) -> TyperOption | None:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = (param.metavar or param.name or "arg").upper()
+                name = name if param.required else f"[{name}]"
+                pieces.append(name + ("..." if param.nargs != 1 else ""))
+        return pieces
 
 
 def _fmt(x: Any, spec: str = ".4f") -> str:
     return "-" if x is None else format(x, spec)
+
+
+def _set_threads(threads: int | None) -> int:
+    """Use ``threads`` torch threads (default: the rule of retrodb_model.threads)."""
+    import torch
+
+    n = threads or default_threads()
+    torch.set_num_threads(n)
+    return n
+
+
+# ---------------------------------------------------------------- train
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass, by field name, with its
+    lines joined (fields without one are absent)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, after in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            text = " ".join(inspect.cleandoc(after.value.value).split())
+            docs[node.target.id] = text.replace("``", "`")
+    return docs
+
+
+#: Option names where they are not `--field-name`, and help beyond the field docstring.
+_NAMES: dict[str, tuple[str, ...]] = {
+    "neighbours": ("--neighbours", "-n"),
+    "out": ("--out", "-o"),
+    "batch_size": ("--batch-size", "-b"),
+    "k": ("-k",),
+}
+_MORE_HELP = {
+    "model": "Repeat KEY=VALUE (VALUE read as JSON when it parses, e.g. dropout=0.1), or "
+    "give one JSON object.",
+}
+_METAVARS = {"model": "KEY=VALUE"}
+
+
+def _option_type(hint: Any) -> Any:
+    """The command-line type of a TrainArgs field of type ``hint``."""
+    if get_origin(hint) is dict:
+        return list[str] | None  # --model KEY=VALUE, repeatable
+    if get_origin(hint) in (Union, types.UnionType):  # X | None
+        (inner,) = [a for a in get_args(hint) if a is not type(None)]
+        return inner | None
+    return hint
+
+
+def _train_parameters() -> list[inspect.Parameter]:
+    """One typer parameter per TrainArgs field: `db` the argument, the rest options."""
+    from retrodb_model.config import TrainArgs  # no torch: the CLI starts fast
+
+    docs, hints = field_docs(TrainArgs), get_type_hints(TrainArgs)
+    params = []
+    for f in dataclasses.fields(TrainArgs):
+        text = " ".join(x for x in (docs.get(f.name, ""), _MORE_HELP.get(f.name, "")) if x)
+        kind = _option_type(hints[f.name])
+        if f.name == "db":
+            info: Any = typer.Argument(help=text, show_default=False)
+            kind = Path
+        else:
+            names = _NAMES.get(f.name, ("--" + f.name.replace("_", "-"),))
+            info = typer.Option(
+                *names,
+                help=text,
+                show_default=f.name != "model",
+                metavar=_METAVARS.get(f.name),
+            )
+        default: Any = inspect.Parameter.empty
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = None
+        params.append(
+            inspect.Parameter(
+                f.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=Annotated[kind, info],
+                default=default,
+            )
+        )
+    return params
+
+
+def parse_model_overrides(values: list[str] | None) -> dict[str, Any]:
+    """`--model` values: KEY=VALUE pairs (VALUE as JSON when it parses, else a string),
+    or JSON objects; later keys win."""
+    out: dict[str, Any] = {}
+    for value in values or []:
+        if value.lstrip().startswith("{"):
+            try:
+                obj = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise BadInputError(f"--model {value!r} is not valid JSON: {exc.msg}") from None
+            if not isinstance(obj, dict):
+                raise BadInputError("--model must be KEY=VALUE or a JSON object")
+            out.update(obj)
+            continue
+        key, sep, raw = value.partition("=")
+        if not sep or not key.strip():
+            raise BadInputError(f"--model {value!r}: expected KEY=VALUE, e.g. dropout=0.1")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
 
 
 def _print_record(record: dict[str, Any]) -> None:
@@ -37,124 +197,48 @@ def _print_record(record: dict[str, Any]) -> None:
     typer.echo(line)
 
 
-def train(
-    db: DBArg,
-    neighbours: Annotated[
-        str, typer.Option("--neighbours", "-n", help="The neighbour set to train on.")
-    ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint directory to write.")],
-    preset: Annotated[
-        str, typer.Option("--preset", help="Model size: tiny, small or base.")
-    ] = "small",
-    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps in total.", min=1)] = 1000,
-    seq_len: Annotated[
-        int,
-        typer.Option("--seq-len", help="Tokens per sequence (multiple of the chunk size).", min=1),
-    ] = 512,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", "-b", help="Sequences per step (per process).", min=1)
-    ] = 4,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 6e-4,
-    warmup: Annotated[
-        int | None, typer.Option("--warmup", help="Warm-up steps (default 10% of steps, <= 100).")
-    ] = None,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW decay.")] = 0.1,
-    grad_clip: Annotated[
-        float, typer.Option("--grad-clip", help="Gradient norm clip (0: off).")
-    ] = 1.0,
-    no_retrieval: Annotated[
-        bool, typer.Option("--no-retrieval", help="Train a plain decoder (no neighbours).")
-    ] = False,
-    retrofit: Annotated[
-        Path | None,
-        typer.Option(
-            "--retrofit",
-            help="Start from this --no-retrieval checkpoint, frozen; train only CCA and the "
-            "encoder.",
-        ),
-    ] = None,
-    k: Annotated[
-        int | None, typer.Option("-k", help="Neighbours per chunk (default: the set's k).", min=1)
-    ] = None,
-    dtype: Annotated[
-        str, typer.Option("--dtype", help="fp32, or bf16 autocast (fast on CPUs with AMX).")
-    ] = "fp32",
-    eval_every: Annotated[
-        int, typer.Option("--eval-every", help="Validate every N steps (0: at the end).", min=0)
-    ] = 100,
-    eval_batches: Annotated[
-        int, typer.Option("--eval-batches", help="Validation batches per process.", min=1)
-    ] = 20,
-    log_every: Annotated[int, typer.Option("--log-every", help="Log every N steps.", min=1)] = 10,
-    save_every: Annotated[
-        int, typer.Option("--save-every", help="Checkpoint every N steps (and at the end).", min=0)
-    ] = 500,
-    val_fraction: Annotated[
-        float, typer.Option("--val-fraction", help="Share of documents held out for validation.")
-    ] = 0.05,
-    seed: Annotated[int, typer.Option("--seed", help="Initialisation and data order.")] = 0,
-    threads: Annotated[
-        int | None, typer.Option("--threads", help="torch threads per process.", min=1)
-    ] = None,
-    model_overrides: Annotated[
-        str | None,
-        typer.Option("--model", help="RetroConfig overrides as JSON, e.g. '{\"dropout\": 0.1}'."),
-    ] = None,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the checkpoint in --out (if any).")
-    ] = False,
-) -> None:
+def _train(**options: Any) -> None:
     """Train a RETRO model on a neighbour set (AdamW, warm-up + cosine, checkpoints, resume).
 
-    Under `torchrun --nproc_per_node N` it trains with DDP (gloo on CPU)."""
-    from retrodb_model.train import TrainArgs
+    Under `torchrun --nproc_per_node N` it trains with DDP (gloo on CPU).
+
+    Ctrl-C saves the last completed step (one process); `--resume` continues it exactly.
+    """
+    from retrodb_model.train import TrainArgs, TrainingInterrupted
     from retrodb_model.train import train as run
 
+    options["db"] = str(options["db"])
+    options["model"] = parse_model_overrides(options["model"])
     try:
-        overrides = json.loads(model_overrides) if model_overrides else {}
-    except json.JSONDecodeError as exc:
-        fail(f"--model is not valid JSON: {exc.msg}")
-    if not isinstance(overrides, dict):
-        fail("--model must be a JSON object")
-    try:
-        args = TrainArgs(
-            db=str(db),
-            neighbours=neighbours,
-            out=str(out),
-            preset=preset,
-            model=overrides,
-            steps=steps,
-            seq_len=seq_len,
-            batch_size=batch_size,
-            lr=lr,
-            warmup=warmup,
-            weight_decay=weight_decay,
-            grad_clip=grad_clip,
-            no_retrieval=no_retrieval,
-            retrofit=str(retrofit) if retrofit else None,
-            k=k,
-            val_fraction=val_fraction,
-            eval_every=eval_every,
-            eval_batches=eval_batches,
-            log_every=log_every,
-            save_every=save_every,
-            seed=seed,
-            dtype=dtype,
-            threads=threads,
-            resume=resume,
-        )
+        args = TrainArgs(**options)
         state = run(args, log=_print_record)
+    except TrainingInterrupted as exc:
+        err_console.print(exc.message, highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     except ValueError as exc:  # invalid configuration values (RetroConfig, presets)
         if type(exc) is not ValueError:
             raise
         fail(str(exc))
     if state.get("history") and int(os.environ.get("RANK", "0")) == 0:
         last = state["history"][-1]
-        if True:
-            typer.echo(
-                f"saved {out} at step {state['step']}: bpb {_fmt(last.get('bpb'))}, "
-                f"val_bpb {_fmt(last.get('val_bpb'))}"
-            )
+        typer.echo(
+            f"saved {args.out} at step {state['step']}: bpb {_fmt(last.get('bpb'))}, "
+            f"val_bpb {_fmt(last.get('val_bpb'))}"
+        )
+
+
+def make_train_command() -> Callable[..., None]:
+    """`_train` with a signature made from TrainArgs, for typer."""
+
+    def train(**options: Any) -> None:
+        _train(**options)
+
+    train.__doc__ = _train.__doc__
+    train.__signature__ = inspect.Signature(_train_parameters())  # type: ignore[attr-defined]
+    return train
+
+
+# ---------------------------------------------------------------- evaluate
 
 
 def evaluate(
@@ -167,7 +251,10 @@ def evaluate(
     out: Annotated[
         Path | None,
         typer.Option(
-            "--out", "-o", help="Write the JSON here and the bpb(alpha) plot beside it (.png)."
+            "--out",
+            "-o",
+            help="Write the JSON here and the bpb(alpha) plot beside it (.png) "
+            "(default: DIR/evaluation.json).",
         ),
     ] = None,
     k: Annotated[
@@ -177,7 +264,9 @@ def evaluate(
     seq_len: Annotated[
         int | None, typer.Option("--seq-len", help="Window length (default: the training one).")
     ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 4,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", help="Windows per forward pass.", min=1)
+    ] = 4,
     no_retrieval: Annotated[
         bool, typer.Option("--no-retrieval", help="Only evaluate without retrieval (no search).")
     ] = False,
@@ -192,55 +281,38 @@ def evaluate(
         int | None,
         typer.Option("--max-tokens", help="Score only the first N tokens of each document.", min=1),
     ] = None,
-    threads: Annotated[int | None, typer.Option("--threads", min=1)] = None,
+    threads: ThreadsOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Bits per byte of held-out documents with retrieval on and off, and bpb(alpha)."""
-    import torch
+    from retrodb_model.evaluate import evaluate_checkpoint
 
-    from retrodb_model.checkpoint import load_model
-    from retrodb_model.evaluate import evaluate as run
-    from retrodb_model.evaluate import plot_alpha, read_documents
-
-    if threads:
-        torch.set_num_threads(threads)
-    rdb = RetroDB.open(db, threads=threads)
-    model, ckpt = load_model(directory, db=rdb)
-    retrieval = not no_retrieval and ckpt.retrieval
-    docs = read_documents(inputs)
+    rdb = RetroDB.open(db, threads=_set_threads(threads))
     with progress_bars(quiet or as_json) as progress:
-        res = run(
-            model,
+        res = evaluate_checkpoint(
+            directory,
             rdb,
-            docs,
-            seq_len=seq_len or int(ckpt.train_args.get("seq_len", model.cfg.max_seq_len)),
+            inputs,
+            seq_len=seq_len,
             k=k,
             batch_size=batch_size,
-            retrieval=retrieval,
+            retrieval=not no_retrieval,
             exclude_self=exclude_self,
             max_tokens=max_tokens,
             progress=progress,
         )
-    res = {"checkpoint": str(directory), "step": ckpt.step, "inputs": list(inputs), **res}
-    if not retrieval and ckpt.retrieval is False:
-        res["note"] = "the model was trained with --no-retrieval"
-    path = out if out is not None else Path(directory) / "evaluation.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(res, indent=1) + "\n")
-    png = plot_alpha(
-        res, path.with_suffix(".png"), title=f"{Path(directory).name} step {ckpt.step}"
-    )
+    written = res.save(out if out is not None else Path(directory) / "evaluation.json")
     if as_json:
-        typer.echo(json.dumps(res, indent=1))
+        typer.echo(json.dumps(res.to_dict(), indent=1))
         return
     excluded = ", own documents excluded" if exclude_self else ""
     typer.echo(
-        f"{res['documents']} documents, {res['tokens']:,} tokens, {res['bytes']:,} bytes "
-        f"(windows of {res['seq_len']}, k={res['k']}{excluded})"
+        f"{res.documents} documents, {res.tokens:,} tokens, {res.bytes:,} bytes "
+        f"(windows of {res.seq_len}, k={res.k}{excluded})"
     )
-    for mode, v in res["bpb"].items():
+    for mode, v in res.bpb.items():
         typer.echo(f"  bpb {mode.replace('_', ' '):<13} {_fmt(v)}")
-    table = res.get("bpb_alpha")
+    table = res.bpb_alpha
     if table:
         typer.echo("  bpb(alpha): chunks whose overlap with their neighbours is <= alpha")
         typer.echo(f"    {'alpha':>6} {'chunks':>7} {'share':>6} {'retrieval':>10} {'no retr.':>9}")
@@ -249,7 +321,10 @@ def evaluate(
                 f"    {a:>5g}% {table['chunks'][i]:>7} {100 * table['fraction'][i]:>5.1f}% "
                 f"{_fmt(table['retrieval'][i]):>10} {_fmt(table['no_retrieval'][i]):>9}"
             )
-    typer.echo(f"wrote {path}" + (f" and {png}" if png else ""))
+    typer.echo("wrote " + " and ".join(str(p) for p in written))
+
+
+# ---------------------------------------------------------------- generate
 
 
 def generate(
@@ -276,31 +351,26 @@ def generate(
         bool, typer.Option("--no-cache", help="Recompute every step (slow; for checking).")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
-    threads: Annotated[int | None, typer.Option("--threads", min=1)] = None,
+    threads: ThreadsOpt = None,
 ) -> None:
-    """Continue PROMPT, retrieving k neighbours after every completed chunk."""
-    import torch
-
+    """Continue PROMPT, retrieving k neighbours after every completed chunk. The text
+    streams as it is generated (control characters escaped); timing goes to stderr."""
     from retrodb_model.checkpoint import load_model
     from retrodb_model.generate import generate as run
+    from retrodb_model.generate import printable
 
-    if threads:
-        torch.set_num_threads(threads)
     if prompt == "-":
         prompt = sys.stdin.read()
-    rdb = RetroDB.open(db, threads=threads)
-    model, ckpt = load_model(directory, db=rdb)
-    stream = not as_json and not show_neighbours
-    tok = rdb.tokenizer
-    assert tok is not None  # RetroDB refuses to open without one
-    shown: list[int] = list(tok.encode([prompt])[0])
-    if stream:
-        typer.echo(tok.decode(shown), nl=False)
+    rdb = RetroDB.open(db, threads=_set_threads(threads))
+    model, _ = load_model(directory, db=rdb)
+    assert rdb.tokenizer is not None  # RetroDB refuses to open without one
+    if not as_json:
+        head = rdb.tokenizer.decode(rdb.tokenizer.encode([prompt])[0])
+        typer.echo(printable(head), nl=False)
 
-    def on_token(t: int) -> None:  # print the text as it grows
-        before = tok.decode(shown)
-        shown.append(t)
-        typer.echo(tok.decode(shown)[len(before) :], nl=False)
+    def echo(text: str) -> None:
+        if text:
+            typer.echo(text, nl=False)
 
     res = run(
         model,
@@ -313,36 +383,30 @@ def generate(
         retrieval=not no_retrieval,
         k=k,
         use_cache=not no_cache,
-        on_token=on_token if stream else None,
+        on_text=None if as_json else echo,
     )
     if as_json:
-        typer.echo(
-            json.dumps(
-                {
-                    "prompt": res.prompt,
-                    "text": res.text,
-                    "tokens": len(res.tokens),
-                    "seconds": res.seconds,
-                    "retrieval_seconds": res.retrieval_seconds,
-                    "tokens_per_s": None if math.isnan(res.tokens_per_s) else res.tokens_per_s,
-                    "retrievals": [r.__dict__ for r in res.retrievals],
-                },
-                indent=1,
-            )
-        )
+        per_s = None if math.isnan(res.tokens_per_s) else res.tokens_per_s
+        record = {
+            "prompt": res.prompt,
+            "text": res.text,
+            "tokens": len(res.tokens),
+            "seconds": res.seconds,
+            "retrieval_seconds": res.retrieval_seconds,
+            "tokens_per_s": per_s,
+            "retrievals": [dataclasses.asdict(r) for r in res.retrievals],
+        }
+        typer.echo(json.dumps(record, indent=1))
         return
-    if stream:
-        typer.echo("")
-    else:
-        typer.echo(res.prompt + res.text)
+    typer.echo("")
     if show_neighbours:
         for r in res.retrievals:
             typer.echo(typer.style(f"\n[chunk {r.chunk}] {r.chunk_text!r}", bold=True))
             for rank, (key, doc, text) in enumerate(zip(r.keys, r.docs, r.texts, strict=True), 1):
-                if key < 0:
-                    continue
-                snippet = text.replace("\n", " ")[:160]
-                typer.echo(f"  {rank}. {doc} key {key}: {snippet}")
+                if key >= 0:
+                    typer.echo(
+                        f"  {rank}. {doc} key {key}: {printable(text.replace(chr(10), ' '))[:160]}"
+                    )
     typer.echo(
         typer.style(
             f"\n{len(res.tokens)} tokens in {res.seconds:.2f}s ({res.tokens_per_s:.1f} tok/s after "
@@ -356,6 +420,6 @@ def generate(
 
 def register(app: typer.Typer) -> None:
     """Add `train`, `evaluate` and `generate` to ``app``."""
-    app.command(name="train")(handle_errors(train))
-    app.command(name="evaluate")(handle_errors(evaluate))
-    app.command(name="generate")(handle_errors(generate))
+    app.command(name="train", cls=ModelCommand)(handle_errors(make_train_command()))
+    app.command(name="evaluate", cls=ModelCommand)(handle_errors(evaluate))
+    app.command(name="generate", cls=ModelCommand)(handle_errors(generate))

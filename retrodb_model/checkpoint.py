@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,13 +103,25 @@ def check_db(info: dict[str, Any], db: RetroDB, *, where: str | Path = "checkpoi
         )
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file, or a directory's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """``write`` a temporary file beside ``path``, flush it, rename it over ``path``."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    write(tmp)
+    _fsync(tmp)
     os.replace(tmp, path)
+
+
+def _json_writer(obj: Any, **kw: Any) -> Callable[[Path], object]:
+    return lambda p: p.write_text(json.dumps(obj, **kw) + "\n")
 
 
 def save_checkpoint(
@@ -133,17 +146,16 @@ def save_checkpoint(
         for name, t in model.state_dict().items()
         if not (model.cfg.tie_embeddings and name == "lm_head.weight")
     }
-    tmp = out / f".{WEIGHTS}.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "retrodb-retro"})
-    os.replace(tmp, out / WEIGHTS)
+    meta = {"format": "retrodb-retro"}
+    _write_atomic(out / WEIGHTS, lambda p: save_file(tensors, str(p), metadata=meta))
     config = {"model": model.cfg.to_dict(), "train": train_args}
-    _write_atomic(out / CONFIG, (json.dumps(config, indent=1) + "\n").encode())
-    _write_atomic(out / DB_INFO, (json.dumps(db_meta, indent=1) + "\n").encode())
+    _write_atomic(out / CONFIG, _json_writer(config, indent=1))
+    _write_atomic(out / DB_INFO, _json_writer(db_meta, indent=1))
     if optimizer is not None:
-        tmp = out / f".{OPTIMIZER}.tmp"
-        torch.save(optimizer.state_dict(), tmp)
-        os.replace(tmp, out / OPTIMIZER)
-    _write_atomic(out / STATE, (json.dumps(state) + "\n").encode())
+        _write_atomic(out / OPTIMIZER, lambda p: torch.save(optimizer.state_dict(), p))
+    _fsync(out)  # every file above is in place before state.json names the step
+    _write_atomic(out / STATE, _json_writer(state))
+    _fsync(out)
     return out
 
 

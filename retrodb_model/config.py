@@ -1,8 +1,10 @@
-"""Configuration of the RETRO model (Borgeaud et al., 2022).
+"""Configuration of the RETRO model (Borgeaud et al., 2022) and of a training run.
 
 One frozen dataclass describes the whole model: the decoder, the neighbour encoder and
 where the two meet. A checkpoint stores `RetroConfig.to_dict()` beside the weights, so
-`RetroConfig.from_dict(...)` rebuilds the exact model without guessing.
+`RetroConfig.from_dict(...)` rebuilds the exact model without guessing. `TrainArgs` holds
+everything a training run depends on (`retrodb train` makes its options from it). This
+module imports neither torch nor the database, so the command line can read it cheaply.
 
 Layer indices (`retro_layers`, `enc_cross_attn_layers`, `dec_enc_condition_layer`) are
 1-based, as in the paper ("RETRO blocks at layers 6, 9 and 12").
@@ -11,8 +13,14 @@ Layer indices (`retro_layers`, `enc_cross_attn_layers`, `dec_enc_condition_layer
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from retrodb.errors import BadInputError
+
+if TYPE_CHECKING:
+    from retrodb.db import RetroDB
 
 
 def default_retro_layers(n_layers: int) -> tuple[int, ...]:
@@ -264,8 +272,149 @@ class RetroConfig:
         kwargs.update(overrides)
         return cls(vocab_size=vocab_size, **kwargs)
 
+    @classmethod
+    def for_database(
+        cls,
+        db: RetroDB | str | Path,
+        preset: str = "small",
+        *,
+        k: int = 2,
+        seq_len: int | None = None,
+        **overrides: Any,
+    ) -> RetroConfig:
+        """A preset sized to fit ``db``: its vocabulary and chunk size, ``k`` neighbours
+        per chunk (the training value, unless ``num_neighbours`` is given; the model
+        accepts any k at run time), and
+        ``max_seq_len`` at least ``seq_len``. Other keyword overrides win over the
+        preset; a ``chunk_size`` or ``vocab_size`` that contradicts the database raises
+        :class:`retrodb.errors.MismatchError`.
+
+        >>> cfg = RetroConfig.for_database("my.retrodb", "tiny", k=2)  # doctest: +SKIP
+        """
+        from retrodb.db import RetroDB
+        from retrodb.errors import MismatchError
+
+        rdb = db if isinstance(db, RetroDB) else RetroDB.open(db)
+        fits = {
+            "vocab_size": int(rdb.manifest.tokenizer["vocab_size"]),
+            "chunk_size": int(rdb.chunk_size),
+        }
+        for name, value in fits.items():
+            if name in overrides and overrides[name] != value:
+                raise MismatchError(
+                    f"{name} {overrides[name]} does not fit {rdb.path}, whose {name} is {value}"
+                )
+        overrides = {"num_neighbours": k, **overrides, "chunk_size": fits["chunk_size"]}
+        config = cls.preset(preset, fits["vocab_size"], **overrides)
+        if seq_len is not None and config.max_seq_len < seq_len:
+            config = config.replace(max_seq_len=seq_len)
+        return config
+
 
 def ff_hidden(dim: int, ff_mult: float, multiple_of: int = 32) -> int:
     """SwiGLU hidden width: 2/3 of ff_mult * dim, rounded up to a multiple of 32."""
     hidden = int(2 * ff_mult * dim / 3)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+@dataclass(frozen=True)
+class TrainArgs:
+    """Everything a training run depends on; stored in the checkpoint's config.json."""
+
+    db: str
+    """The database directory."""
+    neighbours: str
+    """The neighbour set to train on (``retrodb neighbours DB NAME``)."""
+    out: str
+    """The checkpoint directory."""
+    preset: str = "small"
+    """Model size: tiny, small or base (see RetroConfig.preset)."""
+    model: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the preset's RetroConfig fields."""
+    steps: int = 1000
+    """Optimizer steps in total (a resumed run continues up to this)."""
+    seq_len: int = 512
+    """Tokens per training sequence (a multiple of the chunk size)."""
+    batch_size: int = 4
+    """Sequences per step and process."""
+    lr: float = 6e-4
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """The cosine decays to lr * min_lr_ratio at the last step."""
+    warmup: int | None = None
+    """Linear warm-up steps (default: 10 % of steps, at most 100)."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (on weight matrices only)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+    no_retrieval: bool = False
+    """Train without neighbours: a plain decoder (the baseline, and a retrofit base)."""
+    retrofit: str | None = None
+    """A checkpoint trained with no_retrieval: freeze it, train only CCA and the encoder."""
+    k: int | None = None
+    """Neighbours per chunk (default: all the neighbour set has)."""
+    val_fraction: float = 0.05
+    """Share of documents held out for validation (a stable hash of each id)."""
+    split_seed: int = 0
+    """Seed of the train/validation split of the documents."""
+    eval_every: int = 100
+    """Validate every this many steps (0: only at the end)."""
+    eval_batches: int = 20
+    """Validation batches per process."""
+    log_every: int = 10
+    """Log every this many steps."""
+    save_every: int = 500
+    """Checkpoint every this many steps (and always at the end)."""
+    seed: int = 0
+    """Seed of the initial weights and of the data order."""
+    dtype: str = "fp32"
+    """fp32, or bf16 (CPU/GPU autocast for forward and loss; weights stay fp32)."""
+    threads: int | None = None
+    """torch threads per process (default: the cores this process may use (CPU affinity
+    and cgroup quota) minus the 1-minute load average, rounded, divided among the local
+    processes; at least 1)."""
+    workers: int = 0
+    """DataLoader worker processes that fetch batches (0: the training process does; a
+    batch is a memory-mapped gather of well under a millisecond)."""
+    resume: bool = False
+    """Continue from the checkpoint in out (start afresh if there is none)."""
+
+    def __post_init__(self) -> None:
+        if self.steps <= 0:
+            raise BadInputError(f"steps must be positive, got {self.steps}")
+        if self.batch_size <= 0 or self.seq_len <= 0:
+            raise BadInputError("batch_size and seq_len must be positive")
+        if self.dtype not in ("fp32", "bf16"):
+            raise BadInputError(f"dtype must be fp32 or bf16, got {self.dtype!r}")
+        if self.no_retrieval and self.retrofit:
+            raise BadInputError("--retrofit trains retrieval: it cannot be --no-retrieval")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise BadInputError("lr must be positive and min_lr_ratio in [0, 1]")
+        if self.workers < 0 or (self.threads is not None and self.threads < 1):
+            raise BadInputError("workers must be >= 0 and threads >= 1")
+        if self.log_every < 1 or self.eval_batches < 1 or (self.k is not None and self.k < 1):
+            raise BadInputError("log_every, eval_batches and k must be >= 1")
+        if self.eval_every < 0 or self.save_every < 0:
+            raise BadInputError("eval_every and save_every must be >= 0 (0: only at the end)")
+        if not 0 <= self.val_fraction < 1:
+            raise BadInputError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        object.__setattr__(self, "betas", (float(self.betas[0]), float(self.betas[1])))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainArgs:
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {key: v for key, v in d.items() if key in names}
+        if "betas" in kw:
+            kw["betas"] = tuple(kw["betas"])
+        return cls(**kw)
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.warmup if self.warmup is not None else max(1, min(100, self.steps // 10))

@@ -15,7 +15,9 @@ document) with the neighbours precomputed for each of its chunks:
 Every array is read through memory maps (:class:`retrodb.neighbours.SequenceReader`); the
 maps are opened lazily in each process, so the dataset works with ``num_workers > 0`` and
 pickles small. A DataLoader from :func:`make_dataloader` fetches a whole batch with one
-vectorised gather (``__getitems__``) instead of one item at a time.
+vectorised gather (``__getitems__``) instead of one item at a time; the endless one of
+:func:`make_train_loader` yields the batches of a training run by step
+(:class:`StepBatches`), so a run resumed at step s continues exactly.
 
 >>> train, val = make_datasets("my.retrodb", "train", seq_len=512)      # doctest: +SKIP
 >>> loader = make_dataloader(train, batch_size=16, seed=0, num_workers=2) # doctest: +SKIP
@@ -169,6 +171,92 @@ class EpochShuffle(Sampler[int]):
         return iter(torch.randperm(self.n, generator=g).tolist())
 
 
+class StepBatches(Sampler[list[int]]):
+    """The batches of a training run by step, from ``start`` on, without end: batch ``s``
+    depends only on ``(seed, s)``, so a run resumed at step s sees exactly the batches an
+    uninterrupted run sees from s on. Its whole state is ``start`` (the step to resume at).
+
+    Epoch e is ``torch.randperm(n)`` seeded with ``seed + e`` (the order of
+    :class:`EpochShuffle` and of ``DistributedSampler(shuffle=True)``); with ``world_size``
+    > 1 it is cut to a multiple of world_size and rank r takes every world_size-th window
+    from r (DistributedSampler's ``drop_last=True`` shard). Each rank's share is cut into
+    batches of ``batch_size``; an incomplete last batch is dropped."""
+
+    def __init__(
+        self,
+        n: int,
+        *,
+        batch_size: int,
+        seed: int = 0,
+        start: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size or start < 0:
+            raise ValueError(
+                f"bad StepBatches(batch_size={batch_size}, rank={rank}, "
+                f"world_size={world_size}, start={start})"
+            )
+        self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
+        self.rank, self.world_size = rank, world_size
+        self.per_epoch = (n // world_size) // batch_size
+        """Batches per epoch and rank (0: the windows do not fill one batch per rank)."""
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.per_epoch if self.per_epoch else 0
+
+    def epoch(self, epoch: int) -> list[list[int]]:
+        """The batches of one epoch, in order (this rank's share)."""
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(self.n, generator=g)
+        mine = order[: self.n - self.n % self.world_size][self.rank :: self.world_size]
+        b = self.batch_size
+        return [mine[i * b : (i + 1) * b].tolist() for i in range(self.per_epoch)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.per_epoch == 0:
+            return
+        epoch, offset = divmod(self.start, self.per_epoch)
+        while True:
+            yield from self.epoch(epoch)[offset:]
+            epoch, offset = epoch + 1, 0
+
+
+def make_train_loader(
+    dataset: RetroDataset,
+    *,
+    batch_size: int,
+    seed: int = 0,
+    start: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """An endless DataLoader of training batches from step ``start`` on (see
+    :class:`StepBatches`; ``loader.batch_sampler.per_epoch`` batches make an epoch).
+    With ``num_workers`` > 0 the workers fetch and collate the batches (each maps the
+    files itself); the order never depends on them."""
+    sampler = StepBatches(
+        len(dataset),
+        batch_size=batch_size,
+        seed=seed,
+        start=start,
+        rank=rank,
+        world_size=world_size,
+    )
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate,
+        worker_init_fn=_worker_init,
+        pin_memory=pin_memory,
+        # a generator of its own, so that starting workers never draws from the global RNG
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
 def _worker_init(worker_id: int) -> None:
     info = get_worker_info()
     if info is not None and isinstance(info.dataset, RetroDataset):
@@ -251,7 +339,9 @@ class _InOrder(Sampler[int]):
 __all__ = [
     "EpochShuffle",
     "RetroDataset",
+    "StepBatches",
     "collate",
     "make_dataloader",
     "make_datasets",
+    "make_train_loader",
 ]

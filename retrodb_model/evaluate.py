@@ -23,10 +23,12 @@ and is left out of bpb(alpha) (so bpb(100 %) covers fewer tokens than the overal
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,14 +36,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from retrodb import corpus as corpus_mod
 from retrodb.db import RetroDB
 from retrodb.errors import BadInputError
 from retrodb.progress import ProgressFn, no_progress
 from retrodb.tokenizer import Tokenizer
+from retrodb_model.config import RetroConfig
 from retrodb_model.model import IGNORE_INDEX, RetroModel
-from retrodb_model.retrieve import LiveRetriever
+from retrodb_model.retrieve import LiveRetriever, Neighbours
 
 #: Overlap thresholds of bpb(alpha), in percent of the chunk length.
 ALPHAS = (0.0, 12.5, 25.0, 50.0, 75.0, 100.0)
@@ -85,7 +89,7 @@ def longest_common_run(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return best.max(axis=-1) if best.shape[-1] else np.zeros(best.shape[:-1], np.int64)
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Window:
     doc: int  # document number in this evaluation
     start: int  # first input token (a multiple of m)
@@ -101,6 +105,264 @@ def read_documents(inputs: Sequence[str | Path]) -> list[tuple[str, str]]:
         corpus.cleanup()
 
 
+@dataclass
+class Evaluation:
+    """What :func:`evaluate` measured (the fields of the JSON it saves; see
+    docs/results-model.md). ``checkpoint``, ``step``, ``inputs`` and ``note`` are set by
+    :func:`evaluate_checkpoint`."""
+
+    documents: int
+    windows: int
+    tokens: int
+    bytes: int
+    seq_len: int
+    chunk_size: int
+    k: int
+    exclude_self: bool
+    max_tokens_per_document: int | None
+    db: str
+    generation: int
+    bpb: dict[str, float | None]
+    """Bits per byte per mode: ``retrieval`` (when evaluated) and ``no_retrieval``."""
+    bpb_alpha: dict[str, Any] | None
+    """bpb(alpha) per mode, chunk counts and shares, mean overlap; None without retrieval."""
+    per_document: list[dict[str, Any]]
+    seconds: dict[str, float]
+    checkpoint: str | None = None
+    step: int | None = None
+    inputs: list[str] | None = None
+    note: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object: the checkpoint's fields first, ``bpb_alpha`` only with
+        retrieval, ``note`` only when there is one."""
+        data = dataclasses.asdict(self)
+        head = {key: data.pop(key) for key in ("checkpoint", "step", "inputs")}
+        note = data.pop("note")
+        if data["bpb_alpha"] is None:
+            del data["bpb_alpha"]
+        out = {**(head if self.checkpoint is not None else {}), **data}
+        return {**out, "note": note} if note is not None else out
+
+    def save(self, path: str | Path, *, title: str = "") -> list[Path]:
+        """Write the JSON to ``path`` (folders created) and the bpb(alpha) plot beside it
+        (same name, .png) when there is one; returns the files written."""
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        if title == "" and self.checkpoint is not None:
+            title = f"{Path(self.checkpoint).name} step {self.step}"
+        png = plot_alpha(self.to_dict(), out.with_suffix(".png"), title=title)
+        return [out] if png is None else [out, png]
+
+
+def _check_seq_len(cfg: RetroConfig, seq_len: int | None) -> int:
+    m, L = cfg.chunk_size, seq_len or cfg.max_seq_len
+    if L % m or L <= 0:
+        raise BadInputError(f"seq_len must be a positive multiple of the chunk size {m}, got {L}")
+    if L > cfg.max_seq_len:
+        raise BadInputError(f"seq_len {L} exceeds the model's max_seq_len {cfg.max_seq_len}")
+    return L
+
+
+def _windows(toks: list[np.ndarray], L: int) -> list[_Window]:
+    """Every document cut into windows of at most L inputs (each with its L targets)."""
+    windows = [
+        _Window(di, s, min(L, len(t) - 1 - s))
+        for di, t in enumerate(toks)
+        for s in range(0, max(len(t) - 1, 0), L)
+    ]
+    if not windows:
+        raise BadInputError("the documents are too short to evaluate (need 2 tokens)")
+    return windows
+
+
+@dataclass
+class _Retrieved:
+    """The live neighbours of every full chunk of every window: row ``rows[(doc, first
+    token)]`` of ``got`` (and of its tensors, -1 where masked)."""
+
+    rows: dict[tuple[int, int], int]
+    got: Neighbours
+    tokens: torch.Tensor  # (R, k, 2m)
+    mask: torch.Tensor  # (R, k, 2m)
+
+    def batch(self, windows: list[_Window], n_chunks: int, m: int) -> tuple[Tensor, Tensor]:
+        """``retrieved`` and its mask (B, n_chunks, k, 2m) for a batch of windows."""
+        k, r = self.tokens.shape[1:]
+        retrieved = torch.full((len(windows), n_chunks, k, r), -1, dtype=torch.long)
+        mask = torch.zeros((len(windows), n_chunks, k, r), dtype=torch.bool)
+        for i, w in enumerate(windows):
+            for j in range(w.length // m):
+                row = self.rows[(w.doc, w.start + j * m)]
+                retrieved[i, j], mask[i, j] = self.tokens[row], self.mask[row]
+        return retrieved, mask
+
+
+def _retrieve(
+    retriever: LiveRetriever,
+    windows: list[_Window],
+    toks: list[np.ndarray],
+    own: list[int] | None,
+    m: int,
+    progress: ProgressFn,
+) -> _Retrieved:
+    """Live retrieval for every full chunk of every window, all at once. ``own``: the
+    database document number of each evaluated document, excluded from its neighbours."""
+    rows: dict[tuple[int, int], int] = {}
+    chunks: list[np.ndarray] = []
+    exclude: list[int] = []
+    for w in windows:
+        for j in range(w.length // m):
+            a = w.start + j * m
+            rows[(w.doc, a)] = len(chunks)
+            chunks.append(toks[w.doc][a : a + m])
+            exclude.append(own[w.doc] if own is not None else -2)
+    progress("retrieve", 0, len(chunks))
+    got = retriever(
+        np.stack(chunks) if chunks else np.zeros((0, m), np.int64),
+        exclude=np.array(exclude, dtype=np.int64) if own is not None else None,
+    )
+    progress("retrieve", len(chunks), len(chunks))
+    tokens, mask = got.tensors()
+    return _Retrieved(rows, got, tokens, mask)
+
+
+def _score(
+    model: RetroModel,
+    windows: list[_Window],
+    toks: list[np.ndarray],
+    retrieved: _Retrieved | None,
+    *,
+    L: int,
+    pad: int,
+    batch_size: int,
+    progress: ProgressFn,
+) -> dict[str, list[np.ndarray]]:
+    """Per mode and window, the NLL (nats) of each of its targets."""
+    m = model.cfg.chunk_size
+    modes = _modes(retrieved is not None)
+    nll: dict[str, list[np.ndarray]] = {mode: [np.zeros(0)] * len(windows) for mode in modes}
+    progress("evaluate", 0, len(windows))
+    for b0 in range(0, len(windows), batch_size):
+        batch = windows[b0 : b0 + batch_size]
+        inp = torch.full((len(batch), L), pad, dtype=torch.long)
+        tgt = torch.full((len(batch), L), IGNORE_INDEX, dtype=torch.long)
+        for i, w in enumerate(batch):
+            t = torch.from_numpy(toks[w.doc][w.start : w.start + w.length + 1])
+            inp[i, : w.length], tgt[i, : w.length] = t[:-1], t[1:]
+        for mode in modes:
+            neighbours: tuple[Tensor | None, Tensor | None] = (None, None)
+            if mode == "retrieval" and retrieved is not None:
+                neighbours = retrieved.batch(batch, L // m, m)
+            logits, _ = model(inp, *neighbours)
+            loss = F.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]),
+                tgt.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="none",
+            ).view(len(batch), L)
+            for i, w in enumerate(batch):
+                nll[mode][b0 + i] = loss[i, : w.length].double().numpy()
+        progress("evaluate", b0 + len(batch), len(windows))
+    return nll
+
+
+def _modes(retrieval: bool) -> list[str]:
+    return ["retrieval", "no_retrieval"] if retrieval else ["no_retrieval"]
+
+
+def _bpb(nll: float, nbytes: float) -> float | None:
+    return float(nll / LN2 / nbytes) if nbytes > 0 else None
+
+
+def _alpha_table(
+    windows: list[_Window],
+    toks: list[np.ndarray],
+    nll: dict[str, list[np.ndarray]],
+    retrieved: _Retrieved,
+    nbytes_of: np.ndarray,
+    m: int,
+) -> dict[str, Any]:
+    """bpb(alpha): window chunks j >= 1, by their overlap with the neighbours of j-1."""
+    modes = list(nll)
+    c_nll: dict[str, list[float]] = {mode: [] for mode in modes}
+    c_bytes, c_rows, c_tokens = [], [], []
+    for wi, w in enumerate(windows):
+        for j in range(1, w.length // m + 1):
+            lo, hi = j * m - 1, min((j + 1) * m - 1, w.length)  # input positions
+            if lo >= hi:
+                continue
+            targets = toks[w.doc][w.start + 1 + lo : w.start + 1 + hi]
+            c_tokens.append(np.pad(targets, (0, m - targets.size), constant_values=-2))
+            c_rows.append(retrieved.rows[(w.doc, w.start + (j - 1) * m)])
+            c_bytes.append(int(nbytes_of[targets].sum()))
+            for mode in modes:
+                c_nll[mode].append(float(nll[mode][wi][lo:hi].sum()))
+    ctoks = np.stack(c_tokens) if c_tokens else np.zeros((0, m), np.int64)
+    lens = (ctoks >= 0).sum(axis=1)
+    got = retrieved.got
+    neigh = np.where(got.mask, got.tokens, -1)[np.asarray(c_rows, dtype=np.int64)]
+    overlap = longest_common_run(ctoks, neigh) / np.maximum(lens, 1)  # (C,)
+    cb = np.asarray(c_bytes, dtype=np.float64)
+    table: dict[str, Any] = {"alpha": list(ALPHAS), "chunks": [], "fraction": []}
+    for mode in modes:
+        table[mode] = []
+    for alpha in ALPHAS:
+        sel = overlap <= alpha / 100.0 + 1e-9
+        table["chunks"].append(int(sel.sum()))
+        table["fraction"].append(float(sel.mean()) if sel.size else 0.0)
+        for mode in modes:
+            table[mode].append(_bpb(np.asarray(c_nll[mode])[sel].sum(), cb[sel].sum()))
+    table["mean_overlap"] = float(overlap.mean()) if overlap.size else 0.0
+    table["overlap_histogram"] = {
+        f"<={a:g}%": int((overlap <= a / 100.0 + 1e-9).sum()) for a in ALPHAS
+    }
+    return table
+
+
+@dataclass(frozen=True)
+class _Totals:
+    """Per evaluated document: summed NLL per mode, target bytes and tokens."""
+
+    nll: dict[str, np.ndarray]
+    bytes: np.ndarray
+    tokens: np.ndarray
+
+    @classmethod
+    def of(
+        cls,
+        windows: list[_Window],
+        toks: list[np.ndarray],
+        nll: dict[str, list[np.ndarray]],
+        nbytes_of: np.ndarray,
+        n_docs: int,
+    ) -> _Totals:
+        totals = cls(
+            {mode: np.zeros(n_docs) for mode in nll},
+            np.zeros(n_docs, dtype=np.int64),
+            np.zeros(n_docs, dtype=np.int64),
+        )
+        for wi, w in enumerate(windows):
+            targets = toks[w.doc][w.start + 1 : w.start + 1 + w.length]
+            totals.bytes[w.doc] += int(nbytes_of[targets].sum())
+            totals.tokens[w.doc] += w.length
+            for mode, per_window in nll.items():
+                totals.nll[mode][w.doc] += per_window[wi].sum()
+        return totals
+
+    def per_document(self, ids: list[str]) -> list[dict[str, Any]]:
+        return [
+            {
+                "id": doc_id,
+                "tokens": int(self.tokens[d]),
+                "bytes": int(self.bytes[d]),
+                **{f"bpb_{mode}": _bpb(v[d], self.bytes[d]) for mode, v in self.nll.items()},
+            }
+            for d, doc_id in enumerate(ids)
+        ]
+
+
 @torch.no_grad()
 def evaluate(
     model: RetroModel,
@@ -114,19 +376,14 @@ def evaluate(
     exclude_self: bool = False,
     max_tokens: int | None = None,
     progress: ProgressFn = no_progress,
-) -> dict[str, Any]:
+) -> Evaluation:
     """Bits per byte of ``documents`` (``(id, text)`` pairs) with retrieval on and off, and
     bpb(alpha). ``retrieval=False`` evaluates without retrieval only (no search at all).
     ``exclude_self``: never retrieve from a database document with the evaluated
     document's id. ``max_tokens``: score only the first max_tokens targets of each document
-    (a cheaper estimate). Returns a JSON-able dict (see docs/results-model.md)."""
+    (a cheaper estimate)."""
     cfg = model.cfg
-    m = cfg.chunk_size
-    L = seq_len or cfg.max_seq_len
-    if L % m or L <= 0:
-        raise BadInputError(f"seq_len must be a positive multiple of the chunk size {m}, got {L}")
-    if L > cfg.max_seq_len:
-        raise BadInputError(f"seq_len {L} exceeds the model's max_seq_len {cfg.max_seq_len}")
+    m, L = cfg.chunk_size, _check_seq_len(cfg, seq_len)
     k = k or cfg.num_neighbours
     tok = db.tokenizer
     assert tok is not None
@@ -138,151 +395,82 @@ def evaluate(
     toks = [np.asarray(t, dtype=np.int64) for t in tok.encode([text for _, text in documents])]
     if max_tokens is not None:
         toks = [t[: max_tokens + 1] for t in toks]
-    pad = db.pad_id
-
-    windows = [
-        _Window(di, s, min(L, len(t) - 1 - s))
-        for di, t in enumerate(toks)
-        for s in range(0, max(len(t) - 1, 0), L)
-    ]
-    if not windows:
-        raise BadInputError("the documents are too short to evaluate (need 2 tokens)")
-
-    # Live retrieval for every full chunk of every window, all at once.
+    windows = _windows(toks, L)
     retriever = LiveRetriever(db, k)
-    chunk_of: dict[tuple[int, int], int] = {}  # (doc, first token) -> row
-    rows_tok: list[np.ndarray] = []
-    rows_own: list[int] = []
+    retrieved = None
     if retrieval:
-        for w in windows:
-            for j in range(w.length // m):
-                a = w.start + j * m
-                chunk_of[(w.doc, a)] = len(rows_tok)
-                rows_tok.append(toks[w.doc][a : a + m])
-                rows_own.append(retriever.doc_number(ids[w.doc]) if exclude_self else -2)
-        progress("retrieve", 0, len(rows_tok))
-        got = retriever(
-            np.stack(rows_tok) if rows_tok else np.zeros((0, m), np.int64),
-            exclude=np.array(rows_own, dtype=np.int64) if exclude_self else None,
-        )
-        progress("retrieve", len(rows_tok), len(rows_tok))
-        n_tok, n_mask = got.tensors()  # (R, k, 2m)
-
-    modes = ["retrieval", "no_retrieval"] if retrieval else ["no_retrieval"]
-    nll = {mode: [np.zeros(0)] * len(windows) for mode in modes}
+        own = [retriever.doc_number(i) for i in ids] if exclude_self else None
+        retrieved = _retrieve(retriever, windows, toks, own, m, progress)
     t_model = time.perf_counter()
-    n_chunks = L // m
-    progress("evaluate", 0, len(windows))
-    for b0 in range(0, len(windows), batch_size):
-        batch = windows[b0 : b0 + batch_size]
-        B = len(batch)
-        inp = torch.full((B, L), pad, dtype=torch.long)
-        tgt = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
-        for i, w in enumerate(batch):
-            t = torch.from_numpy(toks[w.doc][w.start : w.start + w.length + 1])
-            inp[i, : w.length] = t[:-1]
-            tgt[i, : w.length] = t[1:]
-        for mode in modes:
-            retrieved = mask = None
-            if mode == "retrieval":
-                retrieved = torch.full((B, n_chunks, k, 2 * m), -1, dtype=torch.long)
-                mask = torch.zeros((B, n_chunks, k, 2 * m), dtype=torch.bool)
-                for i, w in enumerate(batch):
-                    for j in range(w.length // m):
-                        r = chunk_of[(w.doc, w.start + j * m)]
-                        retrieved[i, j], mask[i, j] = n_tok[r], n_mask[r]
-            logits, _ = model(inp, retrieved, mask)
-            loss = F.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]),
-                tgt.reshape(-1),
-                ignore_index=IGNORE_INDEX,
-                reduction="none",
-            ).view(B, L)
-            for i, w in enumerate(batch):
-                nll[mode][b0 + i] = loss[i, : w.length].double().numpy()
-        progress("evaluate", b0 + B, len(windows))
+    nll = _score(
+        model, windows, toks, retrieved,
+        L=L, pad=db.pad_id, batch_size=batch_size, progress=progress,
+    )  # fmt: skip
     model_seconds = time.perf_counter() - t_model
+    totals = _Totals.of(windows, toks, nll, nbytes_of, len(documents))
+    total_bytes = int(totals.bytes.sum())
+    return Evaluation(
+        documents=len(documents),
+        windows=len(windows),
+        tokens=int(totals.tokens.sum()),
+        bytes=total_bytes,
+        seq_len=L,
+        chunk_size=m,
+        k=k,
+        exclude_self=exclude_self,
+        max_tokens_per_document=max_tokens,
+        db=str(db.path),
+        generation=db.generation,
+        bpb={mode: _bpb(v.sum(), total_bytes) for mode, v in totals.nll.items()},
+        bpb_alpha=(
+            None if retrieved is None else _alpha_table(windows, toks, nll, retrieved, nbytes_of, m)
+        ),
+        per_document=totals.per_document(ids),
+        seconds={
+            "total": time.perf_counter() - t_start,
+            "retrieval": retriever.seconds,
+            "model": model_seconds,
+        },
+    )
 
-    # Totals and per document.
-    n_docs = len(documents)
-    doc_nll = {mode: np.zeros(n_docs) for mode in modes}
-    doc_bytes = np.zeros(n_docs, dtype=np.int64)
-    doc_tokens = np.zeros(n_docs, dtype=np.int64)
-    for wi, w in enumerate(windows):
-        targets = toks[w.doc][w.start + 1 : w.start + 1 + w.length]
-        doc_bytes[w.doc] += int(nbytes_of[targets].sum())
-        doc_tokens[w.doc] += w.length
-        for mode in modes:
-            doc_nll[mode][w.doc] += nll[mode][wi].sum()
 
-    def bpb(n: float, nbytes: float) -> float | None:
-        return float(n / LN2 / nbytes) if nbytes > 0 else None
+def evaluate_checkpoint(
+    directory: str | Path,
+    db: RetroDB,
+    inputs: Sequence[str | Path],
+    *,
+    seq_len: int | None = None,
+    k: int | None = None,
+    batch_size: int = 4,
+    retrieval: bool = True,
+    exclude_self: bool = False,
+    max_tokens: int | None = None,
+    progress: ProgressFn = no_progress,
+) -> Evaluation:
+    """:func:`evaluate` the checkpoint in ``directory`` on the documents of ``inputs``
+    (files, folders, JSONL). ``seq_len`` defaults to the training length; a model trained
+    without retrieval is evaluated without it. Refuses a database with another
+    tokenizer (:class:`retrodb.errors.MismatchError`)."""
+    from retrodb_model.checkpoint import load_model
 
-    total_bytes = int(doc_bytes.sum())
-    result: dict[str, Any] = {
-        "documents": n_docs,
-        "windows": len(windows),
-        "tokens": int(doc_tokens.sum()),
-        "bytes": total_bytes,
-        "seq_len": L,
-        "chunk_size": m,
-        "k": k,
-        "exclude_self": exclude_self,
-        "max_tokens_per_document": max_tokens,
-        "db": str(db.path),
-        "generation": db.generation,
-        "bpb": {mode: bpb(doc_nll[mode].sum(), total_bytes) for mode in modes},
-    }
-
-    # bpb(alpha): window chunks j >= 1, overlap with the neighbours of chunk j-1.
-    if retrieval:
-        c_nll: dict[str, list[float]] = {mode: [] for mode in modes}
-        c_bytes, c_rows, c_tokens = [], [], []
-        for wi, w in enumerate(windows):
-            for j in range(1, w.length // m + 1):
-                lo, hi = j * m - 1, min((j + 1) * m - 1, w.length)  # input positions
-                if lo >= hi:
-                    continue
-                targets = toks[w.doc][w.start + 1 + lo : w.start + 1 + hi]
-                c_tokens.append(np.pad(targets, (0, m - targets.size), constant_values=-2))
-                c_rows.append(chunk_of[(w.doc, w.start + (j - 1) * m)])
-                c_bytes.append(int(nbytes_of[targets].sum()))
-                for mode in modes:
-                    c_nll[mode].append(float(nll[mode][wi][lo:hi].sum()))
-        ctoks = np.stack(c_tokens) if c_tokens else np.zeros((0, m), np.int64)
-        lens = (ctoks >= 0).sum(axis=1)
-        neigh = np.where(got.mask, got.tokens, -1)[np.asarray(c_rows, dtype=np.int64)]
-        overlap = longest_common_run(ctoks, neigh) / np.maximum(lens, 1)  # (C,)
-        cb = np.asarray(c_bytes, dtype=np.float64)
-        table: dict[str, Any] = {"alpha": list(ALPHAS), "chunks": [], "fraction": []}
-        for mode in modes:
-            table[mode] = []
-        for alpha in ALPHAS:
-            sel = overlap <= alpha / 100.0 + 1e-9
-            table["chunks"].append(int(sel.sum()))
-            table["fraction"].append(float(sel.mean()) if sel.size else 0.0)
-            for mode in modes:
-                table[mode].append(bpb(np.asarray(c_nll[mode])[sel].sum(), cb[sel].sum()))
-        table["mean_overlap"] = float(overlap.mean()) if overlap.size else 0.0
-        table["overlap_histogram"] = {
-            f"<={a:g}%": int((overlap <= a / 100.0 + 1e-9).sum()) for a in ALPHAS
-        }
-        result["bpb_alpha"] = table
-
-    result["per_document"] = [
-        {
-            "id": ids[d],
-            "tokens": int(doc_tokens[d]),
-            "bytes": int(doc_bytes[d]),
-            **{f"bpb_{mode}": bpb(doc_nll[mode][d], doc_bytes[d]) for mode in modes},
-        }
-        for d in range(n_docs)
-    ]
-    result["seconds"] = {
-        "total": time.perf_counter() - t_start,
-        "retrieval": retriever.seconds,
-        "model": model_seconds,
-    }
+    model, ckpt = load_model(directory, db=db)
+    retrieval = retrieval and ckpt.retrieval
+    result = evaluate(
+        model,
+        db,
+        read_documents(inputs),
+        seq_len=seq_len or int(ckpt.train_args.get("seq_len", model.cfg.max_seq_len)),
+        k=k,
+        batch_size=batch_size,
+        retrieval=retrieval,
+        exclude_self=exclude_self,
+        max_tokens=max_tokens,
+        progress=progress,
+    )
+    result.checkpoint, result.step = str(directory), ckpt.step
+    result.inputs = [str(i) for i in inputs]
+    if not ckpt.retrieval:
+        result.note = "the model was trained with --no-retrieval"
     return result
 
 
@@ -324,11 +512,11 @@ def plot_alpha(result: dict[str, Any], path: str | Path, *, title: str = "") -> 
     return out
 
 
-ProgressCallback = Callable[[str, int, int], None]
-
 __all__ = [
     "ALPHAS",
+    "Evaluation",
     "evaluate",
+    "evaluate_checkpoint",
     "longest_common_run",
     "plot_alpha",
     "read_documents",

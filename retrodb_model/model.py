@@ -345,9 +345,20 @@ class ChunkedCrossAttention(nn.Module):
         return F.pad(y, (0, 0, skip, 0))  # (B, T, D): zeros for the first tokens
 
 
+@dataclass(frozen=True)
+class CCAInputs:
+    """What the CCA of one decoder layer attends to in one call: keys and values (B, c,
+    H, k*r, hd) of the encoded neighbours of chunks first_chunk .. first_chunk + c - 1,
+    and their validity (B, c, k*r) bool (None: every token real)."""
+
+    keys: Tensor
+    values: Tensor
+    valid: Tensor | None
+    first_chunk: int
+
+
 class DecoderBlock(nn.Module):
-    """Pre-norm decoder block: causal self-attention, [CCA,] feed-forward. The model runs
-    the three steps itself (CCA needs the encoded neighbours and the cache)."""
+    """Pre-norm decoder block: causal self-attention, [CCA,] feed-forward."""
 
     def __init__(self, cfg: RetroConfig, retro: bool) -> None:
         super().__init__()
@@ -356,6 +367,33 @@ class DecoderBlock(nn.Module):
         self.cca = ChunkedCrossAttention(cfg) if retro else None
         self.norm_ff = RMSNorm(cfg.dim)
         self.ff = FeedForward(cfg.dim, cfg.ff_hidden, cfg.dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        rot: Tensor,
+        rope: Rotary,
+        *,
+        start: int = 0,
+        kv_cache: tuple[Tensor, Tensor] | None = None,
+        neighbours: CCAInputs | None = None,
+    ) -> Tensor:
+        """x (B, T, D) at positions [start, start + T) -> (B, T, D). rot (T, hd/2): the
+        rotations of those positions; rope: the table CCA takes its positions from.
+        kv_cache: this layer's self-attention cache (see SelfAttention). neighbours: what
+        CCA attends to; None (or a block without CCA): no CCA update."""
+        x = x + self.attn(self.norm_attn(x), rot, causal=True, kv_cache=kv_cache, start=start)
+        if self.cca is not None and neighbours is not None:
+            x = x + self.cca(
+                x,
+                neighbours.keys,
+                neighbours.values,
+                neighbours.valid,
+                rope,
+                start=start,
+                first_chunk=neighbours.first_chunk,
+            )
+        return x + self.ff(self.norm_ff(x))
 
 
 class ChunkConditioning(nn.Module):
@@ -392,6 +430,27 @@ class EncoderBlock(nn.Module):
         self.cross = ChunkConditioning(cfg) if cross else None
         self.norm_ff = RMSNorm(E)
         self.ff = FeedForward(E, ff_hidden(E, cfg.ff_mult), cfg.dropout)
+
+    def forward(
+        self,
+        h: Tensor,
+        ctx: Tensor,
+        *,
+        rot: Tensor,
+        rot_q: Tensor,
+        rot_c: Tensor,
+        key_mask: Tensor | None = None,
+    ) -> Tensor:
+        """h (N, r, E): every neighbour, N = B*n*k; ctx (B*n, m, D): the decoder states
+        of the chunk that retrieved each group of k neighbours. rot (r, hd/2): neighbour
+        positions; rot_q (k*r, hd/2), rot_c (m, hd/2): the cross-attention's query and
+        context positions; key_mask (N, r) bool, True = real token. Returns (N, r, E)."""
+        h = h + self.attn(self.norm_attn(h), rot, causal=False, key_mask=key_mask)
+        if self.cross is not None:
+            N, r, E = h.shape
+            update = self.cross(h.view(ctx.shape[0], -1, E), ctx, rot_q, rot_c)  # (B*n, k*r, E)
+            h = h + update.view(N, r, E)
+        return h + self.ff(self.norm_ff(h))
 
 
 class NeighbourEncoder(nn.Module):
@@ -433,12 +492,8 @@ class NeighbourEncoder(nn.Module):
         rot_q = self.rope(torch.arange(k * r, device=emb.device) % r)  # (k*r, hd/2)
         rot_c = self.rope(slice(0, m))  # chunk token i has position i
         ctx = chunk_states.reshape(B * n, m, D)  # (B*n, m, D)
-        for block in cast(Iterable[EncoderBlock], self.blocks):
-            h = h + block.attn(block.norm_attn(h), rot_r, causal=False, key_mask=key_mask)
-            if block.cross is not None:
-                update = block.cross(h.view(B * n, k * r, -1), ctx, rot_q, rot_c)
-                h = h + update.view(B * n * k, r, -1)  # (N, r, E)
-            h = h + block.ff(block.norm_ff(h))
+        for block in self.blocks:
+            h = block(h, ctx, rot=rot_r, rot_q=rot_q, rot_c=rot_c, key_mask=key_mask)  # (N, r, E)
         h = self.norm_out(h)
         return h.view(B, n, k * r, -1)  # (B, n, k*r, E)
 
@@ -476,6 +531,50 @@ class RetroCache:
     def completed_chunks(self) -> int:
         """Chunks whose neighbours are encoded (pos // m when retrieval is on, else 0)."""
         return len(self.cca_valid)
+
+    def layer_kv(self, layer: int) -> tuple[Tensor, Tensor]:
+        """The self-attention keys and values of decoder layer ``layer`` (0-based)."""
+        return self.keys[layer], self.values[layer]
+
+    def chunk_states(self, x: Tensor, n_new: int) -> Tensor:
+        """The conditioning states of the chunks completed by a call with states x (B,
+        T, D): the kept states of the unfinished chunk, then x; (B, n_new*m, D). Keeps
+        what is left of an unfinished chunk for the next call."""
+        states = x if self.pending_states is None else torch.cat((self.pending_states, x), 1)
+        self.pending_states = states[:, n_new * self.chunk_size :]  # (B, (pos + T) % m, D)
+        return states[:, : n_new * self.chunk_size]
+
+    def add_chunks(
+        self, layer: int, keys: Tensor, values: Tensor, valid: Tensor | None, *, first: bool
+    ) -> None:
+        """Keep the CCA keys and values (B, n, H, k*r, hd) of n newly completed chunks
+        for decoder layer ``layer``; ``first``: the first RETRO layer, which also records
+        each chunk's validity (B, n, k*r) (None: all real)."""
+        self.cca_keys.setdefault(layer, []).extend(keys.unbind(1))
+        self.cca_values.setdefault(layer, []).extend(values.unbind(1))
+        if first:
+            n = keys.shape[1]
+            self.cca_valid.extend([None] * n if valid is None else valid.unbind(1))
+
+    def cca_inputs(self, layer: int, start: int, n_tokens: int) -> CCAInputs | None:
+        """What the CCA of ``layer`` attends to for n_tokens tokens from position start:
+        the chunks from that of the first token to that of the last (None: no token of
+        the call has a completed chunk yet)."""
+        m = self.chunk_size
+        lo = max(0, (start + 1) // m - 1)  # chunk of the first token (0 if it has none)
+        hi = (start + n_tokens) // m  # one past the chunk of the last token
+        if hi <= lo:
+            return None
+        keys, values = self.cca_keys[layer][lo:hi], self.cca_values[layer][lo:hi]
+        valid = None
+        if any(v is not None for v in self.cca_valid[lo:hi]):
+            B, _, kr, _ = keys[0].shape
+            all_real = torch.ones(B, kr, dtype=torch.bool, device=keys[0].device)
+            valid = torch.stack(
+                [all_real if v is None else v for v in self.cca_valid[lo:hi]], dim=1
+            )  # (B, c, k*r)
+        # keys and values (B, c, H, k*r, hd)
+        return CCAInputs(torch.stack(keys, dim=1), torch.stack(values, dim=1), valid, lo)
 
     def chunks_completed_by(self, n_tokens: int) -> int:
         """How many chunks a forward_step over n_tokens more tokens completes: the number
@@ -676,17 +775,17 @@ class RetroModel(nn.Module):
             valid = valid & (retrieved != self.cfg.pad_id)
         return None if bool(valid.all()) else valid
 
-    def _decode(
+    def _check_inputs(
         self,
         tokens: Tensor,
         retrieved: Tensor | None,
         retrieved_mask: Tensor | None,
         cache: RetroCache | None,
-    ) -> Tensor:
-        """Final normalised decoder states (B, T, D) of tokens at positions
-        [start, start + T), where start = cache.pos (0 without a cache)."""
+    ) -> Tensor | None:
+        """Check a call's shapes against the config and the cache; returns the neighbours
+        to encode ((B, n_new, k, r), empty when no chunk completes), None without
+        retrieval."""
         cfg = self.cfg
-        m = cfg.chunk_size
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (B, T), got shape {tuple(tokens.shape)}")
         B, T = tokens.shape
@@ -697,38 +796,50 @@ class RetroModel(nn.Module):
         if cache is not None and B != cache.batch_size:
             raise ValueError(f"batch of {B}, but the cache was made for {cache.batch_size}")
         retrieval = retrieved is not None if cache is None else cache.retrieval
+        if not retrieval:
+            if retrieved is not None or retrieved_mask is not None:
+                raise ValueError("this cache was made with retrieval=False: pass no neighbours")
+            return None
+        m = cfg.chunk_size
         n_new = (start + T) // m - start // m  # chunks completed by this call
-        if retrieval:
-            if retrieved is None:
-                if n_new > 0:
-                    raise ValueError(
-                        f"these tokens complete {n_new} chunk(s): pass their neighbours"
-                    )
-                retrieved = tokens.new_zeros(B, 0, 1, cfg.neighbour_len)
-            if retrieved.dim() != 4 or retrieved.shape[:2] != (B, n_new):
-                raise ValueError(
-                    f"retrieved must be (B={B}, {n_new}, k, r) for {start + T} tokens in "
-                    f"chunks of {m}, got {tuple(retrieved.shape)}"
-                )
-            if retrieved.shape[3] != cfg.neighbour_len:
-                raise ValueError(
-                    f"neighbours have {retrieved.shape[3]} tokens, config neighbour_len is "
-                    f"{cfg.neighbour_len}"
-                )
-        elif retrieved is not None or retrieved_mask is not None:
-            raise ValueError("this cache was made with retrieval=False: pass no neighbours")
+        if retrieved is None:
+            if n_new > 0:
+                raise ValueError(f"these tokens complete {n_new} chunk(s): pass their neighbours")
+            return tokens.new_zeros(B, 0, 1, cfg.neighbour_len)
+        if retrieved.dim() != 4 or retrieved.shape[:2] != (B, n_new):
+            raise ValueError(
+                f"retrieved must be (B={B}, {n_new}, k, r) for {start + T} tokens in "
+                f"chunks of {m}, got {tuple(retrieved.shape)}"
+            )
+        if retrieved.shape[3] != cfg.neighbour_len:
+            raise ValueError(
+                f"neighbours have {retrieved.shape[3]} tokens, config neighbour_len is "
+                f"{cfg.neighbour_len}"
+            )
+        return retrieved
 
+    def _decode(
+        self,
+        tokens: Tensor,
+        retrieved: Tensor | None,
+        retrieved_mask: Tensor | None,
+        cache: RetroCache | None,
+    ) -> Tensor:
+        """Final normalised decoder states (B, T, D) of tokens at positions
+        [start, start + T), where start = cache.pos (0 without a cache)."""
+        retrieved = self._check_inputs(tokens, retrieved, retrieved_mask, cache)
+        start, T = (0 if cache is None else cache.pos), tokens.shape[1]
         x = self.drop(self.wte(tokens))  # (B, T, D)
         rot = self.rope(slice(start, start + T))  # (T, hd/2) complex
-        encoded = valid = None
+        encoded: tuple[Tensor, Tensor | None] | None = None
         for i, block in enumerate(self.decoder_blocks()):
-            if retrieved is not None and i + 1 == cfg.dec_enc_condition_layer:
-                encoded, valid = self._encode_new_chunks(x, retrieved, retrieved_mask, cache)
-            kv_cache = None if cache is None else (cache.keys[i], cache.values[i])
-            x = x + block.attn(block.norm_attn(x), rot, causal=True, kv_cache=kv_cache, start=start)
+            if retrieved is not None and i + 1 == self.cfg.dec_enc_condition_layer:
+                encoded = self._encode_new_chunks(x, retrieved, retrieved_mask, cache)
+            neighbours = None
             if retrieved is not None and block.cca is not None:
-                x = x + self._cca(i, block.cca, x, encoded, valid, cache, start)
-            x = x + block.ff(block.norm_ff(x))
+                neighbours = self._cca_inputs(i, block.cca, encoded, cache, start, T)
+            kv_cache = None if cache is None else cache.layer_kv(i)
+            x = block(x, rot, self.rope, start=start, kv_cache=kv_cache, neighbours=neighbours)
         if cache is not None:
             cache.pos = start + T
         return self.norm_out(x)
@@ -739,76 +850,46 @@ class RetroModel(nn.Module):
         retrieved: Tensor,
         retrieved_mask: Tensor | None,
         cache: RetroCache | None,
-    ) -> tuple[Tensor | None, Tensor | None]:
+    ) -> tuple[Tensor, Tensor | None] | None:
         """Encode the neighbours of the chunks this call completes.
 
         x: (B, T, D) decoder activations at the conditioning layer's input.
-        Returns (encoded (B, n_new, k*r, E), or None when no chunk completes; validity
-        (B, n_new, k*r), or None when all real). The cache keeps the states of the
+        Returns None when no chunk completes, else (encoded (B, n_new, k*r, E), validity
+        (B, n_new, k*r) or None when all real). The cache keeps the states of the
         unfinished chunk for later."""
         m = self.cfg.chunk_size
         B, n_new, k, r = retrieved.shape
-        states = x
-        if cache is not None and cache.pending_states is not None:
-            states = torch.cat((cache.pending_states, x), dim=1)  # (B, pos % m + T, D)
-        if cache is not None:
-            cache.pending_states = states[:, n_new * m :]  # (B, (pos + T) % m, D)
+        states = x[:, : n_new * m] if cache is None else cache.chunk_states(x, n_new)
         if n_new == 0:
-            return None, None
+            return None
         valid = self._neighbour_validity(retrieved, retrieved_mask)  # (B, n_new, k, r)
         emb = self.wte(retrieved.clamp(min=0))  # (B, n_new, k, r, D)
-        chunk_states = states[:, : n_new * m].reshape(B, n_new, m, -1)  # (B, n_new, m, D)
+        chunk_states = states.reshape(B, n_new, m, -1)  # (B, n_new, m, D)
         encoded = self.encoder(emb, valid, chunk_states)  # (B, n_new, k*r, E)
         if valid is not None:
             valid = valid.view(B, n_new, k * r)  # (B, n_new, k*r)
         return encoded, valid
 
-    def _cca(
+    def _cca_inputs(
         self,
         i: int,
         cca: ChunkedCrossAttention,
-        x: Tensor,
-        encoded: Tensor | None,
-        valid: Tensor | None,
+        encoded: tuple[Tensor, Tensor | None] | None,
         cache: RetroCache | None,
         start: int,
-    ) -> Tensor:
-        """The update of the CCA of decoder layer i (0-based) for states x (B, T, D)."""
-        keys = values = None
+        n_tokens: int,
+    ) -> CCAInputs | None:
+        """What the CCA of decoder layer i (0-based) attends to in this call: the new
+        chunks' keys and values, or with a cache every completed chunk the call's tokens
+        attend to (the new ones are added to the cache first)."""
+        new = None
         if encoded is not None:
             # (B, n_new, H, k*r, hd) each
-            keys, values = cca.neighbour_kv(encoded, self.rope, self.cfg.neighbour_len)
+            keys, values = cca.neighbour_kv(encoded[0], self.rope, self.cfg.neighbour_len)
+            new = CCAInputs(keys, values, encoded[1], first_chunk=0)
         if cache is None:
-            if keys is None or values is None:
-                return torch.zeros_like(x)  # shorter than a chunk: nothing to attend to
-            return cca(x, keys, values, valid, self.rope, start=0, first_chunk=0)
-        # generation: remember this call's chunks, then attend over the chunks in use
-        m = self.cfg.chunk_size
-        ck, cv = cache.cca_keys.setdefault(i, []), cache.cca_values.setdefault(i, [])
-        if keys is not None and values is not None:
-            ck.extend(keys.unbind(1))
-            cv.extend(values.unbind(1))
-            if i + 1 == self.cfg.retro_layers[0]:  # record validity once per chunk
-                n_new = keys.shape[1]
-                cache.cca_valid.extend([None] * n_new if valid is None else valid.unbind(1))
-        T = x.shape[1]
-        lo = max(0, (start + 1) // m - 1)  # chunk of the first token (0 if it has none)
-        hi = (start + T) // m  # one past the chunk of the last token
-        if hi <= lo:
-            return torch.zeros_like(x)  # no token of this call has a completed chunk
-        chunk_valid = cache.cca_valid[lo:hi]
-        stacked_valid = None
-        if any(v is not None for v in chunk_valid):
-            all_real = torch.ones(x.shape[0], ck[lo].shape[-2], dtype=torch.bool, device=x.device)
-            stacked_valid = torch.stack(
-                [all_real if v is None else v for v in chunk_valid], dim=1
-            )  # (B, c, k*r)
-        return cca(
-            x,
-            torch.stack(ck[lo:hi], dim=1),  # (B, c, H, k*r, hd)
-            torch.stack(cv[lo:hi], dim=1),  # (B, c, H, k*r, hd)
-            stacked_valid,
-            self.rope,
-            start=start,
-            first_chunk=lo,
-        )
+            return new  # None: shorter than a chunk, nothing to attend to
+        if new is not None:
+            first = i + 1 == self.cfg.retro_layers[0]
+            cache.add_chunks(i, new.keys, new.values, new.valid, first=first)
+        return cache.cca_inputs(i, start, n_tokens)

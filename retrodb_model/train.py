@@ -9,11 +9,17 @@
   =None``): it is exactly a plain decoder, and its encoder and CCA weights stay untouched.
 - Optimisation: AdamW (decay on matrices only), linear warm-up then cosine decay to
   ``min_lr_ratio * lr``, gradient clipping, optional bf16 autocast.
+- Data: a real DataLoader (``workers`` processes fetch and collate) over
+  :class:`retrodb_model.data.StepBatches`, whose only state is the step, so a resumed run
+  sees exactly the batches an uninterrupted one sees.
 - Logging: every ``log_every`` steps a record (step, loss, bits per byte, lr, tokens/s,
   gradient norm, and val_loss / val_bpb when validated) goes to ``OUT/log.jsonl`` and to
   the ``log`` callback.
-- Checkpoints (:mod:`retrodb_model.checkpoint`) every ``save_every`` steps and at the end;
-  ``resume`` continues a run exactly where its last checkpoint left it (same data order).
+- Checkpoints (:mod:`retrodb_model.checkpoint`) every ``save_every`` steps, at the end
+  and on Ctrl-C (:class:`TrainingInterrupted` says which step was saved); ``resume``
+  continues a run exactly where its last checkpoint left it (same data order).
+- Nothing is written before every input is checked: a run that fails validation leaves
+  no ``out`` directory behind.
 - Retrofit: ``retrofit=BASE`` starts from a checkpoint trained with ``no_retrieval``,
   freezes it and trains only the neighbour encoder and CCA.
 - Distributed: when launched by torchrun (``WORLD_SIZE`` > 1) the process group is
@@ -26,6 +32,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -41,96 +48,19 @@ import torch.distributed as dist
 from retrodb.db import RetroDB
 from retrodb.errors import BadInputError, MismatchError
 from retrodb_model import checkpoint as ckpt_mod
-from retrodb_model.config import RetroConfig
-from retrodb_model.data import RetroDataset, collate, make_dataloader, make_datasets
+from retrodb_model.config import RetroConfig, TrainArgs
+from retrodb_model.data import (
+    RetroDataset,
+    StepBatches,
+    make_dataloader,
+    make_datasets,
+    make_train_loader,
+)
 from retrodb_model.evaluate import LN2, token_byte_lengths
 from retrodb_model.model import IGNORE_INDEX, RetroModel
+from retrodb_model.threads import default_threads
 
 LogFn = Callable[[dict[str, Any]], None]
-
-
-@dataclass
-class TrainArgs:
-    """Everything a training run depends on; stored in the checkpoint's config.json."""
-
-    db: str
-    """The database directory."""
-    neighbours: str
-    """The neighbour set to train on (``retrodb neighbours DB NAME``)."""
-    out: str
-    """The checkpoint directory."""
-    preset: str = "small"
-    """Model size: tiny, small or base (see RetroConfig.preset)."""
-    model: dict[str, Any] = field(default_factory=dict)
-    """Overrides of the preset's RetroConfig fields."""
-    steps: int = 1000
-    """Optimizer steps in total (a resumed run continues up to this)."""
-    seq_len: int = 512
-    """Tokens per training sequence (a multiple of the chunk size)."""
-    batch_size: int = 4
-    """Sequences per step and process."""
-    lr: float = 6e-4
-    """Peak learning rate."""
-    min_lr_ratio: float = 0.1
-    """The cosine decays to lr * min_lr_ratio at the last step."""
-    warmup: int | None = None
-    """Linear warm-up steps (default: 10 % of steps, at most 100)."""
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this (0: no clipping)."""
-    no_retrieval: bool = False
-    """Train without neighbours: a plain decoder (the baseline, and a retrofit base)."""
-    retrofit: str | None = None
-    """A checkpoint trained with no_retrieval: freeze it, train only CCA and the encoder."""
-    k: int | None = None
-    """Neighbours per chunk (default: all the neighbour set has)."""
-    val_fraction: float = 0.05
-    split_seed: int = 0
-    eval_every: int = 100
-    """Validate every this many steps (0: only at the end)."""
-    eval_batches: int = 20
-    """Validation batches per process."""
-    log_every: int = 10
-    save_every: int = 500
-    """Checkpoint every this many steps (and always at the end)."""
-    seed: int = 0
-    dtype: str = "fp32"
-    """fp32, or bf16 (CPU/GPU autocast for forward and loss; weights stay fp32)."""
-    threads: int | None = None
-    """torch threads per process (default: the cores divided among local processes)."""
-    resume: bool = False
-    """Continue from the checkpoint in out (start afresh if there is none)."""
-
-    def __post_init__(self) -> None:
-        if self.steps <= 0:
-            raise BadInputError(f"steps must be positive, got {self.steps}")
-        if self.batch_size <= 0 or self.seq_len <= 0:
-            raise BadInputError("batch_size and seq_len must be positive")
-        if self.dtype not in ("fp32", "bf16"):
-            raise BadInputError(f"dtype must be fp32 or bf16, got {self.dtype!r}")
-        if self.no_retrieval and self.retrofit:
-            raise BadInputError("--retrofit trains retrieval: it cannot be --no-retrieval")
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise BadInputError("lr must be positive and min_lr_ratio in [0, 1]")
-        self.betas = (float(self.betas[0]), float(self.betas[1]))
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["betas"] = list(self.betas)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainArgs:
-        names = {f.name for f in dataclasses.fields(cls)}
-        kw = {key: v for key, v in d.items() if key in names}
-        if "betas" in kw:
-            kw["betas"] = tuple(kw["betas"])
-        return cls(**kw)
-
-    @property
-    def warmup_steps(self) -> int:
-        return self.warmup if self.warmup is not None else max(1, min(100, self.steps // 10))
 
 
 def lr_at(step: int, args: TrainArgs) -> float:
@@ -142,6 +72,33 @@ def lr_at(step: int, args: TrainArgs) -> float:
     progress = min(1.0, (step - warm) / span)
     low = args.lr * args.min_lr_ratio
     return low + 0.5 * (args.lr - low) * (1.0 + math.cos(math.pi * progress))
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training, raised once the run has stopped: ``step`` is the last
+    completed step, ``saved`` the step of the checkpoint written on the interrupt (None:
+    none was), ``checkpoint`` the step of the checkpoint ``out`` holds now (None: none)."""
+
+    def __init__(self, out: Path, *, step: int, saved: int | None, checkpoint: int | None):
+        self.out, self.step, self.saved, self.checkpoint = out, step, saved, checkpoint
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        out, step = self.out, self.step
+        if self.saved is not None:
+            return f"interrupted after step {step}: saved it in {out} (continue with --resume)"
+        if self.checkpoint == step:
+            return (
+                f"interrupted at step {step}: {out} holds its checkpoint (continue with --resume)"
+            )
+        kept = (
+            "no checkpoint was written"
+            if self.checkpoint is None
+            else f"{out} holds the checkpoint of step {self.checkpoint}"
+        )
+        when = f"after step {step}" if step else "before the first step"
+        return f"interrupted {when}, which was not saved; {kept}"
 
 
 # ---------------------------------------------------------------- distributed
@@ -187,45 +144,10 @@ def _setup_distributed() -> _Dist:
     )
 
 
-# ---------------------------------------------------------------- the run
-
-
-class _Batches:
-    """Batch ``step`` of a run, the same whether the run was resumed or not: the order of
-    an epoch depends only on (seed, epoch), and a step is an index into it."""
-
-    def __init__(self, ds: RetroDataset, args: TrainArgs, d: _Dist) -> None:
-        self.ds = ds
-        self.loader = make_dataloader(
-            ds,
-            batch_size=args.batch_size,
-            shuffle=True,
-            seed=args.seed,
-            drop_last=True,
-            distributed=d.world > 1,
-            rank=d.rank if d.world > 1 else None,
-            world_size=d.world if d.world > 1 else None,
-        )
-        self.per_epoch = len(self.loader)
-        if self.per_epoch == 0:
-            raise BadInputError(
-                f"the training split has {len(ds)} sequences of {ds.seq_len} tokens, fewer than "
-                f"one batch ({args.batch_size} x {d.world} processes); use a smaller "
-                "--batch-size or --seq-len, or more documents"
-            )
-        self._epoch = -1
-        self._order: list[list[int]] = []
-
-    def epoch_of(self, step: int) -> int:
-        return step // self.per_epoch
-
-    def __call__(self, step: int) -> dict[str, torch.Tensor]:
-        epoch, offset = divmod(step, self.per_epoch)
-        if epoch != self._epoch:
-            self.loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
-            self._order = [list(b) for b in self.loader.batch_sampler]  # type: ignore[union-attr]
-            self._epoch = epoch
-        return collate(self.ds.__getitems__(self._order[offset]))
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
 
 
 def _autocast(dtype: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
@@ -243,83 +165,48 @@ def _set_rng_state(s: str) -> None:
     torch.set_rng_state(raw.clone())
 
 
+# ---------------------------------------------------------------- setup (writes nothing)
+
+
 def build_config(args: TrainArgs, db: RetroDB, k: int) -> RetroConfig:
     """The model configuration of a fresh run: the preset, sized to the database."""
-    vocab = int(db.manifest.tokenizer["vocab_size"])
-    overrides = dict(args.model)
-    overrides.setdefault("chunk_size", db.chunk_size)
-    overrides.setdefault("num_neighbours", k)
-    base = RetroConfig.preset(args.preset, vocab, **overrides)
-    if base.max_seq_len < args.seq_len:
-        base = base.replace(max_seq_len=args.seq_len)
-    return base
+    return RetroConfig.for_database(db, args.preset, k=k, seq_len=args.seq_len, **args.model)
 
 
-def train(args: TrainArgs, *, log: LogFn | None = None) -> dict[str, Any]:
-    """Run (or resume) training; returns the final state (step, history, parameters).
-    ``log`` receives every log record on rank 0 (and notes as ``{"note": ...}``)."""
-    d = _setup_distributed()
-    threads = torch.get_num_threads()
-    try:
-        return _train(args, d, log or (lambda record: None))
-    finally:
-        torch.set_num_threads(threads)
-        if d.started_here and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _train(args: TrainArgs, d: _Dist, log: LogFn) -> dict[str, Any]:
-    def note(text: str) -> None:
-        if d.main:
-            log({"note": text})
-
-    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // d.local_world))
+def _resolve_args(args: TrainArgs) -> tuple[TrainArgs, ckpt_mod.Checkpoint | None]:
+    """The arguments of the run and the checkpoint it resumes (None: a fresh run)."""
     out = Path(args.out)
-    existing = (out / ckpt_mod.STATE).is_file()
-    if existing and not args.resume:
-        step = ckpt_mod.read_checkpoint(out).step
+    if not (out / ckpt_mod.STATE).is_file():
+        return args, None
+    resumed = ckpt_mod.read_checkpoint(out)
+    if not args.resume:
         raise BadInputError(
-            f"{out} already holds a checkpoint (step {step}); pass --resume to continue it, "
-            "or choose another --out"
+            f"{out} already holds a checkpoint (step {resumed.step}); pass --resume to "
+            "continue it, or choose another --out"
         )
-    resumed: ckpt_mod.Checkpoint | None = None
-    if existing:
-        resumed = ckpt_mod.read_checkpoint(out)
-        saved = TrainArgs.from_dict(resumed.train_args)
-        # The saved run defines the model and the data; the command line may extend it.
-        args = dataclasses.replace(
-            saved,
-            steps=args.steps,
-            eval_every=args.eval_every,
-            eval_batches=args.eval_batches,
-            log_every=args.log_every,
-            save_every=args.save_every,
-            threads=args.threads,
-            resume=True,
-        )
-
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-    db = RetroDB.open(args.db)
-    train_ds, val_ds = make_datasets(
-        db,
-        args.neighbours,
-        seq_len=args.seq_len,
-        val_fraction=args.val_fraction,
-        split_seed=args.split_seed,
-        k=args.k,
+    # The saved run defines the model and the data; the command line may extend it.
+    saved = TrainArgs.from_dict(resumed.train_args)
+    args = dataclasses.replace(
+        saved,
+        steps=args.steps,
+        eval_every=args.eval_every,
+        eval_batches=args.eval_batches,
+        log_every=args.log_every,
+        save_every=args.save_every,
+        threads=args.threads,
+        workers=args.workers,
+        resume=True,
     )
-    k = train_ds.k
-    device = (
-        torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        if torch.cuda.is_available()
-        else torch.device("cpu")
-    )
-    meta = ckpt_mod.db_info(db, neighbours=args.neighbours, k=k)
+    return args, resumed
 
-    torch.manual_seed(args.seed)
+
+def _model_config(
+    args: TrainArgs, db: RetroDB, k: int, resumed: ckpt_mod.Checkpoint | None
+) -> RetroConfig:
+    """The resumed run's configuration, the retrofit base's, or a fresh one; checked
+    against the database and the sequence length."""
     if resumed is not None:
-        ckpt_mod.check_db(resumed.db_info, db, where=out)
+        ckpt_mod.check_db(resumed.db_info, db, where=resumed.path)
         config = resumed.config
     elif args.retrofit:
         base = ckpt_mod.read_checkpoint(args.retrofit)
@@ -344,176 +231,342 @@ def _train(args: TrainArgs, d: _Dist, log: LogFn) -> dict[str, Any]:
         raise BadInputError(
             f"seq_len {args.seq_len} is not a multiple of the chunk size {config.chunk_size}"
         )
+    return config
 
+
+def _build_model(
+    args: TrainArgs, config: RetroConfig, resumed: ckpt_mod.Checkpoint | None
+) -> tuple[RetroModel, int, int]:
+    """The model with its starting weights and what is trained; (model, trainable,
+    total) parameter counts."""
+    torch.manual_seed(args.seed)
     model = RetroModel(config)
     if resumed is not None:
-        ckpt_mod.load_weights(model, out)
+        ckpt_mod.load_weights(model, resumed.path)
     elif args.retrofit:
         ckpt_mod.load_weights(model, args.retrofit, decoder_only=True)
     if args.retrofit:
         trainable, total = model.freeze_for_retrofit()
-    else:
-        if args.no_retrieval:  # the encoder and CCA get no gradient: leave them out
-            for module in model.retrieval_modules():
-                module.requires_grad_(False)
-        unique = {id(p): p for p in model.parameters()}.values()
-        trainable = sum(p.numel() for p in unique if p.requires_grad)
-        total = sum(p.numel() for p in unique)
-    model.to(device).train()
-    opt = model.configure_optimizer(args.weight_decay, args.lr, args.betas)
-    state: dict[str, Any] = {"step": 0, "tokens": 0, "history": [], "elapsed_s": 0.0}
-    if resumed is not None:
-        opt_path = out / ckpt_mod.OPTIMIZER
-        if opt_path.is_file():
-            opt.load_state_dict(torch.load(opt_path, map_location=device, weights_only=True))
-        state = dict(resumed.state)
-        if d.main:  # records logged after the checkpoint was written will be logged again
-            kept = [r for r in iter_log(out) if r["step"] <= state["step"]]
-            (out / ckpt_mod.LOG).write_text("".join(json.dumps(r) + "\n" for r in kept))
-        if "rng" in state:
-            _set_rng_state(state["rng"])
-        note(f"resuming {out} at step {state['step']} of {args.steps}")
-    state.update(
-        world_size=d.world,
-        trainable_parameters=trainable,
-        total_parameters=total,
-        trainable_fraction=trainable / total,
-    )
-    if d.main:
-        kind = (
-            "retrofit" if args.retrofit else ("no retrieval" if args.no_retrieval else "retrieval")
-        )
-        note(
-            f"model {args.preset if not args.retrofit else 'from ' + args.retrofit}: "
-            f"{total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable "
-            f"({100 * trainable / total:.1f}%), {kind}, k={k}; {len(train_ds)} train / "
-            f"{len(val_ds)} validation sequences of {args.seq_len}; {d.world} process(es)"
-        )
+        return model, trainable, total
+    if args.no_retrieval:  # the encoder and CCA get no gradient: leave them out
+        for module in model.retrieval_modules():
+            module.requires_grad_(False)
+    unique = {id(p): p for p in model.parameters()}.values()
+    trainable = sum(p.numel() for p in unique if p.requires_grad)
+    return model, trainable, sum(p.numel() for p in unique)
 
-    ddp: torch.nn.Module = model
-    if d.world > 1:
+
+@dataclass
+class _Window:
+    """What the steps since the last log record add up to: summed NLL (nats), target
+    tokens and their UTF-8 bytes; how many steps, since when."""
+
+    sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    steps: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+
+    def add(self, values: tuple[float, float, float]) -> None:
+        self.sums = [a + b for a, b in zip(self.sums, values, strict=True)]
+
+
+def _bpb(nll: float, n: float, nbytes: float) -> dict[str, float | None]:
+    return {"loss": nll / n if n else None, "bpb": nll / LN2 / nbytes if nbytes else None}
+
+
+# ---------------------------------------------------------------- the run
+
+
+class Trainer:
+    """One training run in parts: :meth:`setup` checks every input and builds the model,
+    the optimizer and the data (resuming when asked) without writing anything;
+    :meth:`run` loops over :meth:`step`, :meth:`log_window` (which calls :meth:`validate`)
+    and :meth:`save`."""
+
+    def __init__(
+        self,
+        args: TrainArgs,
+        d: _Dist,
+        log: LogFn,
+        *,
+        db: RetroDB,
+        data: tuple[RetroDataset, RetroDataset],
+        model: RetroModel,
+        counts: tuple[int, int],
+        resumed: ckpt_mod.Checkpoint | None,
+    ) -> None:
+        self.args, self.d, self.log = args, d, log
+        self.out = Path(args.out)
+        self.db, (self.train_ds, self.val_ds) = db, data
+        self.device = _device()
+        self.model = model.to(self.device).train()
+        self.ddp: torch.nn.Module = self._wrap(self.model)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = model.configure_optimizer(args.weight_decay, args.lr, args.betas)
+        assert db.tokenizer is not None  # RetroDB refuses to open without one
+        self.byte_table = torch.from_numpy(token_byte_lengths(db.tokenizer)).to(self.device)
+        self.meta = ckpt_mod.db_info(db, neighbours=args.neighbours, k=self.train_ds.k)
+        self.state: dict[str, Any] = {"step": 0, "tokens": 0, "history": [], "elapsed_s": 0.0}
+        self.checkpoint: int | None = None  # the step of the checkpoint in out
+        self.resumed = resumed
+        if resumed is not None:
+            self._restore(resumed)
+        trainable, total = counts
+        self.state.update(
+            world_size=d.world,
+            trainable_parameters=trainable,
+            total_parameters=total,
+            trainable_fraction=trainable / total,
+        )
+        self.loader = make_train_loader(
+            self.train_ds,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            start=int(self.state["step"]),
+            rank=d.rank,
+            world_size=d.world,
+            num_workers=args.workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        self.sampler: StepBatches = self.loader.batch_sampler  # type: ignore[assignment]
+        if self.sampler.per_epoch == 0:
+            raise BadInputError(
+                f"the training split has {len(self.train_ds)} sequences of "
+                f"{self.train_ds.seq_len} tokens, fewer than one batch ({args.batch_size} x "
+                f"{d.world} processes); use a smaller --batch-size or --seq-len, or more "
+                "documents"
+            )
+        self._elapsed0 = float(self.state.get("elapsed_s", 0.0))
+        self._t0 = time.perf_counter()  # reset when the run starts
+        self._updating = False  # inside the optimizer update: the weights are mid-step
+        self.grad_norm = 0.0  # of the last step (0 without clipping)
+
+    # ---- setup
+
+    @classmethod
+    def setup(cls, args: TrainArgs, d: _Dist, log: LogFn) -> Trainer:
+        """Check everything and build the run; nothing is written."""
+        torch.set_num_threads(args.threads or default_threads(d.local_world))
+        args, resumed = _resolve_args(args)
+        db = RetroDB.open(args.db)
+        data = make_datasets(
+            db,
+            args.neighbours,
+            seq_len=args.seq_len,
+            val_fraction=args.val_fraction,
+            split_seed=args.split_seed,
+            k=args.k,
+        )
+        config = _model_config(args, db, data[0].k, resumed)
+        model, trainable, total = _build_model(args, config, resumed)
+        counts = (trainable, total)
+        return cls(args, d, log, db=db, data=data, model=model, counts=counts, resumed=resumed)
+
+    def _wrap(self, model: RetroModel) -> torch.nn.Module:
+        if self.d.world == 1:
+            return model
         from torch.nn.parallel import DistributedDataParallel
 
-        ddp = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+    def _restore(self, resumed: ckpt_mod.Checkpoint) -> None:
+        """Optimizer state, counters, history and the RNG of the resumed checkpoint."""
+        opt_path = resumed.path / ckpt_mod.OPTIMIZER
+        if opt_path.is_file():
+            state = torch.load(opt_path, map_location=self.device, weights_only=True)
+            self.opt.load_state_dict(state)
+        self.state = dict(resumed.state)
+        self.checkpoint = int(self.state["step"])
+        if "rng" in self.state:
+            _set_rng_state(self.state["rng"])
+
+    def note(self, text: str) -> None:
+        if self.d.main:
+            self.log({"note": text})
+
+    def _start(self) -> None:
+        """Create the output directory (the first write of the run) and say what runs."""
+        args, step = self.args, int(self.state["step"])
+        self._t0 = time.perf_counter()
+        if self.d.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if self.resumed is not None:  # records logged after the checkpoint: again
+                kept = [r for r in iter_log(self.out) if r["step"] <= step]
+                text = "".join(json.dumps(r) + "\n" for r in kept)
+                (self.out / ckpt_mod.LOG).write_text(text)
+                self.note(f"resuming {self.out} at step {step} of {args.steps}")
+        trainable, total = self.state["trainable_parameters"], self.state["total_parameters"]
+        kind = "retrofit" if args.retrofit else "no retrieval" if args.no_retrieval else "retrieval"
+        self.note(
+            f"model {args.preset if not args.retrofit else 'from ' + args.retrofit}: "
+            f"{total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable "
+            f"({100 * trainable / total:.1f}%), {kind}, k={self.train_ds.k}; "
+            f"{len(self.train_ds)} train / {len(self.val_ds)} validation sequences of "
+            f"{args.seq_len}; {self.d.world} process(es)"
         )
-    batches = _Batches(train_ds, args, d)
-    assert db.tokenizer is not None  # RetroDB refuses to open without one
-    byte_table = torch.from_numpy(token_byte_lengths(db.tokenizer)).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
+        if step >= args.steps:
+            self.note(f"{self.out} is already at step {step} (of {args.steps}): nothing to do")
 
-    def save(step: int) -> None:
-        if d.main:
-            state.update(step=step, epoch=batches.epoch_of(step), rng=_rng_state())
-            ckpt_mod.save_checkpoint(
-                out,
-                model,
-                train_args=args.to_dict(),
-                state=state,
-                db_meta=meta,
-                optimizer=opt,
-            )
-        d.barrier()
+    # ---- the loop
 
-    def run_model(
-        b: dict[str, torch.Tensor], m: torch.nn.Module
+    def run(self) -> dict[str, Any]:
+        """Train up to ``args.steps``; returns the final state (step, history, counts).
+        Ctrl-C saves the last completed step (single process) and raises
+        :class:`TrainingInterrupted`."""
+        step = int(self.state["step"])
+        try:
+            self._start()
+            batches = iter(self.loader)  # starts the workers, if any
+            window = _Window()
+            while step < self.args.steps:
+                window.add(self.step(next(batches), step))
+                step += 1
+                window.steps += 1
+                self.state["tokens"] = int(self.state["tokens"]) + self.tokens_per_step
+                last = step == self.args.steps
+                if step % self.args.log_every == 0 or last:
+                    self.log_window(step, window, validate=self._due(step, self.args.eval_every))
+                    window = _Window()
+                if self._due(step, self.args.save_every):
+                    self.save(step)
+        except KeyboardInterrupt:
+            self._interrupted(step)
+        return self.state
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.args.batch_size * self.args.seq_len * self.d.world
+
+    def _due(self, step: int, every: int) -> bool:
+        """Whether something done every ``every`` steps (0: only at the end) is due."""
+        return step == self.args.steps or bool(every and step % every == 0)
+
+    def _forward(
+        self, batch: dict[str, torch.Tensor], module: torch.nn.Module
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = b["tokens"][:, :-1].to(device)
-        targets = b["targets"].to(device)
+        """(mean loss, targets) of one batch."""
+        tokens = batch["tokens"][:, :-1].to(self.device)
+        targets = batch["targets"].to(self.device)
         retrieved = mask = None
-        if not args.no_retrieval:
-            retrieved, mask = b["retrieved"].to(device), b["retrieved_mask"].to(device)
-        with _autocast(args.dtype, device):
-            _, loss = m(tokens, retrieved, mask, targets)
+        if not self.args.no_retrieval:
+            retrieved = batch["retrieved"].to(self.device)
+            mask = batch["retrieved_mask"].to(self.device)
+        with _autocast(self.args.dtype, self.device):
+            _, loss = module(tokens, retrieved, mask, targets)
         assert loss is not None
         return loss, targets
 
-    def measure(loss: torch.Tensor, targets: torch.Tensor) -> tuple[float, float, float]:
+    def _measure(self, loss: torch.Tensor, targets: torch.Tensor) -> tuple[float, float, float]:
+        """(summed NLL in nats, target tokens, their UTF-8 bytes) of one batch."""
         real = targets != IGNORE_INDEX
         n = float(real.sum())
-        return float(loss.detach()) * n, n, float(byte_table[targets[real]].sum())
+        return float(loss.detach()) * n, n, float(self.byte_table[targets[real]].sum())
+
+    def step(self, batch: dict[str, torch.Tensor], step: int) -> tuple[float, float, float]:
+        """One optimizer step (0-based ``step`` sets the learning rate) on ``batch``;
+        returns what :meth:`_measure` measures of it."""
+        lr = lr_at(step, self.args)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        loss, targets = self._forward(batch, self.ddp)
+        loss.backward()
+        if self.args.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.args.grad_clip)
+            self.grad_norm = float(norm)
+        self._updating = True
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self._updating = False
+        return self._measure(loss, targets)
+
+    def log_window(self, step: int, window: _Window, *, validate: bool) -> None:
+        """Record the steps of ``window`` (and validation when asked): history, log.jsonl
+        and the log callback."""
+        seconds = time.perf_counter() - window.t0
+        record: dict[str, Any] = {
+            "step": step,
+            **_bpb(*self.d.all_sum(window.sums)),
+            "lr": lr_at(step - 1, self.args),
+            "tokens_per_s": window.steps * self.tokens_per_step / seconds,
+            "grad_norm": self.grad_norm,
+            "tokens": self.state["tokens"],
+            "elapsed_s": self._elapsed(),
+        }
+        if validate:
+            record.update(self.validate())
+        self.state["history"].append(record)
+        self.state["elapsed_s"] = record["elapsed_s"]
+        if self.d.main:
+            with open(self.out / ckpt_mod.LOG, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self.log(record)
+
+    def _elapsed(self) -> float:
+        return self._elapsed0 + time.perf_counter() - self._t0
 
     @torch.no_grad()
-    def validate() -> dict[str, float | None]:
-        if len(val_ds) == 0:
+    def validate(self) -> dict[str, float | None]:
+        """Validation loss and bits per byte over ``eval_batches`` batches per process."""
+        if len(self.val_ds) == 0:
             return {"val_loss": None, "val_bpb": None}
-        model.eval()
+        d = self.d
         loader = make_dataloader(
-            val_ds,
-            batch_size=args.batch_size,
+            self.val_ds,
+            batch_size=self.args.batch_size,
             shuffle=False,
+            num_workers=self.args.workers,
             distributed=d.world > 1,
             rank=d.rank if d.world > 1 else None,
             world_size=d.world if d.world > 1 else None,
         )
-        sums = [0.0, 0.0, 0.0]
-        for i, b in enumerate(loader):
-            if i >= args.eval_batches:
-                break
-            loss, targets = run_model(b, model)
-            sums = [a + c for a, c in zip(sums, measure(loss, targets), strict=True)]
-        model.train()
-        nll, n, nbytes = d.all_sum(sums)
-        return {
-            "val_loss": nll / n if n else None,
-            "val_bpb": nll / LN2 / nbytes if nbytes else None,
-        }
+        self.model.eval()
+        window = _Window()
+        for batch in itertools.islice(loader, self.args.eval_batches):
+            window.add(self._measure(*self._forward(batch, self.model)))
+        self.model.train()
+        scores = _bpb(*d.all_sum(window.sums))
+        return {"val_loss": scores["loss"], "val_bpb": scores["bpb"]}
 
-    step = int(state["step"])
-    if step >= args.steps:
-        note(f"{out} is already at step {step} (of {args.steps}): nothing to do")
-    sums = [0.0, 0.0, 0.0]
-    window_t0, window_steps, grad_norm = time.perf_counter(), 0, 0.0
-    run_t0, elapsed0 = time.perf_counter(), float(state.get("elapsed_s", 0.0))
-    tokens_per_step = args.batch_size * args.seq_len * d.world
+    def save(self, step: int) -> None:
+        """Checkpoint ``step`` (rank 0 writes; every rank waits for it)."""
+        if self.d.main:
+            self.state.update(step=step, epoch=self.sampler.epoch_of(step), rng=_rng_state())
+            ckpt_mod.save_checkpoint(
+                self.out,
+                self.model,
+                train_args=self.args.to_dict(),
+                state=self.state,
+                db_meta=self.meta,
+                optimizer=self.opt,
+            )
+        self.checkpoint = step
+        self.d.barrier()
+
+    def _interrupted(self, step: int) -> None:
+        """Ctrl-C: save the last completed step when that is safe, then stop."""
+        saved = None
+        # one process only (the others would not stop at the same step), and never
+        # weights caught inside an optimizer update
+        if self.d.world == 1 and not self._updating and 0 < step != self.checkpoint:
+            self.state["elapsed_s"] = self._elapsed()
+            self.save(step)
+            saved = step
+        raise TrainingInterrupted(
+            self.out, step=step, saved=saved, checkpoint=self.checkpoint
+        ) from None
+
+
+def train(args: TrainArgs, *, log: LogFn | None = None) -> dict[str, Any]:
+    """Run (or resume) training; returns the final state (step, history, parameters).
+    ``log`` receives every log record on rank 0 (and notes as ``{"note": ...}``)."""
+    d = _setup_distributed()
+    threads = torch.get_num_threads()
     try:
-        while step < args.steps:
-            lr = lr_at(step, args)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            loss, targets = run_model(batches(step), ddp)
-            loss.backward()
-            if args.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.grad_clip))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sums = [a + c for a, c in zip(sums, measure(loss, targets), strict=True)]
-            step += 1
-            window_steps += 1
-            state["tokens"] = int(state["tokens"]) + tokens_per_step
-            last = step == args.steps
-            if step % args.log_every == 0 or last:
-                nll, n, nbytes = d.all_sum(sums)
-                seconds = time.perf_counter() - window_t0
-                record: dict[str, Any] = {
-                    "step": step,
-                    "loss": nll / n if n else None,
-                    "bpb": nll / LN2 / nbytes if nbytes else None,
-                    "lr": lr,
-                    "tokens_per_s": window_steps * tokens_per_step / seconds,
-                    "grad_norm": grad_norm,
-                    "tokens": state["tokens"],
-                    "elapsed_s": elapsed0 + time.perf_counter() - run_t0,
-                }
-                if (args.eval_every and step % args.eval_every == 0) or last:
-                    record.update(validate())
-                state["history"].append(record)
-                state["elapsed_s"] = record["elapsed_s"]
-                if d.main:
-                    with open(out / ckpt_mod.LOG, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    log(record)
-                sums = [0.0, 0.0, 0.0]
-                window_t0, window_steps = time.perf_counter(), 0
-            if (args.save_every and step % args.save_every == 0) or last:
-                save(step)
-    except KeyboardInterrupt:
-        if d.world == 1 and step > int(state["step"]):
-            note(f"interrupted: saving step {step}")
-            state["elapsed_s"] = elapsed0 + time.perf_counter() - run_t0
-            save(step)
-        raise
-    return state
+        return Trainer.setup(args, d, log or (lambda record: None)).run()
+    finally:
+        torch.set_num_threads(threads)
+        if d.started_here and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def iter_log(directory: str | Path) -> Iterator[dict[str, Any]]:
@@ -525,4 +578,12 @@ def iter_log(directory: str | Path) -> Iterator[dict[str, Any]]:
                 yield json.loads(line)
 
 
-__all__ = ["TrainArgs", "build_config", "iter_log", "lr_at", "train"]
+__all__ = [
+    "Trainer",
+    "TrainArgs",
+    "TrainingInterrupted",
+    "build_config",
+    "iter_log",
+    "lr_at",
+    "train",
+]

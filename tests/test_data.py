@@ -1,9 +1,11 @@
 """The training Dataset: shapes and dtypes, tokens and neighbours equal to the database's,
-masks at document ends, workers, samplers, seeds, the split, staleness."""
+masks at document ends, workers, samplers (and the step sampler of training runs), seeds,
+the split, staleness, and the training snippet of docs/neighbours.md."""
 
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,13 @@ from torch.utils.data import DataLoader
 from retrodb import ChunkConfig, DBConfig, RetroDB, StaleError, TokenizerConfig
 from retrodb.neighbours import NeighbourSet
 from retrodb.split import is_validation, split_ids, split_value
-from retrodb_model.data import RetroDataset, make_dataloader, make_datasets
+from retrodb_model.data import (
+    RetroDataset,
+    StepBatches,
+    make_dataloader,
+    make_datasets,
+    make_train_loader,
+)
 
 from .test_neighbours import build_db, random_docs, write_docs
 
@@ -113,6 +121,7 @@ def same(a: list[dict], b: list[dict]) -> bool:
     )
 
 
+@pytest.mark.slow  # starts DataLoader workers, one of them a spawned interpreter
 def test_workers_seeds_and_epochs(trained: RetroDB) -> None:
     ds = RetroDataset(trained, "train", seq_len=SEQ, split="all")
     _ = ds[0]  # maps opened in this process must not travel to the workers
@@ -164,6 +173,56 @@ def test_distributed_sampler_shards_the_windows(trained: RetroDB) -> None:
     every = {tuple(t) for t in ds.batch(range(len(ds)))["tokens"].tolist()}
     assert seen[0] | seen[1] == every
     assert len(seen[0] & seen[1]) <= 1  # DistributedSampler pads one shard to equal length
+
+
+def test_step_batches_resume_at_any_step_and_match_the_epoch_samplers() -> None:
+    sampler = StepBatches(10, batch_size=3, seed=4)
+    assert sampler.per_epoch == 3  # 10 windows: 3 full batches, the 10th window waits
+    run = [b for _, b in zip(range(8), sampler, strict=False)]
+    for start in range(8):  # a run resumed at any step sees the same batches from there
+        resumed = StepBatches(10, batch_size=3, seed=4, start=start)
+        assert [b for _, b in zip(range(8 - start), resumed, strict=False)] == run[start:]
+    assert [sampler.epoch_of(s) for s in (0, 2, 3, 7)] == [0, 0, 1, 2]
+    # epoch e is EpochShuffle's (and DistributedSampler's) order for seed + e
+    epoch1 = [i for b in run[3:6] for i in b]
+    ds_order = torch.randperm(10, generator=torch.Generator().manual_seed(5)).tolist()
+    assert epoch1 == ds_order[:9]
+    # shards: DistributedSampler(drop_last=True), each rank batched on its own
+    shards = [StepBatches(10, batch_size=2, seed=4, rank=r, world_size=3) for r in range(3)]
+    first = [s.epoch(0) for s in shards]
+    assert all(len(e) == 1 and len(e[0]) == 2 for e in first)
+    whole = torch.randperm(10, generator=torch.Generator().manual_seed(4)).tolist()[:9]
+    assert [first[r][0] for r in range(3)] == [whole[r::3][:2] for r in range(3)]
+    assert StepBatches(2, batch_size=3).per_epoch == 0 and list(StepBatches(2, batch_size=3)) == []
+
+
+def test_train_loader_workers_fetch_the_same_batches(trained: RetroDB) -> None:
+    ds = RetroDataset(trained, "train", seq_len=SEQ, split="all")
+    plain = make_train_loader(ds, batch_size=4, seed=2, start=1)
+    forked = make_train_loader(ds, batch_size=4, seed=2, start=1, num_workers=1)
+    n = 2 * plain.batch_sampler.per_epoch
+    a = [b for _, b in zip(range(n), plain, strict=False)]
+    b = [x for _, x in zip(range(n), forked, strict=False)]
+    assert same(a, b)
+    rows = StepBatches(len(ds), batch_size=4, seed=2, start=1)
+    want = [ds.batch(idx) for _, idx in zip(range(n), rows, strict=False)]
+    assert same(a, want)
+
+
+@pytest.mark.usefixtures("torch_one_thread")
+def test_the_training_snippet_of_the_docs_runs(trained: RetroDB) -> None:
+    text = (Path(__file__).parent.parent / "docs" / "neighbours.md").read_text()
+    (code,) = [c for c in re.findall(r"```python\n(.*?)```", text, re.S) if "for_database" in c]
+    # the same code, made tiny: the test database, its chunk size, the tiny preset
+    for old, new in [('"my.retrodb"', repr(str(trained.path))), ("seq_len=512", f"seq_len={SEQ}"),
+                     ('"small"', '"tiny"'), ("batch_size=16", "batch_size=4"),
+                     ("num_workers=2", "num_workers=0"), ("range(2)", "range(1)")]:  # fmt: skip
+        assert old in code, old
+        code = code.replace(old, new)
+    scope: dict = {}
+    torch.manual_seed(0)
+    exec(compile(code, "docs/neighbours.md", "exec"), scope)
+    assert scope["model"].cfg.chunk_size == M and torch.isfinite(scope["loss"])
 
 
 def test_split_by_document_is_stable(trained: RetroDB) -> None:

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from retrodb import RetroDB
 from retrodb.neighbours import NeighbourSet
+from retrodb_model import generate as generate_mod
 from retrodb_model.config import RetroConfig
 from retrodb_model.evaluate import (
     ALPHAS,
@@ -23,13 +24,18 @@ from retrodb_model.evaluate import (
     read_documents,
     token_byte_lengths,
 )
-from retrodb_model.generate import generate, sample
+from retrodb_model.generate import TextStream, generate, printable, sample
 from retrodb_model.model import RetroModel
 from retrodb_model.train import TrainArgs, train
 
 from .test_neighbours import build_db
 
 M = 16
+JSON_FIELDS = [
+    "documents", "windows", "tokens", "bytes", "seq_len", "chunk_size", "k", "exclude_self",
+    "max_tokens_per_document", "db", "generation", "bpb", "bpb_alpha", "per_document",
+    "seconds",
+]  # fmt: skip
 
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -111,6 +117,60 @@ def test_cached_generation_equals_full_recompute(db: RetroDB, retrieval: bool) -
         assert cached.retrievals == [] and cached.retrieval_seconds == 0
 
 
+def piece_ids(db: RetroDB) -> dict[str, int]:
+    tok = db.tokenizer
+    return {tok.id_to_piece(i): i for i in range(tok.vocab_size)}
+
+
+def test_text_stream_gathers_bytes_and_escapes_controls(db: RetroDB) -> None:
+    ids = piece_ids(db)
+
+    def byte(b: int) -> int:
+        return ids[f"<0x{b:02X}>"]
+
+    stream = TextStream(db.tokenizer)
+    assert stream.push(byte(0xC3)) == ""  # half of "é": wait for the rest
+    assert stream.push(byte(0xA9)) == "é"
+    for b in "✓".encode():  # three bytes, one character
+        out = stream.push(byte(b))
+    assert out == "✓"
+    assert stream.push(byte(0x1B)) == "\\x1b"  # ESC would restyle the terminal
+    assert stream.push(byte(0x0A)) == "\n" and stream.push(byte(0x09)) == "\t"
+    assert stream.push(byte(0x0D)) == "\\x0d" and stream.push(byte(0x07)) == "\\x07"
+    assert stream.push(byte(0xFF)) == "\\xff"  # never valid UTF-8
+    word = next(i for p, i in ids.items() if p.startswith("\u2581") and len(p) > 2)
+    assert stream.push(byte(0xE2)) == ""
+    assert stream.push(word) == "\\xe2" + db.tokenizer.id_to_piece(word).replace("\u2581", " ")
+    assert stream.push(byte(0xC3)) == "" and stream.flush() == "\\xc3"
+    assert printable("a\x1b[31mb\u0085\n") == "a\\x1b[31mb\\x85\n"
+
+
+def test_streamed_text_is_the_generated_text(db: RetroDB) -> None:
+    model = tiny_model(db)
+    pieces: list[str] = []
+    prompt = "kalo mine ru sa tivo pe da gu"
+    res = generate(model, db, prompt, max_tokens=30, temperature=1.0, on_text=pieces.append)
+    streamed = "".join(pieces)
+    assert "\ufffd" not in streamed
+    if "\ufffd" not in res.text:  # the same text, but for bytes that form no character
+        assert streamed == printable(res.text)
+
+
+def test_cli_generate_prints_no_control_characters_or_replacement_marks(
+    db: RetroDB, run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = piece_ids(db)
+    script = [ids[f"<0x{b:02X}>"] for b in [0xC3, 0xA9, 0x1B, 0x5B, 0x33, 0x31, 0x6D, 0xFF]]
+    script += [ids[f"<0x{b:02X}>"] for b in "\n✓".encode()] + [ids["<0xE2>"]]
+    chosen = iter(script)
+    monkeypatch.setattr(generate_mod, "sample", lambda *a, **kw: next(chosen))
+    args = ["generate", str(run_dir), str(db.path), "kalo mine", "-n", str(len(script))]
+    res = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "\ufffd" not in res.output and "\x1b" not in res.output
+    assert "é\\x1b[31m\\xff\n✓\\xe2" in res.output
+
+
 def test_sampled_generation_is_reproducible_by_seed(db: RetroDB) -> None:
     model = tiny_model(db)
     kw = dict(max_tokens=20, temperature=1.0, top_p=0.9)
@@ -125,20 +185,30 @@ def test_evaluate_retrieves_live_and_excludes_self(db: RetroDB, tmp_path: Path) 
     docs = read_documents([db.path.parent / "corpus"])
     res = evaluate(model, db, docs, seq_len=4 * M)
     excl = evaluate(model, db, docs, seq_len=4 * M, exclude_self=True)
-    assert res["documents"] == len(docs) and res["tokens"] > 0 and res["bytes"] > res["tokens"]
+    assert res.documents == len(docs) and res.tokens > 0 and res.bytes > res.tokens
     for r in (res, excl):
-        assert set(r["bpb"]) == {"retrieval", "no_retrieval"}
-        assert all(np.isfinite(v) for v in r["bpb"].values())
-        t = r["bpb_alpha"]
-        assert t["alpha"] == list(ALPHAS) and len(t["retrieval"]) == len(ALPHAS)
+        assert set(r.bpb) == {"retrieval", "no_retrieval"}
+        assert all(np.isfinite(v) for v in r.bpb.values())
+        t = r.bpb_alpha
+        assert t is not None and t["alpha"] == list(ALPHAS)
+        assert len(t["retrieval"]) == len(ALPHAS)
         assert t["fraction"] == sorted(t["fraction"]) and t["fraction"][-1] == 1.0
     # Retrieval off does not depend on the database: identical either way.
-    assert res["bpb"]["no_retrieval"] == excl["bpb"]["no_retrieval"]
+    assert res.bpb["no_retrieval"] == excl.bpb["no_retrieval"]
     # The documents are in the database: without exclusion a chunk's nearest neighbour is
     # itself, whose continuation is the next chunk (overlap 100 %); with it, never.
-    assert res["bpb_alpha"]["mean_overlap"] > 0.9
-    assert excl["bpb_alpha"]["mean_overlap"] < 0.6
-    assert res["bpb"]["retrieval"] != res["bpb"]["no_retrieval"]
+    assert res.bpb_alpha is not None and excl.bpb_alpha is not None
+    assert res.bpb_alpha["mean_overlap"] > 0.9
+    assert excl.bpb_alpha["mean_overlap"] < 0.6
+    assert res.bpb["retrieval"] != res.bpb["no_retrieval"]
+    # the result saves itself: the JSON fields, and the plot beside it
+    written = res.save(tmp_path / "sub" / "eval.json")
+    assert written == [tmp_path / "sub" / "eval.json", tmp_path / "sub" / "eval.png"]
+    data = json.loads(written[0].read_text())
+    assert list(data) == JSON_FIELDS and "checkpoint" not in data
+    plain = evaluate(model, db, docs, seq_len=4 * M, retrieval=False)
+    assert plain.save(tmp_path / "plain.json") == [tmp_path / "plain.json"]
+    assert "bpb_alpha" not in plain.to_dict() and list(plain.bpb) == ["no_retrieval"]
 
 
 def test_cli_evaluate_writes_json_and_plot(db: RetroDB, run_dir: Path, tmp_path: Path) -> None:
@@ -151,6 +221,7 @@ def test_cli_evaluate_writes_json_and_plot(db: RetroDB, run_dir: Path, tmp_path:
     assert res.exit_code == 0, res.output
     assert "bpb retrieval" in res.output and "bpb(alpha)" in res.output
     data = json.loads(out.read_text())
+    assert list(data) == ["checkpoint", "step", "inputs", *JSON_FIELDS]
     assert data["step"] == 4 and data["k"] == 2 and data["seq_len"] == 4 * M
     assert out.with_suffix(".png").stat().st_size > 1000
     res = CliRunner().invoke(

@@ -172,6 +172,32 @@ def test_retrieval_off_equals_plain_decoder() -> None:
     torch.testing.assert_close(with_retrieval[:, : M - 1], expected[:, : M - 1])
 
 
+def test_blocks_run_on_their_own() -> None:
+    model = tiny_model()
+    tokens, _ = batch(12, 2, 10)
+    x = model.wte(tokens)
+    rot = model.rope(slice(0, 10))
+    for block in model.decoder_blocks():  # no neighbours: CCA is skipped
+        x = block(x, rot, model.rope)
+    logits = model.lm_head(model.norm_out(x))
+    torch.testing.assert_close(logits, model(tokens)[0], rtol=0, atol=0)
+    # encoder blocks: (N, r, E) neighbours conditioned on (B*n, m, D) chunk states
+    enc, cfg = model.encoder, model.cfg
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(2 * K, R, cfg.enc_dim, generator=g)  # one chunk's k neighbours, twice
+    ctx = torch.randn(2, M, cfg.dim, generator=g)
+    kw = dict(
+        rot=enc.rope(slice(0, R)),
+        rot_q=enc.rope(torch.arange(K * R) % R),
+        rot_c=enc.rope(slice(0, M)),
+    )
+    crossed, plain = enc.blocks[0], tiny_model(enc_cross_attn_layers=()).encoder.blocks[0]
+    assert crossed.cross is not None and plain.cross is None
+    out = crossed(h, ctx, **kw)
+    assert out.shape == h.shape and not torch.equal(out, crossed(h, ctx + 1.0, **kw))
+    torch.testing.assert_close(plain(h, ctx, **kw), plain(h, ctx + 1.0, **kw), rtol=0, atol=0)
+
+
 # ---- masking --------------------------------------------------------------------------
 
 
@@ -318,6 +344,7 @@ def test_other_wirings_keep_cache_equivalence_and_causality(overrides: dict) -> 
 # ---- training -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_a_tiny_corpus() -> None:
     torch.manual_seed(0)
     model = RetroModel(tiny_config(n_layers=2, retro_layers=(2,))).train()
@@ -449,6 +476,7 @@ def copy_task_loss(position_bias: bool, steps: int) -> tuple[float, float]:
     return losses[0], sum(losses[-20:]) / 20
 
 
+@pytest.mark.slow
 def test_model_learns_to_copy_its_neighbours() -> None:
     # tokens from the last of chunk 0 on (49 of 64) can copy: the floor is ~15/64 log V
     first, last = copy_task_loss(position_bias=True, steps=120)

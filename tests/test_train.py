@@ -1,9 +1,12 @@
 """Training: the loop overfits a tiny corpus, checkpoints hold what they promise, resume
-equals an uninterrupted run, retrofit trains only CCA and the encoder, a tokenizer mismatch
-is refused, and a 2-process DDP run on CPU (torchrun, gloo) trains and checkpoints."""
+equals an uninterrupted run (with DataLoader workers too), retrofit trains only CCA and
+the encoder, a tokenizer mismatch is refused, a run that fails validation writes nothing,
+Ctrl-C says what it saved, the CLI options are TrainArgs', the default thread rule, and a
+2-process DDP run on CPU (torchrun, gloo) trains and checkpoints."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -14,15 +17,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import typer
+from retrodb_cli import model as cli_model
 from retrodb_cli.main import app
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from retrodb import RetroDB
-from retrodb.errors import BadInputError, MismatchError
+from retrodb.errors import BadInputError, MismatchError, NotFoundError
 from retrodb.neighbours import NeighbourSet
 from retrodb_model.checkpoint import load_model, read_checkpoint
-from retrodb_model.train import TrainArgs, iter_log, lr_at, train
+from retrodb_model.config import RetroConfig
+from retrodb_model.data import RetroDataset
+from retrodb_model.model import RetroModel
+from retrodb_model.threads import RULE, default_threads
+from retrodb_model.train import TrainArgs, TrainingInterrupted, iter_log, lr_at, train
 
 from .conftest import TOPICS, write_corpus
 from .test_neighbours import SMALL, build_db
@@ -38,6 +47,21 @@ def tiny_db(tmp_path_factory: pytest.TempPathFactory, tiny_encoder_dir: Path) ->
     db = build_db(tmp_path_factory.mktemp("train"), tiny_encoder_dir, n=12, seed=1)
     NeighbourSet.compute(db, "train", k=2, exact=True)
     return db
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_db: RetroDB) -> tuple[Path, dict]:
+    """A finished 6-step run with retrieval (read only: copy it to continue it)."""
+    out = tiny_db.path.parent / "full"
+    return out, train(args_for(tiny_db, out))
+
+
+@pytest.fixture(scope="module")
+def plain_run(tiny_db: RetroDB) -> tuple[Path, dict]:
+    """A finished 6-step --no-retrieval run (read only)."""
+    out = tiny_db.path.parent / "plain"
+    torch.manual_seed(0)
+    return out, train(args_for(tiny_db, out, no_retrieval=True))
 
 
 def args_for(db: RetroDB, out: Path, **kw: object) -> TrainArgs:
@@ -68,6 +92,7 @@ def test_lr_schedule_warms_up_then_decays_to_min() -> None:
     assert lr_at(100, a) == pytest.approx(0.1)
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_a_tiny_corpus(tmp_path: Path, tiny_encoder_dir: Path) -> None:
     corpus = write_corpus(tmp_path / "corpus", TOPICS, repeat=3)
     db = RetroDB.build(tmp_path / "db", [corpus], config=SMALL, encoder=tiny_encoder_dir)
@@ -79,9 +104,8 @@ def test_tiny_model_overfits_a_tiny_corpus(tmp_path: Path, tiny_encoder_dir: Pat
     assert all(np.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in hist)
 
 
-def test_checkpoint_files_log_and_metadata(tiny_db: RetroDB, tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    train(args_for(tiny_db, out))
+def test_checkpoint_files_log_and_metadata(tiny_db: RetroDB, full_run: tuple) -> None:
+    out, _ = full_run
     names = {"model.safetensors", "config.json", "optimizer.pt", "state.json", "db.json"}
     assert names <= {p.name for p in out.iterdir()}
     ck = read_checkpoint(out)
@@ -104,19 +128,25 @@ def test_checkpoint_files_log_and_metadata(tiny_db: RetroDB, tmp_path: Path) -> 
         train(args_for(tiny_db, out))
 
 
-def test_resume_equals_an_uninterrupted_run(tiny_db: RetroDB, tmp_path: Path) -> None:
-    full = train(args_for(tiny_db, tmp_path / "full", steps=6))
+@pytest.mark.parametrize("workers", [0, 1])
+def test_resume_equals_an_uninterrupted_run(
+    tiny_db: RetroDB, full_run: tuple, tmp_path: Path, workers: int
+) -> None:
+    full_dir, full = full_run
 
     def interrupt(record: dict) -> None:  # Ctrl-C after step 4: the run saves, then stops
         if record.get("step") == 4:
             raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        train(args_for(tiny_db, tmp_path / "part", steps=6), log=interrupt)
+    # with workers, a DataLoader worker process fetches the batches (and runs ahead)
+    with pytest.raises(TrainingInterrupted) as info:
+        train(args_for(tiny_db, tmp_path / "part", workers=workers), log=interrupt)
+    assert isinstance(info.value, KeyboardInterrupt)  # what a caller catching Ctrl-C sees
+    assert (info.value.step, info.value.saved, info.value.checkpoint) == (4, 4, 4)
     assert read_checkpoint(tmp_path / "part").step == 4
-    resumed = train(args_for(tiny_db, tmp_path / "part", steps=6, resume=True))
+    resumed = train(args_for(tiny_db, tmp_path / "part", resume=True, workers=workers))
     assert resumed["step"] == 6
-    a = load_file(str(tmp_path / "full" / "model.safetensors"))
+    a = load_file(str(full_dir / "model.safetensors"))
     b = load_file(str(tmp_path / "part" / "model.safetensors"))
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
@@ -124,12 +154,8 @@ def test_resume_equals_an_uninterrupted_run(tiny_db: RetroDB, tmp_path: Path) ->
     assert [r["step"] for r in iter_log(tmp_path / "part")] == [2, 4, 6]
 
 
-def test_no_retrieval_run_leaves_encoder_and_cca_untouched(
-    tiny_db: RetroDB, tmp_path: Path
-) -> None:
-    out = tmp_path / "plain"
-    torch.manual_seed(0)
-    state = train(args_for(tiny_db, out, no_retrieval=True))
+def test_no_retrieval_run_leaves_encoder_and_cca_untouched(plain_run: tuple) -> None:
+    out, state = plain_run
     assert state["trainable_fraction"] < 1.0
     model, ck = load_model(out)
     assert not ck.retrieval
@@ -139,9 +165,10 @@ def test_no_retrieval_run_leaves_encoder_and_cca_untouched(
         torch.testing.assert_close(p, fresh.encoder.state_dict()[name], msg=name)
 
 
-def test_retrofit_trains_only_cca_and_encoder(tiny_db: RetroDB, tmp_path: Path) -> None:
-    base = tmp_path / "base"
-    train(args_for(tiny_db, base, no_retrieval=True))
+def test_retrofit_trains_only_cca_and_encoder(
+    tiny_db: RetroDB, plain_run: tuple, tmp_path: Path
+) -> None:
+    base, _ = plain_run
     out = tmp_path / "retrofit"
     state = train(args_for(tiny_db, out, retrofit=str(base), steps=4, lr=1e-2))
     assert 0 < state["trainable_fraction"] < 1
@@ -160,10 +187,9 @@ def test_retrofit_trains_only_cca_and_encoder(tiny_db: RetroDB, tmp_path: Path) 
 
 
 def test_a_database_with_another_tokenizer_is_refused(
-    tiny_db: RetroDB, tmp_path: Path, tiny_encoder_dir: Path
+    tiny_db: RetroDB, full_run: tuple, tmp_path: Path, tiny_encoder_dir: Path
 ) -> None:
-    out = tmp_path / "run"
-    train(args_for(tiny_db, out, steps=2))
+    out, _ = full_run
     other = build_db(tmp_path / "other", tiny_encoder_dir, n=6, seed=7)
     assert other.manifest.tokenizer["fingerprint"] != tiny_db.manifest.tokenizer["fingerprint"]
     with pytest.raises(MismatchError, match="tokenizer"):
@@ -172,6 +198,11 @@ def test_a_database_with_another_tokenizer_is_refused(
         app, ["generate", str(out), str(other.path), "ka lo", "-n", "2"], catch_exceptions=False
     )
     assert res.exit_code == 1 and "tokenizer" in res.output
+    # a retrofit from a base trained on another tokenizer fails before writing anything
+    NeighbourSet.compute(other, "train", k=2, exact=True)
+    with pytest.raises(MismatchError, match="tokenizer"):
+        train(args_for(other, tmp_path / "never", retrofit=str(out)))
+    assert not (tmp_path / "never").exists()
 
 
 def test_cli_train_prints_log_lines(tiny_db: RetroDB, tmp_path: Path) -> None:
@@ -194,6 +225,139 @@ def test_cli_train_prints_log_lines(tiny_db: RetroDB, tmp_path: Path) -> None:
          "--preset", "tiny"],
     )  # fmt: skip
     assert bad.exit_code == 1 and "multiple of the chunk size" in bad.output
+
+
+@pytest.mark.parametrize(
+    "change, error",
+    [
+        ({"neighbours": "no-such-set"}, NotFoundError),
+        ({"seq_len": SEQ + 8}, BadInputError),  # not a multiple of the chunk size 16
+        ({"model": {"chunk_size": 8}}, MismatchError),
+        ({"batch_size": 1000}, BadInputError),  # fewer sequences than one batch
+        ({"retrofit": "no-such-checkpoint"}, NotFoundError),
+    ],
+)
+def test_a_run_that_fails_validation_writes_nothing(
+    tiny_db: RetroDB, tmp_path: Path, change: dict, error: type
+) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(error):
+        train(args_for(tiny_db, out, **change))
+    assert not out.exists()
+
+
+def test_cli_bad_arguments_leave_no_out_folder(tiny_db: RetroDB, tmp_path: Path) -> None:
+    base = ["train", str(tiny_db.path), "-n", "train", "--preset", "tiny", "--threads", "1"]
+    for extra in (["--seq-len", "60"], ["-n", "missing"], ["--log-every", "0"]):
+        out = tmp_path / "x"
+        res = CliRunner().invoke(app, [*base, "-o", str(out), *extra])
+        assert res.exit_code == 1 and res.output.startswith("error:"), (extra, res.output)
+        assert not out.exists(), extra
+
+
+def test_cli_interrupt_says_what_was_saved(
+    tiny_db: RetroDB, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    printed = cli_model._print_record
+
+    def ctrl_c_after_step_2(record: dict) -> None:
+        printed(record)
+        if record.get("step") == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_model, "_print_record", ctrl_c_after_step_2)
+    out = tmp_path / "cli"
+    args = ["train", str(tiny_db.path), "-n", "train", "-o", str(out), "--preset", "tiny"]
+    args += ["--steps", "6", "--seq-len", str(SEQ), "--log-every", "2", "--threads", "1"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 130, res.output
+    assert "nothing was committed" not in res.output
+    assert f"interrupted after step 2: saved it in {out}" in res.output
+    assert read_checkpoint(out).step == 2
+
+    # interrupted again before a step completes: nothing new is saved, and it says so
+    def ctrl_c(record: dict) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_model, "_print_record", ctrl_c)
+    res = CliRunner().invoke(app, [*args, "--resume"])
+    assert res.exit_code == 130 and "saved it" not in res.output
+    assert f"interrupted at step 2: {out} holds its checkpoint" in res.output
+    assert read_checkpoint(out).step == 2
+
+
+def test_cli_options_are_the_train_args() -> None:
+    command = typer.main.get_command(app).commands["train"]  # type: ignore[attr-defined]
+    params = {p.name: p for p in command.params}
+    for f in dataclasses.fields(TrainArgs):
+        assert f.name in params, f"TrainArgs.{f.name} has no option"
+        assert params[f.name].help, f"TrainArgs.{f.name} has no help"
+        if f.default is not dataclasses.MISSING:
+            want = list(f.default) if isinstance(f.default, tuple) else f.default
+            got = params[f.name].default
+            assert (list(got) if isinstance(got, tuple) else got) == want, f.name
+    assert set(params) == {f.name for f in dataclasses.fields(TrainArgs)}
+    spelled = {name for p in command.params for name in p.opts}
+    for flag in ["--steps", "--seq-len", "--batch-size", "-b", "--lr", "--warmup", "--dtype",
+                 "--eval-every", "--eval-batches", "--log-every", "--save-every", "--threads",
+                 "--resume", "--no-retrieval", "--retrofit", "--preset", "--val-fraction",
+                 "-k", "--model", "--neighbours", "-n", "--out", "-o", "--weight-decay",
+                 "--grad-clip", "--seed", "--workers", "--min-lr-ratio", "--betas"]:  # fmt: skip
+        assert flag in spelled, flag
+    assert RULE in " ".join(params["threads"].help.split())
+    help_text = CliRunner().invoke(app, ["train", "--help"], terminal_width=200).output
+    assert "<bool>" not in help_text and "{db}" not in help_text
+    assert "Usage: retrodb train [OPTIONS] DB" in help_text
+    for name in ("evaluate", "generate"):
+        text = CliRunner().invoke(app, [name, "--help"], terminal_width=200).output
+        assert "<bool>" not in text and "{" not in text and "DB" in text, name
+        assert RULE in " ".join(text.replace("│", " ").split()), name
+
+
+def test_the_cli_starts_without_torch() -> None:
+    """The train options come from TrainArgs, which must not pull torch into every command."""
+    code = "import sys, retrodb_cli.main; assert 'torch' not in sys.modules, 'torch imported'"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_model_overrides_parse_key_value_and_json() -> None:
+    parse = cli_model.parse_model_overrides
+    assert parse(["dropout=0.1", "n_layers=2", 'retro_layers=[1, 2]', "x=abc"]) == {
+        "dropout": 0.1, "n_layers": 2, "retro_layers": [1, 2], "x": "abc"
+    }  # fmt: skip
+    assert parse(['{"dropout": 0.2}', "dropout=0.3"]) == {"dropout": 0.3}
+    assert parse(None) == {}
+    for bad in (["dropout"], ["{not json"], ["=1"]):
+        with pytest.raises(BadInputError):
+            parse(bad)
+
+
+def test_default_threads_count_the_free_cores() -> None:
+    assert default_threads(cores=2, load=0.0) == 2  # an idle 2-core machine
+    assert default_threads(cores=2, load=0.4) == 2
+    assert default_threads(cores=2, load=0.6) == 1  # one core already busy
+    assert default_threads(cores=2, load=9.3) == 1  # oversubscribed: never below 1
+    assert default_threads(cores=16, load=3.0) == 13
+    assert default_threads(2, cores=16, load=3.0) == 6  # torchrun: 2 local processes
+    assert default_threads(4, cores=2, load=0.0) == 1
+    assert 1 <= default_threads() <= (os.cpu_count() or 1)
+
+
+def test_config_for_database_fits_its_chunks_vocabulary_and_k(tiny_db: RetroDB) -> None:
+    cfg = RetroConfig.for_database(tiny_db, "tiny", k=3, seq_len=512)
+    assert cfg.chunk_size == tiny_db.chunk_size == 16
+    assert cfg.vocab_size == tiny_db.tokenizer.vocab_size
+    assert cfg.num_neighbours == 3 and cfg.max_seq_len == 512
+    assert RetroConfig.for_database(str(tiny_db.path), "tiny", dropout=0.1).dropout == 0.1
+    with pytest.raises(MismatchError, match="chunk_size 8"):
+        RetroConfig.for_database(tiny_db, "tiny", chunk_size=8)
+    # the obvious model over a database's batches runs (preset("tiny") has chunks of 8)
+    model = RetroModel(cfg)
+    batch = RetroDataset(tiny_db, "train", seq_len=SEQ).batch([0, 1])
+    _, loss = model(batch["tokens"][:, :-1], batch["retrieved"], batch["retrieved_mask"],
+                    batch["targets"])  # fmt: skip
+    assert loss is not None and torch.isfinite(loss)
 
 
 def _free_port() -> int:
