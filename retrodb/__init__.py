@@ -11,10 +11,9 @@ Importing retrodb never imports torch.
 
 from __future__ import annotations
 
-# ONNX Runtime must be loaded before USearch's compiled module: the other order crashes the
-# process on import (seen with onnxruntime 1.31-1.32 and usearch 2.26 on x86_64 Linux).
-import onnxruntime as _onnxruntime  # noqa: F401, I001
-
+# First: retrodb.index makes the system libstdc++ global before it imports USearch, whose
+# wheel bundles a private libstdc++ that otherwise breaks onnxruntime (docs/reliability.md).
+from . import index as _index  # noqa: F401
 from .config import ChunkConfig, DBConfig, EncoderConfig, IndexConfig, TokenizerConfig
 from .db import AddResult, Retrieved, RetroDB, SearchResult
 from .errors import (
