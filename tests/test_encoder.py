@@ -1,4 +1,5 @@
-"""retrodb.encoder: the one text -> key path (tokenize, ONNX Runtime, mean pooling)."""
+"""retrodb.encoder: the one text -> key path (tokenize, ONNX Runtime, mean pooling), and
+the device it runs on (CPU here; the CUDA tests are marked ``gpu`` and skipped without one)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import retrodb.encoder as encoder_mod
+import retrodb.export
 from retrodb.config import EncoderConfig
-from retrodb.encoder import ENCODER_FILES, Encoder, default_checkpoint, prepare_encoder
-from retrodb.errors import BadInputError, CorruptError, MismatchError, NotFoundError
+from retrodb.encoder import (
+    ENCODER_FILES,
+    DeviceUnavailableError,
+    Encoder,
+    cuda_problem,
+    default_checkpoint,
+    fp16_model,
+    parse_device,
+    prepare_encoder,
+    resolve_device,
+)
+from retrodb.errors import BadInputError, CorruptError, MismatchError, NotFoundError, RetroDBError
 
 TEXTS = [
     "To open a file in Python, call open() with a path and a mode.",
@@ -193,3 +206,190 @@ def test_prepare_refuses_an_existing_destination(tiny_encoder_dir: Path, tmp_pat
     (tmp_path / "taken").mkdir()
     with pytest.raises(BadInputError, match="exists"):
         prepare_encoder(tiny_encoder_dir, tmp_path / "taken", config=EncoderConfig())
+
+
+# ---------------------------------------------------------------- devices
+
+CUDA_HERE = cuda_problem(0) is None
+needs_cuda = pytest.mark.skipif(not CUDA_HERE, reason="no CUDA GPU with ONNX Runtime's provider")
+no_cuda_here = pytest.mark.skipif(CUDA_HERE, reason="a CUDA GPU is present")
+
+
+@pytest.fixture
+def fresh_cuda_check():
+    """cuda_problem() caches its answer per process: clear it around tests that fake one."""
+    cuda_problem.cache_clear()
+    yield
+    cuda_problem.cache_clear()
+
+
+def test_parse_device() -> None:
+    assert parse_device("cpu") == ("cpu", 0)
+    assert parse_device("CUDA") == ("cuda", 0)
+    assert parse_device("cuda:1") == ("cuda", 1)
+    assert parse_device("auto") == ("auto", 0)
+    for bad in ("gpu", "cuda:", "cuda:x", "cpu:0", "auto:1", ""):
+        with pytest.raises(BadInputError, match="device must be"):
+            parse_device(bad)
+
+
+def test_open_rejects_a_bad_device_before_reading(tmp_path: Path) -> None:
+    with pytest.raises(BadInputError, match="'tpu'"):
+        Encoder.open(tmp_path / "nowhere", device="tpu")
+    with pytest.raises(BadInputError, match="batch_size"):
+        Encoder.open(tmp_path / "nowhere", batch_size=0)
+
+
+@no_cuda_here
+def test_cuda_absent_is_one_clear_error(tiny_encoder_dir: Path) -> None:
+    with pytest.raises(DeviceUnavailableError) as info:
+        Encoder.open(tiny_encoder_dir, device="cuda")
+    message = str(info.value)
+    assert isinstance(info.value, RetroDBError) and "\n" not in message
+    assert message.startswith("device 'cuda' is not available: ")
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        # The CPU build of ONNX Runtime (CI's): the message says how to get the GPU one.
+        assert "pip install 'retrodb[gpu]'" in message and "onnxruntime" in message
+    else:  # the GPU build without a GPU, a driver or the CUDA libraries
+        assert "NVIDIA driver" in message or "CUDA provider" in message
+
+
+@no_cuda_here
+def test_auto_picks_cpu_here_and_says_why(tiny_encoder_dir: Path, tiny_encoder: Encoder) -> None:
+    enc = Encoder.open(tiny_encoder_dir, threads=1, device="auto")
+    assert enc.device == "cpu" and enc.precision == "fp32"
+    assert enc.device_note.startswith("auto: ") and enc.providers == ["CPUExecutionProvider"]
+    assert enc.batch_size == encoder_mod.DEFAULT_BATCH["cpu"]
+    np.testing.assert_array_equal(enc.encode(TEXTS), tiny_encoder.encode(TEXTS))
+    assert resolve_device("cpu") == ("cpu", "asked for")
+
+
+def test_cuda_messages(monkeypatch: pytest.MonkeyPatch, fresh_cuda_check: None) -> None:
+    """Each way CUDA can be missing gets its own reason and fix (faked: no GPU here)."""
+    import onnxruntime as ort
+
+    versions = {"onnxruntime": "1.31.1", "onnxruntime-gpu": "1.31.1"}
+
+    def version(dist: str) -> str:
+        if dist not in versions:
+            raise encoder_mod.importlib.metadata.PackageNotFoundError(dist)
+        return versions[dist]
+
+    monkeypatch.setattr(encoder_mod.importlib.metadata, "version", version)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert "both installed" in (cuda_problem(0) or "")
+    cuda_problem.cache_clear()
+    del versions["onnxruntime-gpu"]
+    assert "CPU build without CUDA" in (cuda_problem(0) or "")
+    cuda_problem.cache_clear()
+    monkeypatch.setattr(
+        ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    monkeypatch.setattr(encoder_mod, "_driver_present", lambda: False)
+    assert "no NVIDIA driver" in (cuda_problem(0) or "")
+    cuda_problem.cache_clear()
+    monkeypatch.setattr(encoder_mod, "_driver_present", lambda: True)
+    monkeypatch.setattr(encoder_mod, "_cuda_probe", lambda index: False)
+    monkeypatch.setattr(encoder_mod, "_missing_cuda_libraries", lambda: ["libcudnn.so.9"])
+    assert "cannot load libcudnn.so.9" in (cuda_problem(0) or "")
+    cuda_problem.cache_clear()
+    monkeypatch.setattr(encoder_mod, "_missing_cuda_libraries", lambda: [])
+    assert "did not start on GPU 3" in (cuda_problem(3) or "")
+    with pytest.raises(DeviceUnavailableError, match="'cuda:3'"):
+        resolve_device("cuda:3")
+    device, note = resolve_device("auto")
+    assert device == "cpu" and note.startswith("auto: ONNX Runtime's CUDA provider")
+    cuda_problem.cache_clear()
+    monkeypatch.setattr(encoder_mod, "_cuda_probe", lambda index: True)
+    assert resolve_device("auto") == ("cuda:0", "auto: a CUDA GPU is present")
+    assert resolve_device("cuda:2") == ("cuda:2", "asked for")
+
+
+def test_batch_size_default_and_override(tiny_encoder_dir: Path) -> None:
+    enc = Encoder.open(tiny_encoder_dir, threads=1, batch_size=4)
+    assert enc.batch_size == 4
+    calls: list[tuple[str, int, int]] = []
+    enc.encode(TEXTS, progress=lambda *a: calls.append(a))
+    assert calls == [("encode", 0, 6), ("encode", 4, 6), ("encode", 6, 6)]
+    calls.clear()
+    enc.encode(TEXTS, batch_size=6, progress=lambda *a: calls.append(a))
+    assert calls == [("encode", 0, 6), ("encode", 6, 6)]
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 4])
+def test_prefetched_tokenization_gives_the_same_keys(
+    tiny_encoder_dir: Path, batch_size: int
+) -> None:
+    """The GPU path tokenizes one batch ahead on a thread; forced on here, on the CPU."""
+    plain = Encoder.open(tiny_encoder_dir, threads=1)
+    ahead = Encoder.open(tiny_encoder_dir, threads=1)
+    ahead._prefetch = True
+    texts = TEXTS * 3
+    np.testing.assert_array_equal(
+        ahead.encode(texts, batch_size=batch_size), plain.encode(texts, batch_size=batch_size)
+    )
+
+
+def test_fp16_model_is_cached_outside_the_encoder_directory(
+    tiny_encoder_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = {p.name: p.read_bytes() for p in tiny_encoder_dir.iterdir()}
+    cached = fp16_model(tiny_encoder_dir, cache=tmp_path / "cache")
+    assert isinstance(cached, Path) and cached.parent == tmp_path / "cache" / "fp16"
+    assert [p.name for p in cached.parent.iterdir()] == [cached.name]  # no temp file left
+    assert {p.name: p.read_bytes() for p in tiny_encoder_dir.iterdir()} == before
+
+    def no_conversion(*args: object, **kwargs: object) -> bytes:
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(retrodb.export, "convert_fp16", no_conversion)
+    assert fp16_model(tiny_encoder_dir, cache=tmp_path / "cache") == cached
+    # Another model (one changed byte in a copy) is another cache entry.
+    other = tmp_path / "other"
+    shutil.copytree(tiny_encoder_dir, other)
+    monkeypatch.undo()
+    data = bytearray((other / "model.onnx").read_bytes())
+    data[-1] ^= 1
+    (other / "model.onnx").write_bytes(bytes(data))
+    assert fp16_model(other, cache=tmp_path / "cache") != cached
+
+
+def test_fp16_model_without_a_writable_cache_stays_in_memory(
+    tiny_encoder_dir: Path, tmp_path: Path
+) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    model = fp16_model(tiny_encoder_dir, cache=blocked)
+    assert isinstance(model, bytes) and len(model) > 1000
+
+
+def test_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("RETRODB_CACHE_DIR", str(tmp_path / "r"))
+    assert encoder_mod.cache_dir() == tmp_path / "r"
+    monkeypatch.delenv("RETRODB_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert encoder_mod.cache_dir() == tmp_path / "x" / "retrodb"
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_keys_agree_with_cpu_keys(minilm_encoder_dir: Path, minilm_encoder: Encoder) -> None:
+    gpu = Encoder.open(minilm_encoder_dir, device="cuda")
+    assert gpu.device == "cuda:0" and gpu.precision == "fp16"
+    assert gpu.providers[0] == "CUDAExecutionProvider"
+    assert gpu.fingerprint == minilm_encoder.fingerprint
+    texts = [*TEXTS, *(f"{t} ({i})" for i, t in enumerate(TEXTS * 20))]
+    a, b = gpu.encode(texts), minilm_encoder.encode(texts)
+    cos = (a * b).sum(axis=1)
+    assert cos.min() >= 0.999, cos.min()
+    np.testing.assert_allclose(gpu.encode(texts, batch_size=7), a, atol=2e-3)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_auto_picks_cuda_where_there_is_one(tiny_encoder_dir: Path) -> None:
+    enc = Encoder.open(tiny_encoder_dir, device="auto")
+    assert enc.device == "cuda:0" and enc.device_note == "auto: a CUDA GPU is present"
+    assert enc.batch_size == encoder_mod.DEFAULT_BATCH["cuda"]

@@ -1,5 +1,6 @@
 """retrodb.export and prepare_encoder's sources: ONNX matches PyTorch, int8 stays close,
-an exported .onnx (pooled or plain BertModel) works, bad sources fail cleanly."""
+the fp16 GPU model converts and agrees with fp32, an exported .onnx (pooled or plain
+BertModel) works, bad sources fail cleanly."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 from retrodb.config import EncoderConfig
 from retrodb.encoder import Encoder, prepare_encoder
 from retrodb.errors import BadInputError, NotFoundError
+from retrodb.export import attention_heads, convert_fp16
 
 from .encoder_fixtures import make_tiny_bert
 
@@ -187,3 +189,76 @@ def test_max_length_beyond_the_model_is_bad_input(
         prepare_encoder(
             tiny_bert_checkpoint, tmp_path / "enc", config=EncoderConfig(max_length=1024)
         )
+
+
+def _run_fp16(model: bytes, enc: Encoder, texts: list[str]) -> np.ndarray:
+    """The converted model on ONNX Runtime's CPU provider (which has fp16 kernels)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+    out = session.run(None, enc.tokenize(texts))[0]
+    assert out.dtype == np.float32 and out.shape == (len(texts), enc.dim)
+    return out
+
+
+def test_fp16_conversion_of_the_tiny_model(tiny_encoder: Encoder) -> None:
+    import onnx
+
+    src = tiny_encoder.directory / "model.onnx"
+    assert attention_heads(onnx.load(str(src)), tiny_encoder.dim) == 2
+    before = src.read_bytes()
+    model = onnx.load_from_string(convert_fp16(src, hidden_size=tiny_encoder.dim))
+    assert src.read_bytes() == before
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("Attention") == 2 and ops.count("SkipLayerNormalization") == 4
+    float_inits = {i.data_type for i in model.graph.initializer if i.data_type in (1, 10)}
+    assert float_inits == {onnx.TensorProto.FLOAT16}
+    assert [i.type.tensor_type.elem_type for i in model.graph.input] == [onnx.TensorProto.INT64] * 3
+    assert [o.type.tensor_type.elem_type for o in model.graph.output] == [onnx.TensorProto.FLOAT]
+    # The mean pooling runs in float32: its ReduceSum and Div are fed by casts to float.
+    produced = {out: node for node in model.graph.node for out in node.output}
+    div = next(n for n in model.graph.node if n.output[0] == "sentence_embedding")
+    reduce_sum = produced[div.input[0]]
+    mul = produced[reduce_sum.input[0]]
+    feeds = [produced[name] for name in mul.input]
+    assert all(f.op_type == "Cast" and f.attribute[0].i == onnx.TensorProto.FLOAT for f in feeds)
+    ours = _run_fp16(model.SerializeToString(), tiny_encoder, TEXTS)
+    ours /= np.linalg.norm(ours, axis=1, keepdims=True)
+    assert _cosines(ours, tiny_encoder.encode(TEXTS)).min() >= 0.999
+
+
+def test_fp16_conversion_without_known_heads_still_works(
+    tiny_encoder: Encoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import onnx
+
+    import retrodb.export
+
+    monkeypatch.setattr(retrodb.export, "attention_heads", lambda model, hidden: None)
+    model = convert_fp16(tiny_encoder.directory / "model.onnx", hidden_size=tiny_encoder.dim)
+    assert "Attention" not in [n.op_type for n in onnx.load_from_string(model).graph.node]
+    ours = _run_fp16(model, tiny_encoder, TEXTS)
+    ours /= np.linalg.norm(ours, axis=1, keepdims=True)
+    assert _cosines(ours, tiny_encoder.encode(TEXTS)).min() >= 0.999
+
+
+def test_fp16_conversion_of_garbage_is_bad_input(tmp_path: Path) -> None:
+    (tmp_path / "model.onnx").write_bytes(b"\x07" * 64)
+    with pytest.raises(BadInputError, match="model.onnx"):
+        convert_fp16(tmp_path / "model.onnx", hidden_size=32)
+
+
+@pytest.mark.slow
+def test_fp16_minilm_agrees_with_fp32(minilm_encoder: Encoder, record_property) -> None:
+    """On the CPU provider; the same check on CUDA is tests/test_encoder.py's gpu test."""
+    import onnx
+
+    src = minilm_encoder.directory / "model.onnx"
+    assert attention_heads(onnx.load(str(src)), 384) == 12
+    ours = _run_fp16(convert_fp16(src, hidden_size=384), minilm_encoder, TEXTS)
+    ours /= np.linalg.norm(ours, axis=1, keepdims=True)
+    cos = _cosines(ours, minilm_encoder.encode(TEXTS))
+    record_property("fp16_cpu_cosine_min", float(cos.min()))
+    assert cos.min() >= 0.999
