@@ -6,7 +6,6 @@ errors become one line on stderr and a non-zero exit."""
 from __future__ import annotations
 
 import json
-import sys
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -14,9 +13,10 @@ from typing import Annotated
 import typer
 
 from retrodb.config import ChunkConfig, DBConfig, EncoderConfig, TokenizerConfig
+from retrodb.corpus import read_id_file
 from retrodb.db import RetroDB
 
-from .common import fail, handle_errors, progress_bars
+from .common import fail, handle_errors, progress_bars, read_lines
 
 app = typer.Typer(
     name="retrodb",
@@ -173,54 +173,23 @@ def query(
     """Find the k nearest chunks of each query text, with their continuations."""
     queries = list(texts or [])
     if input is not None:
-        if str(input) == "-":
-            lines = sys.stdin.read().splitlines()
-        else:
-            if not input.is_file():
-                fail(f"{input}: no such file")
-            try:
-                lines = input.read_text(encoding="utf-8").splitlines()
-            except UnicodeDecodeError:
-                fail(f"{input}: not UTF-8 text")
-        queries += [line for line in lines if line.strip()]
+        queries += read_lines(input)
     if not queries:
         fail("no query: give TEXT arguments or --input FILE")
     if k <= 0:
         fail(f"-k must be positive, got {k}")
-    rdb = RetroDB.open(db, threads=threads)
-    res = rdb.search(queries, k=k, exact=exact)
-    flat = res.keys.ravel()
-    texts_ = rdb.decode(flat)
-    conts = rdb.continuation_text(flat)
-    docs = rdb.key_documents(flat)
-    for qi, q in enumerate(queries):
-        neighbours = []
-        for j in range(k):
-            i = qi * k + j
-            key = int(flat[i])
-            if key < 0:
-                continue
-            neighbours.append(
-                {
-                    "key": key,
-                    "doc": docs[i],
-                    "distance": float(res.distances[qi, j]),
-                    "text": texts_[i],
-                    "continuation": conts[i],
-                }
-            )
+    for result in RetroDB.open(db, threads=threads).query(queries, k=k, exact=exact):
         if as_json:
-            typer.echo(json.dumps({"query": q, "neighbours": neighbours}, ensure_ascii=False))
-        else:
-            typer.echo(f"query: {q}")
-            for rank, n in enumerate(neighbours, 1):
-                typer.echo(f"  [{rank}] {n['doc']}  key {n['key']}  distance {n['distance']:.4f}")
-                typer.echo(_indent(n["text"]))
-                if n["continuation"]:
-                    typer.echo(
-                        _indent("… " + n["continuation"][:200].replace("\n", " ") + " …", dim=True)
-                    )
-            typer.echo("")
+            typer.echo(json.dumps(result.to_dict(), ensure_ascii=False))
+            continue
+        typer.echo(f"query: {result.query}")
+        for rank, hit in enumerate(result.neighbours, 1):
+            typer.echo(f"  [{rank}] {hit.doc}  key {hit.key}  distance {hit.distance:.4f}")
+            typer.echo(_indent(hit.text))
+            if hit.continuation:
+                cont = hit.continuation[:200].replace("\n", " ")
+                typer.echo(_indent(f"… {cont} …", dim=True))
+        typer.echo("")
 
 
 def _indent(text: str, dim: bool = False) -> str:
@@ -276,21 +245,19 @@ def verify(
     with progress_bars(quiet or as_json) as progress:
         rep = rdb.verify(repair=repair, progress=progress)
     if as_json:
-        typer.echo(json.dumps(rep, indent=1))
+        typer.echo(json.dumps(rep.to_dict(), indent=1))
     else:
-        for p in rep["problems"]:
+        for p in rep.problems:
             typer.echo(f"damaged: {p}")
-        for p in rep["leftovers"]:
+        for p in rep.leftovers:
             typer.echo(f"leftover (run --repair to remove): {p}")
-        for p in rep["removed"]:
+        for p in rep.removed:
             typer.echo(f"removed: {p}")
-        for p in rep.get("retained", []):
+        for p in rep.retained:
             typer.echo(f"kept one more generation for readers (merged by compact): {p}")
-        status = "ok" if rep["ok"] else "DAMAGED"
-        typer.echo(
-            f"{status}: generation {rep['generation']}, {rep['files_checked']} files checked"
-        )
-    if not rep["ok"]:
+        status = "ok" if rep.ok else "DAMAGED"
+        typer.echo(f"{status}: generation {rep.generation}, {rep.files_checked} files checked")
+    if not rep.ok:
         raise typer.Exit(1)
 
 
@@ -311,13 +278,7 @@ def delete(
     Their rows stay on disk until `retrodb compact`."""
     ids = list(doc or [])
     if doc_file is not None:
-        if str(doc_file) == "-":
-            text = sys.stdin.read()
-        elif not doc_file.is_file():
-            fail(f"{doc_file}: no such file")
-        else:
-            text = doc_file.read_text(encoding="utf-8")
-        ids += [line.strip() for line in text.splitlines() if line.strip()]
+        ids += read_id_file(doc_file)
     if not ids:
         fail("no document ids: give --doc ID or --doc-file FILE")
     res = RetroDB.open(db).delete(ids)
@@ -348,8 +309,12 @@ def compact(db: DBArg, quiet: QuietOpt = False) -> None:
 
 # Commands defined in other modules of this package register here, one line each.
 # --- command registrations ---
-from . import neighbours as _neighbours; _neighbours.register(app)  # noqa: E402, E702, I001
-from . import model as _model; _model.register(app)  # noqa: E402, E702, I001
+from . import neighbours as _neighbours
+
+_neighbours.register(app)  # noqa: E402, E702, I001
+from . import model as _model
+
+_model.register(app)  # noqa: E402, E702, I001
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -2,7 +2,7 @@
 
 >>> import retrodb                                              # doctest: +SKIP
 >>> db = retrodb.RetroDB.open("my.retrodb")                     # doctest: +SKIP
->>> res = db.search(["how do I open a file?"], k=4)             # doctest: +SKIP
+>>> res = db.search("how do I open a file?", k=4)               # doctest: +SKIP
 >>> db.retrieve(res.keys).tokens.shape                          # doctest: +SKIP
 (1, 4, 128)
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import onnxruntime as _onnxruntime  # noqa: F401, I001
 
 from .config import ChunkConfig, DBConfig, EncoderConfig, IndexConfig, TokenizerConfig
-from .db import AddResult, Retrieved, RetroDB, SearchResult
+from .db import AddResult, Hit, QueryResult, Retrieved, RetroDB, SearchResult
 from .errors import (
     BadInputError,
     CorruptError,
@@ -40,11 +40,13 @@ __all__ = [
     "DBConfig",
     "EncoderConfig",
     "FormatVersionError",
+    "Hit",
     "IndexConfig",
     "LockedError",
     "MismatchError",
     "NotADatabaseError",
     "NotFoundError",
+    "QueryResult",
     "Retrieved",
     "RetroDB",
     "SearchResult",

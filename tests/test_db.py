@@ -48,7 +48,7 @@ def test_build_layout_and_info(tiny_db: RetroDB) -> None:
     assert info["chunks"] == sum(s.meta.chunks for s in tiny_db.segments)
     assert info["bytes"]["segment_indexes"] > 0 and info["bytes"]["encoder"] > 0
     seg = tiny_db.segments[0]
-    assert seg.tokens.dtype == np.uint16 and isinstance(seg.tokens, np.memmap)
+    assert seg.tokens.dtype == np.uint16 and isinstance(seg.tokens.base, np.memmap)  # mapped
     assert sorted(seg.ids) == sorted(TOPICS)
     assert not list(root.parent.glob(".db.building-*"))
 
@@ -92,6 +92,18 @@ def test_a_chunks_own_text_finds_itself_first(minilm_db: RetroDB) -> None:
     assert np.all(res.distances[:, 0] < 0.01)
     by_tokens = minilm_db.search(minilm_db.chunks(keys)[0], k=1)  # token chunks in, same answer
     assert (by_tokens.keys[:, 0] == keys).mean() >= 0.9
+
+
+def test_one_string_is_one_query(minilm_db: RetroDB) -> None:
+    # Issue 10 item 3: a str used to be iterated character by character.
+    one = minilm_db.search("sorting a list in place", k=2)
+    assert one.keys.shape == (1, 2) and (one.keys >= 0).all()
+    listed = minilm_db.search(["sorting a list in place"], k=2)
+    np.testing.assert_array_equal(one.keys, listed.keys)
+    assert minilm_db.search("uninstall", k=3).keys.shape == (1, 3)
+    [result] = minilm_db.query("sorting a list in place", k=2)
+    assert [h.key for h in result.neighbours] == one.keys[0].tolist()
+    assert result.neighbours[0].doc == minilm_db.key_documents(one.keys[0, :1])[0]
 
 
 def test_add_then_query_finds_new_text_and_reopen(minilm_db: RetroDB, tmp_path: Path) -> None:

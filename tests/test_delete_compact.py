@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from retrodb import BadInputError, ChunkConfig, DBConfig, RetroDB, TokenizerConfig
 from retrodb.encoder import Encoder
+from retrodb.search import Exclusion
 
 from .conftest import write_corpus
 
@@ -71,8 +72,9 @@ def test_delete_hides_documents_from_every_search(db3: RetroDB) -> None:
         vecs = db.indexes[0].vectors(keys)
         exact = db.search_vectors(vecs, k=n, exact=True).keys
         assert not np.isin(exact, keys).any()
-        # Restricted to one segment and with a keep filter, deleted rows still never come back.
-        only0 = db.search_vectors(vecs, k=5, segments=[0], keep=lambda r, k: k >= 0).keys
+        # Restricted to one segment and with an exclusion, deleted rows still never come back.
+        none = Exclusion(own_doc=np.full(len(vecs), -2))
+        only0 = db.search_vectors(vecs, k=5, segments=[0], exclusion=none).keys
         assert not np.isin(only0, keys).any()
     assert db3.verify()["ok"]
 
@@ -135,14 +137,17 @@ def test_compact_keeps_live_keys_and_never_encodes(
         assert (cont[ok] == allk[ok] + 1).all()
         assert (docs[np.searchsorted(allk, cont[ok])] == docs[ok]).all()
     assert db3.verify()["ok"]
-    # The merged-away segments stay for one generation, then the next writer removes them.
+    # The merged-away segments stay while the previous generation names them (readers may
+    # hold it); the writer whose commit leaves them unnamed removes them, and verify then
+    # reports no leftovers.
     seg_dir = db3.path / "segments"
     assert set(old_names) <= {p.name for p in seg_dir.iterdir()}
     monkeypatch.undo()
     db3.add([write_corpus(tmp_path / "n1", {"n1.txt": "brand new text one. " * 3})])
-    assert set(old_names) <= {p.name for p in seg_dir.iterdir()}
-    res2 = db3.add([write_corpus(tmp_path / "n2", {"n2.txt": "brand new text two. " * 3})])
     assert not set(old_names) & {p.name for p in seg_dir.iterdir()}
+    rep = db3.verify()
+    assert rep["ok"] and rep["leftovers"] == [] and rep["retained"] == []
+    res2 = db3.add([write_corpus(tmp_path / "n2", {"n2.txt": "brand new text two. " * 3})])
     assert db3.segments[-1].meta.first_key >= next_key  # keys are never reused
     assert res2.generation == db3.generation and db3.verify()["ok"]
     assert live_docs(db3).items() >= before.items()

@@ -227,7 +227,7 @@ def test_sets_read_the_right_rows_after_delete_and_compact(db: RetroDB, tmp_path
     # the tokens the keys had before compaction.
     reader = SequenceReader(db, ns, seq_len=seq)
     flat = np.concatenate([np.asarray(ns.chunk_keys), nkeys.ravel(), [-1]])
-    toks, lens = reader.maps.gather(flat)
+    toks, lens = reader.keymap.rows(flat)
     ref_toks, ref_lens = db.chunks(flat)
     np.testing.assert_array_equal(toks, ref_toks)
     np.testing.assert_array_equal(lens, ref_lens)
@@ -254,7 +254,7 @@ def test_sets_read_the_right_rows_after_delete_and_compact(db: RetroDB, tmp_path
     assert_same_sets(ns, NeighbourSet.compute(db, "check", k=k, exact=True))
     nkeys = np.asarray(ns.keys)
     assert all(len(set(r)) == k for r in nkeys.tolist())
-    toks, _ = SequenceReader(db, ns, seq_len=seq).maps.gather(nkeys.ravel())
+    toks, _ = SequenceReader(db, ns, seq_len=seq).keymap.rows(nkeys.ravel())
     np.testing.assert_array_equal(toks, np.stack([before[key] for key in nkeys.ravel().tolist()]))
 
 
