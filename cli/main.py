@@ -16,6 +16,8 @@ from retrodb.config import ChunkConfig, DBConfig, EncoderConfig, TokenizerConfig
 from retrodb.corpus import read_id_file
 from retrodb.db import RetroDB
 
+from . import model as model_commands
+from . import neighbours as neighbour_commands
 from .common import fail, handle_errors, progress_bars, read_lines
 
 app = typer.Typer(
@@ -307,14 +309,9 @@ def compact(db: DBArg, quiet: QuietOpt = False) -> None:
     )
 
 
-# Commands defined in other modules of this package register here, one line each.
-# --- command registrations ---
-from . import neighbours as _neighbours
-
-_neighbours.register(app)  # noqa: E402, E702, I001
-from . import model as _model
-
-_model.register(app)  # noqa: E402, E702, I001
+# Commands defined in other modules of this package, after the database commands.
+neighbour_commands.register(app)
+model_commands.register(app)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -28,6 +28,7 @@ from .errors import BadInputError, CorruptError, MismatchError
 from .failpoints import failpoint
 from .progress import ProgressFn, no_progress
 
+
 def build_index(
     path: Path,
     keys: np.ndarray,
