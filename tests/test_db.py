@@ -22,14 +22,23 @@ from retrodb import (
 )
 from retrodb.tokenizer import Tokenizer
 
-from .conftest import TOPICS, write_corpus
+from .conftest import TOPICS, copy_db, write_corpus
 
 SMALL = DBConfig(chunk=ChunkConfig(chunk_size=16), tokenizer=TokenizerConfig(vocab_size=400))
 
 
+@pytest.fixture(scope="module")
+def tiny_pristine(tmp_path_factory: pytest.TempPathFactory, tiny_encoder_dir: Path) -> Path:
+    root = tmp_path_factory.mktemp("tiny")
+    corpus = write_corpus(root / "corpus", TOPICS)
+    RetroDB.build(root / "db", [corpus], config=SMALL, encoder=tiny_encoder_dir)
+    return root / "db"
+
+
 @pytest.fixture
-def tiny_db(tmp_path: Path, corpus_dir: Path, tiny_encoder_dir: Path) -> RetroDB:
-    return RetroDB.build(tmp_path / "db", [corpus_dir], config=SMALL, encoder=tiny_encoder_dir)
+def tiny_db(tiny_pristine: Path, tmp_path: Path) -> RetroDB:
+    """The four topics (corpus_dir's documents), built once per module, copied per test."""
+    return RetroDB.open(copy_db(tiny_pristine, tmp_path / "db"))
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from retrodb import BadInputError, ChunkConfig, DBConfig, RetroDB, TokenizerConf
 from retrodb.encoder import Encoder
 from retrodb.search import Exclusion
 
-from .conftest import write_corpus
+from .conftest import ASYNCIO, TOPICS, copy_db, write_corpus
 
 SMALL = DBConfig(chunk=ChunkConfig(chunk_size=16), tokenizer=TokenizerConfig(vocab_size=400))
 MORE = {
@@ -23,13 +23,21 @@ MORE = {
 }
 
 
-@pytest.fixture
-def db3(tmp_path: Path, corpus_dir: Path, more_dir: Path, tiny_encoder_dir: Path) -> RetroDB:
-    """Three segments: the four topics, asyncio, then json + http."""
-    db = RetroDB.build(tmp_path / "db", [corpus_dir], config=SMALL, encoder=tiny_encoder_dir)
+@pytest.fixture(scope="module")
+def db3_pristine(tmp_path_factory: pytest.TempPathFactory, tiny_encoder_dir: Path) -> Path:
+    root = tmp_path_factory.mktemp("db3")
+    corpus_dir = write_corpus(root / "corpus", TOPICS)
+    more_dir = write_corpus(root / "more", ASYNCIO)
+    db = RetroDB.build(root / "db", [corpus_dir], config=SMALL, encoder=tiny_encoder_dir)
     db.add([more_dir])
-    db.add([write_corpus(tmp_path / "extra", MORE, repeat=5)])
-    return db
+    db.add([write_corpus(root / "extra", MORE, repeat=5)])
+    return root / "db"
+
+
+@pytest.fixture
+def db3(db3_pristine: Path, tmp_path: Path) -> RetroDB:
+    """Three segments: the four topics, asyncio, then json + http (a copy per test)."""
+    return RetroDB.open(copy_db(db3_pristine, tmp_path / "db"))
 
 
 def live_docs(db: RetroDB) -> dict[str, tuple[list[int], list[str], list[int]]]:
