@@ -19,7 +19,7 @@ import numpy as np
 from common import machine, percentiles
 
 from retrodb import RetroDB
-from retrodb.index import search_segments
+from retrodb.search import search_segments
 
 
 def main() -> None:

@@ -132,6 +132,7 @@ def main() -> int:
         stop, out_file = work / "stop", work / "reader.json"
         reader = subprocess.Popen(
             [sys.executable, "-c", READER_CHILD, str(db_path), str(stop), str(out_file)],
+            stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
             env=child_env(),

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -19,7 +21,9 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from typer.core import TyperCommand, TyperOption
 
+from retrodb.db import RetroDB
 from retrodb.errors import RetroDBError
 
 err_console = Console(stderr=True)
@@ -31,6 +35,7 @@ UNITS = {
     "encode": "chunks",
     "index": "chunks",
     "verify": "files",
+    "reachability": "chunks",
     "neighbours": "chunks",
     "export": "steps",
     "tokenizer": "steps",
@@ -39,10 +44,77 @@ UNITS = {
 }
 
 
+class Command(TyperCommand):
+    """Every retrodb command: help that names arguments as the usage line of a Unix tool
+    does (`DB`, not `{db}`) and shows no `<bool>` type after flags, which take no value."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if getattr(param, "is_flag", False):
+                param.metavar = ""  # typer shows a flag's metavar as its type
+
+    # typer's own (vendored) click types the context; Any keeps this file off its internals
+    def get_help_option(self, ctx: Any) -> TyperOption | None:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = (param.metavar or param.name or "arg").upper()
+                name = name if param.required else f"[{name}]"
+                pieces.append(name + ("..." if param.nargs != 1 else ""))
+        return pieces
+
+
+ThreadsOpt = Annotated[
+    int | None, typer.Option("--threads", help="Encoder threads (default: all cores).", min=1)
+]
+DeviceOpt = Annotated[
+    str,
+    typer.Option(
+        "--device",
+        help="Where the encoder runs: cpu, cuda, cuda:N or auto (cuda when a GPU and ONNX "
+        "Runtime's CUDA provider are present, else cpu). The GPU build: pip install "
+        "'retrodb[gpu]' (docs/scale.md).",
+    ),
+]
+
+
+def say_device(db: RetroDB, device: str, quiet: bool) -> None:
+    """Say where the encoder ran (stderr), unless quiet or it is the default CPU."""
+    enc = db._encoder
+    if quiet or enc is None or (device == "cpu" and enc.device == "cpu"):
+        return
+    err_console.print(
+        f"encoder: {enc.device} ({enc.precision}; {enc.device_note})", highlight=False
+    )
+
+
 def fail(message: str, code: int = 1) -> None:
     """Print ``error: message`` on stderr and exit with ``code``."""
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def read_lines(path: Path) -> list[str]:
+    """The non-blank lines of a UTF-8 text file ('-': standard input)."""
+    if str(path) == "-":
+        text = sys.stdin.read()
+    else:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            fail(f"{path}: no such file")
+        except IsADirectoryError:
+            fail(f"{path}: is a directory, expected a text file")
+        except UnicodeDecodeError:
+            fail(f"{path}: not UTF-8 text")
+    return [line for line in text.splitlines() if line.strip()]
 
 
 def handle_errors(fn: F) -> F:

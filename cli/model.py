@@ -20,14 +20,13 @@ from pathlib import Path
 from typing import Annotated, Any, Union, get_args, get_origin, get_type_hints
 
 import typer
-from typer.core import TyperCommand, TyperOption
 
 from retrodb.db import RetroDB
 from retrodb.errors import BadInputError
 from retrodb_model.threads import RULE as THREADS_RULE
 from retrodb_model.threads import default_threads
 
-from .common import err_console, fail, handle_errors, progress_bars
+from .common import Command, err_console, fail, handle_errors, progress_bars
 
 DirArg = Annotated[Path, typer.Argument(help="The checkpoint directory (from `retrodb train`).")]
 DBArg = Annotated[Path, typer.Argument(help="Path of the database directory.")]
@@ -35,33 +34,6 @@ ThreadsOpt = Annotated[
     int | None,
     typer.Option("--threads", help=f"torch and encoder threads ({THREADS_RULE}).", min=1),
 ]
-
-
-class ModelCommand(TyperCommand):
-    """Help that names arguments as the usage line of a Unix tool does (`DB`, not `{db}`)
-    and shows no `<bool>` type after flags, which take no value."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        for param in self.params:
-            if getattr(param, "is_flag", False):
-                param.metavar = ""  # typer shows a flag's metavar as its type
-
-    # typer's own (vendored) click types the context; Any keeps this file off its internals
-    def get_help_option(self, ctx: Any) -> TyperOption | None:
-        option = super().get_help_option(ctx)
-        if option is not None:
-            option.metavar = ""
-        return option
-
-    def collect_usage_pieces(self, ctx: Any) -> list[str]:
-        pieces = [self.options_metavar] if self.options_metavar else []
-        for param in self.get_params(ctx):
-            if param.param_type_name == "argument":
-                name = (param.metavar or param.name or "arg").upper()
-                name = name if param.required else f"[{name}]"
-                pieces.append(name + ("..." if param.nargs != 1 else ""))
-        return pieces
 
 
 def _fmt(x: Any, spec: str = ".4f") -> str:
@@ -420,6 +392,6 @@ def generate(
 
 def register(app: typer.Typer) -> None:
     """Add `train`, `evaluate` and `generate` to ``app``."""
-    app.command(name="train", cls=ModelCommand)(handle_errors(make_train_command()))
-    app.command(name="evaluate", cls=ModelCommand)(handle_errors(evaluate))
-    app.command(name="generate", cls=ModelCommand)(handle_errors(generate))
+    app.command(name="train", cls=Command)(handle_errors(make_train_command()))
+    app.command(name="evaluate", cls=Command)(handle_errors(evaluate))
+    app.command(name="generate", cls=Command)(handle_errors(generate))

@@ -2,7 +2,7 @@
 
 >>> import retrodb                                              # doctest: +SKIP
 >>> db = retrodb.RetroDB.open("my.retrodb")                     # doctest: +SKIP
->>> res = db.search(["how do I open a file?"], k=4)             # doctest: +SKIP
+>>> res = db.search("how do I open a file?", k=4)               # doctest: +SKIP
 >>> db.retrieve(res.keys).tokens.shape                          # doctest: +SKIP
 (1, 4, 128)
 
@@ -15,10 +15,11 @@ from __future__ import annotations
 # wheel bundles a private libstdc++ that otherwise breaks onnxruntime (docs/reliability.md).
 from . import index as _index  # noqa: F401
 from .config import ChunkConfig, DBConfig, EncoderConfig, IndexConfig, TokenizerConfig
-from .db import AddResult, Retrieved, RetroDB, SearchResult
+from .db import AddResult, Hit, QueryResult, Retrieved, RetroDB, SearchResult
 from .errors import (
     BadInputError,
     CorruptError,
+    DeviceUnavailableError,
     FormatVersionError,
     LockedError,
     MismatchError,
@@ -37,13 +38,16 @@ __all__ = [
     "ChunkConfig",
     "CorruptError",
     "DBConfig",
+    "DeviceUnavailableError",
     "EncoderConfig",
     "FormatVersionError",
+    "Hit",
     "IndexConfig",
     "LockedError",
     "MismatchError",
     "NotADatabaseError",
     "NotFoundError",
+    "QueryResult",
     "Retrieved",
     "RetroDB",
     "SearchResult",
@@ -55,6 +59,6 @@ __all__ = [
 ]
 
 
-def open(path: str, *, threads: int | None = None) -> RetroDB:  # noqa: A001 - mirrors zarr.open
-    """Open the database at ``path`` (the committed generation)."""
-    return RetroDB.open(path, threads=threads)
+def open(path: str, *, threads: int | None = None, device: str = "cpu") -> RetroDB:  # noqa: A001
+    """Open the database at ``path`` (the committed generation); mirrors ``zarr.open``."""
+    return RetroDB.open(path, threads=threads, device=device)

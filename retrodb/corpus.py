@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import BinaryIO, Literal, TextIO
 
 from .errors import BadInputError, NotFoundError
 
@@ -40,6 +40,32 @@ PIECE_CHARS = 1 << 18
 _BLOCK = 1 << 20
 #: A space with a non-space on each side: where a line without newlines may be cut.
 _SPACE_CUT = re.compile(r"(?<=\S) (?=\S)")
+
+
+def cut_points(text: str) -> list[int]:
+    """The offsets where :meth:`Corpus.iter_pieces` may cut ``text``: just after a newline,
+    or just before a space between two non-spaces."""
+    after_newline = [i + 1 for i, c in enumerate(text) if c == "\n"]
+    return after_newline + [m.start() for m in _SPACE_CUT.finditer(text)]
+
+
+def read_id_file(path: str | Path, *, stdin: TextIO | None = None) -> list[str]:
+    """Document ids from a text file (``-``: ``stdin``): one per line; surrounding spaces,
+    blank lines and ``#`` comment lines are ignored."""
+    if str(path) == "-":
+        text = (stdin or sys.stdin).read()
+    else:
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError as exc:
+            raise NotFoundError(f"{p}: no such file") from exc
+        except IsADirectoryError as exc:
+            raise BadInputError(f"{p}: is a directory, expected a file of document ids") from exc
+        except UnicodeDecodeError as exc:
+            raise BadInputError(f"{p}: not UTF-8 text") from exc
+    lines = (line.strip() for line in text.splitlines())
+    return [s for s in lines if s and not s.startswith("#")]
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,7 +52,13 @@ from typing import Any
 import numpy as np
 
 from .config import EncoderConfig
-from .errors import BadInputError, CorruptError, MismatchError, NotFoundError, RetroDBError
+from .errors import (
+    BadInputError,
+    CorruptError,
+    DeviceUnavailableError,
+    MismatchError,
+    NotFoundError,
+)
 from .progress import ProgressFn, no_progress
 
 #: The files of an encoder directory.
@@ -82,11 +88,6 @@ GPU_INSTALL = f"pip install 'retrodb[gpu]' && {GPU_FIX} (docs/scale.md)"
 _MODEL, _TOKENIZER, _META = ENCODER_FILES
 _KNOWN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-class DeviceUnavailableError(RetroDBError, RuntimeError):
-    """The device asked for cannot be used here; the message says what is missing and how
-    to install it."""
 
 
 def default_checkpoint() -> Path:

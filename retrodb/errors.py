@@ -51,3 +51,8 @@ class BadInputError(RetroDBError, ValueError):
 
 class StaleError(RetroDBError, ValueError):
     """A neighbour set was computed for an older generation of the database."""
+
+
+class DeviceUnavailableError(RetroDBError, RuntimeError):
+    """The device asked for (a GPU) cannot be used here; the message says what is missing
+    and how to install it."""

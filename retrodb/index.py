@@ -124,9 +124,6 @@ share_cxx_runtime()
 
 from usearch.index import Index  # noqa: E402 - after share_cxx_runtime(), on purpose
 
-#: ``keep(query_rows, keys) -> bool mask``: which candidate keys a search may return.
-KeepFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
-
 
 def build_index(
     path: Path,
@@ -555,51 +552,3 @@ def _round_like(dtype: str, x: np.ndarray) -> np.ndarray:
         u = np.ascontiguousarray(x).view(np.uint32)
         return (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(np.float32)
     return x
-
-
-def search_segments(
-    segments: Sequence[SegmentIndex],
-    queries: np.ndarray,
-    k: int,
-    *,
-    keep: KeepFn | None = None,
-    exact: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Search every segment and merge the best ``k`` per query.
-
-    ``keep`` filters candidates (deleted documents, the query's own document); a segment is
-    searched again with a larger count until every query has ``k`` kept candidates or the
-    segment is exhausted. Returns ``(keys [q, k] int64, distances [q, k] float32)``, best
-    first, -1 and inf where fewer than ``k`` exist."""
-    if k <= 0:
-        raise BadInputError(f"k must be positive, got {k}")
-    q = queries.shape[0]
-    all_keys = [np.full((q, 0), -1, np.int64)]
-    all_dist = [np.full((q, 0), np.inf, np.float32)]
-    rows = np.arange(q)
-    for seg in segments:
-        count = k
-        while True:
-            keys, dist = seg.search(
-                queries, count if keep is None else min(seg.size, count * 2), exact=exact
-            )
-            if keep is not None and keys.size:
-                ok = (keys >= 0) & keep(np.broadcast_to(rows[:, None], keys.shape), keys)
-                keys = np.where(ok, keys, -1)
-                dist = np.where(ok, dist, np.inf).astype(np.float32)
-            got = (keys >= 0).sum(axis=1)
-            if keep is None or keys.shape[1] >= seg.size or (got >= k).all():
-                break
-            count *= 4
-        all_keys.append(keys)
-        all_dist.append(dist)
-    keys = np.concatenate(all_keys, axis=1)
-    dist = np.concatenate(all_dist, axis=1)
-    order = np.argsort(dist, axis=1, kind="stable")[:, :k]
-    keys = np.take_along_axis(keys, order, axis=1)
-    dist = np.take_along_axis(dist, order, axis=1)
-    if keys.shape[1] < k:
-        pad = k - keys.shape[1]
-        keys = np.pad(keys, ((0, 0), (0, pad)), constant_values=-1)
-        dist = np.pad(dist, ((0, 0), (0, pad)), constant_values=np.inf)
-    return keys, dist.astype(np.float32)

@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
-import fcntl
 import hashlib
 import json
 import os
 import re
-import shutil
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -34,12 +31,20 @@ from .config import FORMAT_VERSION
 from .errors import (
     CorruptError,
     FormatVersionError,
-    LockedError,
     NotADatabaseError,
     NotFoundError,
     RetroDBError,
 )
 from .failpoints import failpoint
+from .fsutil import (
+    TMP_PREFIX,
+    FileInfo,
+    exclusive_lock,
+    file_table,
+    publish_dir,
+    remove_path,
+    write_atomic,
+)
 
 CURRENT = "CURRENT"
 LOCK = "LOCK"
@@ -49,7 +54,6 @@ NEIGHBOURS = "neighbours"
 TOKENIZER_FILE = "tokenizer.model"
 ENCODER_DIR = "encoder"
 INDEX_FILE = "index.usearch"
-TMP_PREFIX = ".tmp-"
 #: Old manifests kept after a commit (for debugging and for readers that are slow to start).
 KEEP_MANIFESTS = 5
 #: The manifest feature of segments that store their keys explicitly (written by compaction).
@@ -59,12 +63,6 @@ _MANIFEST_RE = re.compile(r"^\d{6,}\.json$")
 
 
 # ---------------------------------------------------------------- manifest objects
-
-
-@dataclass(frozen=True, slots=True)
-class FileInfo:
-    size: int
-    sha256: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,60 +213,6 @@ def _manifest_checksum(d: dict[str, Any]) -> str:
     """sha256 of a manifest's canonical JSON (without its own ``checksum`` field)."""
     canon = json.dumps(d, sort_keys=True, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(canon.encode()).hexdigest()
-
-
-# ---------------------------------------------------------------- durability helpers
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        failpoint("fsync", path)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: Path) -> None:
-    """fsync every file and directory under ``root`` (children first)."""
-    for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
-        for f in filenames:
-            fsync_path(Path(dirpath) / f)
-        fsync_path(Path(dirpath))
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, fsync, rename, fsync the directory."""
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            failpoint("atomic_write", tmp)
-            f.flush()
-            failpoint("fsync", tmp)
-            os.fsync(f.fileno())
-        failpoint("atomic_rename", path)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
-    fsync_path(path.parent)
-
-
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def file_table(root: Path) -> dict[str, FileInfo]:
-    """Size and sha256 of every file under ``root``, by posix path relative to it."""
-    out: dict[str, FileInfo] = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            out[p.relative_to(root).as_posix()] = FileInfo(p.stat().st_size, sha256_file(p))
-    return out
 
 
 # ---------------------------------------------------------------- arrays
@@ -426,26 +370,6 @@ def read_strings(array_dir: Path) -> list[str]:
         raise CorruptError(f"{array_dir}: cannot read string array ({exc})") from exc
 
 
-# ---------------------------------------------------------------- locking
-
-
-@contextlib.contextmanager
-def exclusive_lock(path: Path, busy_message: str) -> Iterator[None]:
-    """Hold ``flock(LOCK_EX)`` on ``path`` (created if needed) without waiting: a lock held
-    by another process raises :class:`LockedError` with ``busy_message`` at once."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                raise LockedError(busy_message) from exc
-            raise
-        yield
-    finally:
-        os.close(fd)
-
-
 # ---------------------------------------------------------------- the database directory
 
 
@@ -511,11 +435,8 @@ class Storage:
     def seal_segment(self, tmp: Path, name: str) -> dict[str, FileInfo]:
         """Checksum, fsync and rename a finished segment directory into place."""
         files = file_table(tmp)
-        fsync_tree(tmp)
         final = self.segment_dir(name)
-        failpoint("before_segment_rename", final)
-        os.rename(tmp, final)
-        fsync_path(final.parent)
+        publish_dir(tmp, final, failpoint_name="before_segment_rename")
         failpoint("after_segment_rename", final)
         return files
 
@@ -576,10 +497,7 @@ class Storage:
     def remove_leftovers(self, manifest: Manifest) -> list[Path]:
         removed = self.leftovers(manifest)
         for p in removed:
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
+            remove_path(p)
         return removed
 
     def disk_usage(self) -> dict[str, int]:

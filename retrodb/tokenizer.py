@@ -1,11 +1,12 @@
-"""SentencePiece: train on a corpus, load, encode, decode. The only sentencepiece user."""
+"""SentencePiece: train on a corpus, load, encode, decode, fingerprint; tokenizing a
+stream of document pieces exactly as whole documents. The only sentencepiece user."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,15 @@ from .errors import BadInputError, CorruptError, NotFoundError
 
 #: Special ids of tokenizers that retrodb trains.
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+#: Pieces of text tokenized per SentencePiece call while writing a segment (and at most
+#: about this many characters).
+TOKENIZE_PIECES = 256
+TOKENIZE_CHARS = 1 << 20
+
+
+def fingerprint(model_bytes: bytes) -> str:
+    """The fingerprint of a SentencePiece model: ``sha256:`` and the hex digest of its bytes."""
+    return "sha256:" + hashlib.sha256(model_bytes).hexdigest()
 
 
 class Tokenizer:
@@ -33,7 +43,7 @@ class Tokenizer:
         self._sp = sp
         self._bytes = model_bytes
         self.path = path
-        self.fingerprint = "sha256:" + hashlib.sha256(model_bytes).hexdigest()
+        self.fingerprint = fingerprint(model_bytes)
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
@@ -136,3 +146,64 @@ class Tokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return str(self._sp.IdToPiece(int(i)))
+
+
+class PieceTokenizer:
+    """Tokenize a document piece by piece with exactly the ids of the whole text.
+
+    Every piece after a document's first starts just after a newline or just before a
+    space (see ``Corpus.iter_pieces``). Encoded alone it would get SentencePiece's dummy
+    prefix; encoded as ``"\n" + piece`` it is segmented exactly as inside the whole text
+    (the newline is a piece of its own that no other piece crosses), so the ids up to and
+    including that newline are dropped. A probe checks this once per tokenizer; one that
+    fails it (no newline piece, other normalization) must be given whole documents
+    (:attr:`exact` is False)."""
+
+    _PROBE = "Ab cd\n\nef  gh ij\n kl\tmn op\n\n\nqr st, uv wx yz.\nend"
+
+    def __init__(self, tok: Tokenizer, *, cuts: Callable[[str], list[int]]) -> None:
+        """``cuts(text)``: the offsets where the corpus reader may cut ``text`` into pieces."""
+        self.tok = tok
+        ids = tok.encode(["\n"])[0]
+        self.newline = ids[-1] if ids and tok.id_to_piece(ids[-1]) == "\n" else None
+        self.exact = self.newline is not None and self._probe(cuts)
+
+    def _probe(self, cuts: Callable[[str], list[int]]) -> bool:
+        text = self._PROBE
+        whole = self.tok.encode([text])[0]
+        for cut in cuts(text):
+            a, b = self.encode([(text[:cut], False), (text[cut:], True)])
+            if a + b != whole:
+                return False
+        return True
+
+    def encode(self, pieces: Sequence[tuple[str, bool]]) -> list[list[int]]:
+        """Ids of each ``(piece, continues_a_document)``."""
+        out = self.tok.encode(["\n" + p if cont else p for p, cont in pieces])
+        for i, (_, cont) in enumerate(pieces):
+            if cont:
+                ids = out[i]
+                out[i] = ids[ids.index(self.newline) + 1 :]
+        return out
+
+    def tokenize(self, pieces: Iterable[tuple[int, str]]) -> Iterator[tuple[int, list[int]]]:
+        """``(document number, ids)`` for every ``(document number, piece)``, in order,
+        tokenized in batches (many small documents share one SentencePiece call)."""
+        batch: list[tuple[int, str, bool]] = []
+        chars = 0
+        last = -1
+
+        def flush() -> list[tuple[int, list[int]]]:
+            ids = self.encode([(p, cont) for _, p, cont in batch])
+            out = [(d, i) for (d, _, _), i in zip(batch, ids, strict=True)]
+            batch.clear()
+            return out
+
+        for doc, piece in pieces:
+            batch.append((doc, piece, doc == last))
+            last = doc
+            chars += len(piece)
+            if len(batch) >= TOKENIZE_PIECES or chars >= TOKENIZE_CHARS:
+                yield from flush()
+                chars = 0
+        yield from flush()

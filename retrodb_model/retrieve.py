@@ -8,12 +8,13 @@ BERT WordPiece, ONNX encoder, mean pool), then ``search_vectors`` and ``retrieve
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from retrodb.db import RetroDB
+from retrodb.search import Exclusion
 
 
 @dataclass
@@ -44,17 +45,12 @@ class LiveRetriever:
     k: int
     seconds: float = 0.0
     calls: int = 0
-    _numbers: dict[str, int] | None = field(default=None, repr=False)
 
     def doc_number(self, doc_id: str) -> int:
         """The database's global number of document ``doc_id`` (-2 when it is not stored:
         never equal to a key's document, nor to -1 for "no key")."""
-        if self._numbers is None:
-            offsets = np.cumsum([0] + [s.meta.documents for s in self.db.segments])
-            self._numbers = {
-                d: int(offsets[si] + di) for d, (si, di) in self.db.doc_index().items()
-            }
-        return self._numbers.get(doc_id, -2)
+        n = self.db.keymap.doc_number(doc_id)
+        return n if n >= 0 else -2
 
     def __call__(
         self,
@@ -77,14 +73,10 @@ class LiveRetriever:
                 np.zeros((0, self.k, 2 * m), bool),
             )
         vectors = self.db.encode_chunks(chunks, lengths)
-        keep = None
+        exclusion = None
         if exclude is not None:
-            own = np.asarray(exclude, dtype=np.int64)
-
-            def keep(rows: np.ndarray, keys: np.ndarray) -> np.ndarray:
-                return self.db.key_doc_numbers(keys) != own[rows]
-
-        res = self.db.search_vectors(vectors, self.k, keep=keep)
+            exclusion = Exclusion(own_doc=np.asarray(exclude, dtype=np.int64))
+        res = self.db.search_vectors(vectors, self.k, exclusion=exclusion)
         got = self.db.retrieve(res.keys)
         self.seconds += time.perf_counter() - t0
         self.calls += 1

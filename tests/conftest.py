@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,12 @@ def write_corpus(root: Path, docs: dict[str, str], repeat: int = 6) -> Path:
     return root
 
 
+def copy_db(pristine: Path, dest: Path) -> Path:
+    """A private copy of a database that a module built once (tests may write to it)."""
+    shutil.copytree(pristine, dest)
+    return dest
+
+
 @pytest.fixture
 def torch_one_thread():
     """One torch thread for tiny models: they gain nothing from threads, and on a busy
@@ -63,14 +70,14 @@ def corpus_dir(tmp_path: Path) -> Path:
     return write_corpus(tmp_path / "corpus", TOPICS)
 
 
+ASYNCIO = {
+    "asyncio.txt": (
+        "An event loop runs coroutines: async def defines one, await suspends it until "
+        "a future completes, and asyncio.run starts the loop. "
+    ),
+}
+
+
 @pytest.fixture
 def more_dir(tmp_path: Path) -> Path:
-    return write_corpus(
-        tmp_path / "more",
-        {
-            "asyncio.txt": (
-                "An event loop runs coroutines: async def defines one, await suspends it until "
-                "a future completes, and asyncio.run starts the loop. "
-            ),
-        },
-    )
+    return write_corpus(tmp_path / "more", ASYNCIO)

@@ -30,7 +30,8 @@ print("done", flush=True)
 """
 
 #: Child: query in a loop (fresh opens and refreshes) until the stop file appears, checking
-#: that every generation it sees is whole; writes {"generations", "queries"} as JSON.
+#: that every generation it sees is whole; prints "gen N" once it has checked generation N
+#: (a handshake for the writer), and writes {"generations", "queries"} as JSON at the end.
 READER_CHILD = """
 import json, sys, time
 from pathlib import Path
@@ -38,7 +39,7 @@ import numpy as np
 import retrodb
 
 db_path, stop, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
-seen, queries = set(), 0
+seen, reported, queries = set(), set(), 0
 db = retrodb.RetroDB.open(db_path, threads=1)
 while not stop.exists():
     if queries % 3 == 0:
@@ -66,6 +67,9 @@ while not stop.exists():
     assert r.mask[..., 0].all()
     db.decode(keys)
     queries += 1
+    if gen not in reported:
+        reported.add(gen)
+        print(f"gen {gen}", flush=True)
 out.write_text(json.dumps({"generations": sorted(seen), "queries": queries}))
 """
 

@@ -9,7 +9,7 @@ import pytest
 from retrodb_cli.main import app
 from typer.testing import CliRunner
 
-from .conftest import write_corpus
+from .conftest import TOPICS, copy_db, write_corpus
 
 runner = CliRunner()
 
@@ -22,9 +22,12 @@ def run(*args: str, input: str | None = None, code: int = 0):
     return res
 
 
-@pytest.fixture
-def built(tmp_path: Path, corpus_dir: Path, tiny_encoder_dir: Path) -> Path:
-    db = tmp_path / "db"
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory, tiny_encoder_dir: Path) -> Path:
+    """Built once per module through the CLI; each test gets a copy (``built``)."""
+    root = tmp_path_factory.mktemp("cli")
+    corpus_dir = write_corpus(root / "corpus", TOPICS)
+    db = root / "db"
     run(
         "build",
         db,
@@ -40,12 +43,27 @@ def built(tmp_path: Path, corpus_dir: Path, tiny_encoder_dir: Path) -> Path:
     return db
 
 
+@pytest.fixture
+def built(pristine: Path, tmp_path: Path) -> Path:
+    return copy_db(pristine, tmp_path / "db")
+
+
 def test_every_command_has_help() -> None:
-    res = run("--help")
-    for cmd in ("build", "add", "query", "info", "verify"):
-        assert cmd in res.output
-        sub = run(cmd, "--help")
-        assert "Usage" in sub.output and len(sub.output) > 100
+    import typer.main
+    from retrodb_cli.main import app
+
+    group = typer.main.get_command(app)
+    names = sorted(group.commands)  # type: ignore[attr-defined]
+    expected = {"build", "add", "query", "info", "verify", "delete", "compact", "neighbours"}
+    assert expected | {"train", "evaluate", "generate"} <= set(names)
+    top = run("--help").output
+    for cmd in names:
+        command = group.commands[cmd]  # type: ignore[attr-defined]
+        assert cmd in top and command.help, f"{cmd}: no help text"
+        sub = run(cmd, "--help").output
+        assert "Usage" in sub and len(sub) > 100, cmd
+        for param in command.params:  # every option and argument says what it is for
+            assert getattr(param, "help", None) or param.name == "help", f"{cmd} {param.name}"
 
 
 def test_build_info_query_add_verify(built: Path, more_dir: Path, tmp_path: Path) -> None:

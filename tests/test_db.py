@@ -22,14 +22,23 @@ from retrodb import (
 )
 from retrodb.tokenizer import Tokenizer
 
-from .conftest import TOPICS, write_corpus
+from .conftest import TOPICS, copy_db, write_corpus
 
 SMALL = DBConfig(chunk=ChunkConfig(chunk_size=16), tokenizer=TokenizerConfig(vocab_size=400))
 
 
+@pytest.fixture(scope="module")
+def tiny_pristine(tmp_path_factory: pytest.TempPathFactory, tiny_encoder_dir: Path) -> Path:
+    root = tmp_path_factory.mktemp("tiny")
+    corpus = write_corpus(root / "corpus", TOPICS)
+    RetroDB.build(root / "db", [corpus], config=SMALL, encoder=tiny_encoder_dir)
+    return root / "db"
+
+
 @pytest.fixture
-def tiny_db(tmp_path: Path, corpus_dir: Path, tiny_encoder_dir: Path) -> RetroDB:
-    return RetroDB.build(tmp_path / "db", [corpus_dir], config=SMALL, encoder=tiny_encoder_dir)
+def tiny_db(tiny_pristine: Path, tmp_path: Path) -> RetroDB:
+    """The four topics (corpus_dir's documents), built once per module, copied per test."""
+    return RetroDB.open(copy_db(tiny_pristine, tmp_path / "db"))
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +57,7 @@ def test_build_layout_and_info(tiny_db: RetroDB) -> None:
     assert info["chunks"] == sum(s.meta.chunks for s in tiny_db.segments)
     assert info["bytes"]["segment_indexes"] > 0 and info["bytes"]["encoder"] > 0
     seg = tiny_db.segments[0]
-    assert seg.tokens.dtype == np.uint16 and isinstance(seg.tokens, np.memmap)
+    assert seg.tokens.dtype == np.uint16 and isinstance(seg.tokens.base, np.memmap)  # mapped
     assert sorted(seg.ids) == sorted(TOPICS)
     assert not list(root.parent.glob(".db.building-*"))
 
@@ -92,6 +101,18 @@ def test_a_chunks_own_text_finds_itself_first(minilm_db: RetroDB) -> None:
     assert np.all(res.distances[:, 0] < 0.01)
     by_tokens = minilm_db.search(minilm_db.chunks(keys)[0], k=1)  # token chunks in, same answer
     assert (by_tokens.keys[:, 0] == keys).mean() >= 0.9
+
+
+def test_one_string_is_one_query(minilm_db: RetroDB) -> None:
+    # Issue 10 item 3: a str used to be iterated character by character.
+    one = minilm_db.search("sorting a list in place", k=2)
+    assert one.keys.shape == (1, 2) and (one.keys >= 0).all()
+    listed = minilm_db.search(["sorting a list in place"], k=2)
+    np.testing.assert_array_equal(one.keys, listed.keys)
+    assert minilm_db.search("uninstall", k=3).keys.shape == (1, 3)
+    [result] = minilm_db.query("sorting a list in place", k=2)
+    assert [h.key for h in result.neighbours] == one.keys[0].tolist()
+    assert result.neighbours[0].doc == minilm_db.key_documents(one.keys[0, :1])[0]
 
 
 def test_add_then_query_finds_new_text_and_reopen(minilm_db: RetroDB, tmp_path: Path) -> None:

@@ -12,8 +12,9 @@ from typer.testing import CliRunner
 
 from retrodb import BadInputError, ChunkConfig, DBConfig, RetroDB, TokenizerConfig
 from retrodb.encoder import Encoder
+from retrodb.search import Exclusion
 
-from .conftest import write_corpus
+from .conftest import ASYNCIO, TOPICS, copy_db, write_corpus
 
 SMALL = DBConfig(chunk=ChunkConfig(chunk_size=16), tokenizer=TokenizerConfig(vocab_size=400))
 MORE = {
@@ -22,13 +23,21 @@ MORE = {
 }
 
 
-@pytest.fixture
-def db3(tmp_path: Path, corpus_dir: Path, more_dir: Path, tiny_encoder_dir: Path) -> RetroDB:
-    """Three segments: the four topics, asyncio, then json + http."""
-    db = RetroDB.build(tmp_path / "db", [corpus_dir], config=SMALL, encoder=tiny_encoder_dir)
+@pytest.fixture(scope="module")
+def db3_pristine(tmp_path_factory: pytest.TempPathFactory, tiny_encoder_dir: Path) -> Path:
+    root = tmp_path_factory.mktemp("db3")
+    corpus_dir = write_corpus(root / "corpus", TOPICS)
+    more_dir = write_corpus(root / "more", ASYNCIO)
+    db = RetroDB.build(root / "db", [corpus_dir], config=SMALL, encoder=tiny_encoder_dir)
     db.add([more_dir])
-    db.add([write_corpus(tmp_path / "extra", MORE, repeat=5)])
-    return db
+    db.add([write_corpus(root / "extra", MORE, repeat=5)])
+    return root / "db"
+
+
+@pytest.fixture
+def db3(db3_pristine: Path, tmp_path: Path) -> RetroDB:
+    """Three segments: the four topics, asyncio, then json + http (a copy per test)."""
+    return RetroDB.open(copy_db(db3_pristine, tmp_path / "db"))
 
 
 def live_docs(db: RetroDB) -> dict[str, tuple[list[int], list[str], list[int]]]:
@@ -71,8 +80,9 @@ def test_delete_hides_documents_from_every_search(db3: RetroDB) -> None:
         vecs = db.indexes[0].vectors(keys)
         exact = db.search_vectors(vecs, k=n, exact=True).keys
         assert not np.isin(exact, keys).any()
-        # Restricted to one segment and with a keep filter, deleted rows still never come back.
-        only0 = db.search_vectors(vecs, k=5, segments=[0], keep=lambda r, k: k >= 0).keys
+        # Restricted to one segment and with an exclusion, deleted rows still never come back.
+        none = Exclusion(own_doc=np.full(len(vecs), -2))
+        only0 = db.search_vectors(vecs, k=5, segments=[0], exclusion=none).keys
         assert not np.isin(only0, keys).any()
     assert db3.verify()["ok"]
 
@@ -135,14 +145,17 @@ def test_compact_keeps_live_keys_and_never_encodes(
         assert (cont[ok] == allk[ok] + 1).all()
         assert (docs[np.searchsorted(allk, cont[ok])] == docs[ok]).all()
     assert db3.verify()["ok"]
-    # The merged-away segments stay for one generation, then the next writer removes them.
+    # The merged-away segments stay while the previous generation names them (readers may
+    # hold it); the writer whose commit leaves them unnamed removes them, and verify then
+    # reports no leftovers.
     seg_dir = db3.path / "segments"
     assert set(old_names) <= {p.name for p in seg_dir.iterdir()}
     monkeypatch.undo()
     db3.add([write_corpus(tmp_path / "n1", {"n1.txt": "brand new text one. " * 3})])
-    assert set(old_names) <= {p.name for p in seg_dir.iterdir()}
-    res2 = db3.add([write_corpus(tmp_path / "n2", {"n2.txt": "brand new text two. " * 3})])
     assert not set(old_names) & {p.name for p in seg_dir.iterdir()}
+    rep = db3.verify()
+    assert rep["ok"] and rep["leftovers"] == [] and rep["retained"] == []
+    res2 = db3.add([write_corpus(tmp_path / "n2", {"n2.txt": "brand new text two. " * 3})])
     assert db3.segments[-1].meta.first_key >= next_key  # keys are never reused
     assert res2.generation == db3.generation and db3.verify()["ok"]
     assert live_docs(db3).items() >= before.items()

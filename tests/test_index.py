@@ -13,10 +13,10 @@ from retrodb.index import (
     SegmentIndex,
     build_index,
     check_vectors,
-    search_segments,
     side_file,
     unreachable_keys,
 )
+from retrodb.search import search_segments
 
 CFG = IndexConfig()
 
@@ -54,7 +54,7 @@ def test_padding_when_fewer_than_k_and_keep_filter(tmp_path) -> None:
     seg = _segment(tmp_path, "a", 10, _vectors(3))
     keys, dist = search_segments([seg], _vectors(2, seed=5), 5)
     assert (keys[:, 3:] == -1).all() and np.isinf(dist[:, 3:]).all()
-    keys, _ = search_segments([seg], _vectors(2, seed=5), 3, keep=lambda rows, k: k != 11)
+    keys, _ = search_segments([seg], _vectors(2, seed=5), 3, kept=lambda k: k != 11)
     assert 11 not in keys
     assert (keys[:, 2] == -1).all()
 
@@ -65,7 +65,7 @@ def test_keep_filter_searches_deeper_until_k_found(tmp_path) -> None:
     # Drop the 50 closest candidates of every query: the search must go deeper, not give up.
     exact, _ = search_segments([seg], v[:4], 50, exact=True)
     banned = set(exact.ravel().tolist())
-    keys, _ = search_segments([seg], v[:4], 4, keep=lambda rows, k: ~np.isin(k, list(banned)))
+    keys, _ = search_segments([seg], v[:4], 4, kept=lambda k: ~np.isin(k, list(banned)))
     assert (keys >= 0).all() and not (set(keys.ravel().tolist()) & banned)
 
 
@@ -88,7 +88,7 @@ def test_vector_validation() -> None:
         check_vectors(np.ones((1, 2)), dim=3)
     with pytest.raises(BadInputError):
         check_vectors(np.ones((1, 2, 3)))
-    with pytest.raises(BadInputError, match="k must be positive"):
+    with pytest.raises(BadInputError, match="k must be a positive integer"):
         search_segments([], np.ones((1, 2), np.float32), 0)
 
 

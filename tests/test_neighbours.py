@@ -17,6 +17,8 @@ from retrodb.errors import BadInputError, NotFoundError
 from retrodb.neighbours import NeighbourSet, SequenceReader, delete_set, list_sets
 from retrodb.storage import Manifest
 
+from .conftest import copy_db
+
 SMALL = DBConfig(chunk=ChunkConfig(chunk_size=16), tokenizer=TokenizerConfig(vocab_size=400))
 _SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "pe", "da", "gu", "zo", "fi", "be"]
 
@@ -67,9 +69,15 @@ def delete_docs(db: RetroDB, ids: list[str]) -> None:
     db.refresh()
 
 
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory, tiny_encoder_dir: Path) -> Path:
+    return build_db(tmp_path_factory.mktemp("nb"), tiny_encoder_dir).path
+
+
 @pytest.fixture
-def db(tmp_path: Path, tiny_encoder_dir: Path) -> RetroDB:
-    return build_db(tmp_path, tiny_encoder_dir)
+def db(pristine: Path, tmp_path: Path) -> RetroDB:
+    """Eight random documents, built once per module, copied per test."""
+    return RetroDB.open(copy_db(pristine, tmp_path / "db"))
 
 
 def own_docs(db: RetroDB, ns: NeighbourSet) -> np.ndarray:
@@ -227,7 +235,7 @@ def test_sets_read_the_right_rows_after_delete_and_compact(db: RetroDB, tmp_path
     # the tokens the keys had before compaction.
     reader = SequenceReader(db, ns, seq_len=seq)
     flat = np.concatenate([np.asarray(ns.chunk_keys), nkeys.ravel(), [-1]])
-    toks, lens = reader.maps.gather(flat)
+    toks, lens = reader.keymap.rows(flat)
     ref_toks, ref_lens = db.chunks(flat)
     np.testing.assert_array_equal(toks, ref_toks)
     np.testing.assert_array_equal(lens, ref_lens)
@@ -254,7 +262,7 @@ def test_sets_read_the_right_rows_after_delete_and_compact(db: RetroDB, tmp_path
     assert_same_sets(ns, NeighbourSet.compute(db, "check", k=k, exact=True))
     nkeys = np.asarray(ns.keys)
     assert all(len(set(r)) == k for r in nkeys.tolist())
-    toks, _ = SequenceReader(db, ns, seq_len=seq).maps.gather(nkeys.ravel())
+    toks, _ = SequenceReader(db, ns, seq_len=seq).keymap.rows(nkeys.ravel())
     np.testing.assert_array_equal(toks, np.stack([before[key] for key in nkeys.ravel().tolist()]))
 
 
@@ -265,7 +273,7 @@ def _all_chunks(db: RetroDB) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_neighbours_for_other_inputs(db: RetroDB, tmp_path: Path) -> None:
-    shared = {"doc01.txt": (db.path.parent / "corpus" / "doc01.txt").read_text()}
+    shared = {"doc01.txt": random_docs(8, seed=0, prefix="doc")["doc01.txt"]}
     other = write_docs(tmp_path / "other", {**random_docs(3, seed=11, prefix="q"), **shared})
     ns = NeighbourSet.compute(db, "eval", inputs=[other], k=2, exact=True)
     assert ns.info.source == "inputs" and ns.info.inputs == (str(other),)
