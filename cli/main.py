@@ -274,8 +274,9 @@ def verify(
             typer.echo(f"kept one more generation for readers (merged by compact): {p}")
         if rep.unreachable:
             typer.echo(
-                f"unreachable: {rep.unreachable} live chunks are not found by a search for their "
-                "own key (an index written before side lists; `retrodb compact --force` rebuilds it)"
+                f"unreachable: {rep.unreachable} live chunks are not found by a search for "
+                "their own key (an index written before side lists; `retrodb compact --force` "
+                "rebuilds it)"
             )
         status = "ok" if rep.ok else "DAMAGED"
         typer.echo(
