@@ -14,7 +14,7 @@ import fcntl
 import hashlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,20 +62,29 @@ def tmp_name(path: Path) -> Path:
     return path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, fsync, rename, fsync the directory.
-    A reader sees the old content or the new, never a mix; a crash leaves only a temporary
-    file behind."""
+def write_file_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(tmp)`` a temporary file beside ``path``, then fsync it, rename it over
+    ``path`` and fsync the directory. A reader sees the old file or the new one, never a
+    mix; a crash leaves only a temporary file behind (removed here on an error)."""
     tmp = tmp_name(path)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            failpoint("atomic_write", tmp)
+        write(tmp)
         replace_durably(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """:func:`write_file_atomic` of ``data``."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        failpoint("atomic_write", tmp)
+
+    write_file_atomic(path, write)
 
 
 def publish_dir(tmp: Path, final: Path, *, failpoint_name: str | None = None) -> None:
@@ -149,4 +158,5 @@ __all__ = [
     "sha256_file",
     "tmp_name",
     "write_atomic",
+    "write_file_atomic",
 ]

@@ -32,7 +32,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import json
-import os
 import struct
 import sys
 import time
@@ -46,6 +45,7 @@ import numpy as np
 from .config import IndexConfig
 from .errors import BadInputError, CorruptError, MismatchError, RetroDBError
 from .failpoints import failpoint
+from .fsutil import write_atomic, write_file_atomic
 from .progress import ProgressFn, no_progress
 
 
@@ -198,36 +198,21 @@ class IndexBuilder:
         self.check_seconds = time.perf_counter() - start
         side = side_file(path)
         side.unlink(missing_ok=True)  # a fresh segment directory has none; tests reuse paths
-        tmp = path.with_name(path.name + ".tmp")
-        try:
+        guards: list[tuple[int, int]] = []
+
+        def write(tmp: Path) -> None:
             try:
                 self.index.save(str(tmp))
             except RuntimeError as exc:  # USearch reports a failed write this way
                 raise OSError(errno.EIO, f"cannot write the index ({exc})", str(tmp)) from exc
             failpoint("after_index_tmp", tmp)
-            guard = index_guard(tmp)
-            fsync_file(tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+            guards.append(index_guard(tmp))
+
+        write_file_atomic(path, write)
         if self.side_keys.size:
             body = {"unreachable": [int(k) for k in self.side_keys], "k": REACH_K}
-            _write_file(side, (json.dumps(body) + "\n").encode())
-        return guard
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+            write_atomic(side, (json.dumps(body) + "\n").encode())
+        return guards[0]
 
 
 def _search_index(
@@ -368,14 +353,6 @@ def check_vectors(vectors: np.ndarray, dim: int | None = None) -> np.ndarray:
     if not np.isfinite(arr).all():
         raise BadInputError("vectors contain NaN or infinite values")
     return arr
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(slots=True)

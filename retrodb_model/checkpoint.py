@@ -18,7 +18,6 @@ A model only makes sense with the tokenizer it was trained with: :func:`check_db
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from retrodb.db import RetroDB
 from retrodb.errors import CorruptError, MismatchError, NotFoundError
+from retrodb.fsutil import fsync_path, write_file_atomic
 from retrodb_model.config import RetroConfig
 from retrodb_model.model import RetroModel
 
@@ -103,23 +103,6 @@ def check_db(info: dict[str, Any], db: RetroDB, *, where: str | Path = "checkpoi
         )
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file, or a directory's entries, to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """``write`` a temporary file beside ``path``, flush it, rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    _fsync(tmp)
-    os.replace(tmp, path)
-
-
 def _json_writer(obj: Any, **kw: Any) -> Callable[[Path], object]:
     return lambda p: p.write_text(json.dumps(obj, **kw) + "\n")
 
@@ -147,15 +130,15 @@ def save_checkpoint(
         if not (model.cfg.tie_embeddings and name == "lm_head.weight")
     }
     meta = {"format": "retrodb-retro"}
-    _write_atomic(out / WEIGHTS, lambda p: save_file(tensors, str(p), metadata=meta))
+    write_file_atomic(out / WEIGHTS, lambda p: save_file(tensors, str(p), metadata=meta))
     config = {"model": model.cfg.to_dict(), "train": train_args}
-    _write_atomic(out / CONFIG, _json_writer(config, indent=1))
-    _write_atomic(out / DB_INFO, _json_writer(db_meta, indent=1))
+    write_file_atomic(out / CONFIG, _json_writer(config, indent=1))
+    write_file_atomic(out / DB_INFO, _json_writer(db_meta, indent=1))
     if optimizer is not None:
-        _write_atomic(out / OPTIMIZER, lambda p: torch.save(optimizer.state_dict(), p))
-    _fsync(out)  # every file above is in place before state.json names the step
-    _write_atomic(out / STATE, _json_writer(state))
-    _fsync(out)
+        write_file_atomic(out / OPTIMIZER, lambda p: torch.save(optimizer.state_dict(), p))
+    fsync_path(out)  # every file above is in place before state.json names the step
+    write_file_atomic(out / STATE, _json_writer(state))
+    fsync_path(out)
     return out
 
 
