@@ -1,12 +1,17 @@
 """Shared CLI plumbing: error reporting and progress bars. The library never prints;
-this is where its callbacks become bars and its errors become one clear line."""
+this is where its callbacks become bars and its errors become one clear line.
+
+``--quiet`` means the same in every command that has it: no progress bars and no
+summary line on success. Errors, damage found by `verify`, skipped inputs and notes still
+go to stderr (or, for `verify`, stdout), and the exit status is unchanged."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -23,6 +28,7 @@ from rich.progress import (
 )
 from typer.core import TyperCommand, TyperOption
 
+from retrodb.corpus import UNSUPPORTED, Skipped, describe_skipped
 from retrodb.db import RetroDB
 from retrodb.errors import RetroDBError
 
@@ -71,6 +77,15 @@ class Command(TyperCommand):
         return pieces
 
 
+QuietOpt = Annotated[
+    bool,
+    typer.Option(
+        "--quiet",
+        "-q",
+        help="No progress bars and no summary line; errors, warnings and skipped inputs are "
+        "still printed.",
+    ),
+]
 ThreadsOpt = Annotated[
     int | None, typer.Option("--threads", help="Encoder threads (default: all cores).", min=1)
 ]
@@ -95,6 +110,22 @@ def say_device(db: RetroDB, device: str, quiet: bool) -> None:
     )
 
 
+def note(message: str) -> None:
+    """A line on stderr that the user should read even with --quiet (skipped inputs)."""
+    err_console.print(message, highlight=False, soft_wrap=True)
+
+
+def say_skipped(skipped: Sequence[Skipped]) -> None:
+    """``skipped 3 files: ...`` on stderr, with the reasons, when inputs were skipped."""
+    if skipped:
+        note(describe_skipped(skipped))
+        if any(s.reason == UNSUPPORTED for s in skipped):
+            note(
+                "  folders are read for .txt, .md, .rst, .jsonl and .ndjson files (any case, "
+                "optionally .gz); give a file by name to read it whatever its extension"
+            )
+
+
 def fail(message: str, code: int = 1) -> None:
     """Print ``error: message`` on stderr and exit with ``code``."""
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
@@ -117,13 +148,29 @@ def read_lines(path: Path) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
+def stdout_closed() -> None:
+    """End quietly, with status 0, when the reader of standard output has gone (`retrodb
+    info DB | head -1`), as Unix tools do: what is still buffered goes to /dev/null, so
+    that flushing at exit does not fail again."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    raise typer.Exit(0)
+
+
 def handle_errors(fn: F) -> F:
-    """Turn library errors (and a few OS errors) into one line on stderr and exit 1."""
+    """Turn library errors (and a few OS errors) into one line on stderr and exit 1; a
+    closed standard output ends the command quietly with status 0."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+            return result
+        except BrokenPipeError:
+            stdout_closed()
         except RetroDBError as exc:
             fail(str(exc))
         except (PermissionError, IsADirectoryError, NotADirectoryError) as exc:

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from retrodb.config import ChunkConfig, DBConfig, EncoderConfig, TokenizerConfig
-from retrodb.corpus import read_id_file
+from retrodb.corpus import plural, read_id_file
 from retrodb.db import RetroDB
 
 from . import model as model_commands
@@ -21,12 +21,14 @@ from . import neighbours as neighbour_commands
 from .common import (
     Command,
     DeviceOpt,
+    QuietOpt,
     ThreadsOpt,
     fail,
     handle_errors,
     progress_bars,
     read_lines,
     say_device,
+    say_skipped,
 )
 
 app = typer.Typer(
@@ -52,11 +54,12 @@ DBArg = Annotated[Path, typer.Argument(help="Path of the database directory.")]
 InputsArg = Annotated[
     list[str],
     typer.Argument(
-        help="Folders (recursive .txt/.md/.rst, optionally .gz), files, .jsonl files with a "
-        "'text' field and optional 'id', or '-' for JSONL on stdin."
+        help="Folders (read recursively: .txt, .md, .rst and JSONL .jsonl/.ndjson files, any "
+        "case, optionally .gz; other files are skipped and listed), files given by name (read "
+        "whatever their extension; JSONL has a 'text' field and an optional 'id'), or '-' "
+        "for JSONL on stdin."
     ),
 ]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 ErrorsOpt = Annotated[
     OnError,
     typer.Option(
@@ -86,8 +89,8 @@ def build(
         Path | None,
         typer.Option(
             "--encoder",
-            help="A local Hugging Face BERT checkpoint, or an exported .onnx "
-            "(default: the bundled all-MiniLM-L6-v2).",
+            help="A local Hugging Face BERT checkpoint, an exported .onnx, or the encoder "
+            "folder of another database (default: the bundled all-MiniLM-L6-v2).",
         ),
     ] = None,
     chunk_size: Annotated[
@@ -102,8 +105,13 @@ def build(
     device: DeviceOpt = "cpu",
     quiet: QuietOpt = False,
 ) -> None:
-    """Build a new database from INPUT... (trains the tokenizer, exports the encoder,
-    indexes every chunk)."""
+    """Build a new database from INPUTS... (trains the tokenizer, exports the encoder,
+    indexes every chunk).
+
+    The encoder's files are hard links into a shared store
+    ($RETRODB_CACHE_DIR/store, default ~/.cache/retrodb/store) where the
+    filesystem allows, so databases built with one encoder hold it once on disk.
+    Skipped inputs are listed on stderr with the reason."""
     config = DBConfig(
         chunk=ChunkConfig(chunk_size=chunk_size),
         tokenizer=TokenizerConfig(vocab_size=vocab_size),
@@ -122,12 +130,14 @@ def build(
             device=device,
         )
     say_device(rdb, device, quiet)
-    info = rdb.info()
+    res = rdb.last_build
+    assert res is not None
+    say_skipped(res.skipped)
     if not quiet:
         typer.echo(
-            f"built {db}: {info['documents']} documents, {info['chunks']} chunks, "
-            f"{info['tokens']} tokens, vocabulary {info['tokenizer']['vocab_size']} "
-            f"(generation {info['generation']})"
+            f"built {db}: {plural(res.documents, 'document')}, {plural(res.chunks, 'chunk')}, "
+            f"{plural(res.tokens, 'token')}, vocabulary {res.vocab_size:,} "
+            f"(generation {res.generation})"
         )
 
 
@@ -155,11 +165,11 @@ def add(
             inputs, errors=errors.value, progress=progress, tokenizer=tokenizer, encoder=encoder
         )
     say_device(rdb, device, quiet)
+    say_skipped(res.skipped)
     if not quiet:
-        skipped = f", {res.skipped_empty} empty skipped" if res.skipped_empty else ""
         typer.echo(
-            f"added {res.documents} documents, {res.chunks} chunks{skipped} "
-            f"(generation {res.generation}, segment {res.segment})"
+            f"added {plural(res.documents, 'document')}, {plural(res.chunks, 'chunk')}, "
+            f"{plural(res.tokens, 'token')} (generation {res.generation}, segment {res.segment})"
         )
 
 
@@ -220,30 +230,61 @@ def info(
     db: DBArg,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Documents, chunks, tokens, segments, generation, configuration, fingerprints and sizes."""
+    """Documents, chunks (live and stored), tokens, segments, generation, configuration,
+    the tokenizer's training settings, fingerprints and sizes."""
     d = RetroDB.open(db).info()
     if as_json:
         typer.echo(json.dumps(d, indent=1))
         return
+    deleted_docs = d["deleted_documents"]
+    deleted_chunks = d["chunks"] - d["live_chunks"]
     typer.echo(f"database     {d['path']}")
     typer.echo(f"generation   {d['generation']}  (format {d['format_version']})")
     typer.echo(
         f"documents    {d['documents']:,}"
-        + (f"  ({d['deleted_documents']} deleted)" if d["deleted_documents"] else "")
+        + (
+            f"  (and {plural(deleted_docs, 'deleted document')} still stored)"
+            if deleted_docs
+            else ""
+        )
     )
-    typer.echo(f"chunks       {d['chunks']:,}  (chunk size {d['config']['chunk']['chunk_size']})")
-    typer.echo(f"tokens       {d['tokens']:,}")
-    typer.echo(f"segments     {d['segments']}")
     typer.echo(
-        f"tokenizer    vocabulary {d['tokenizer']['vocab_size']:,}  "
-        f"{d['tokenizer']['fingerprint'][:23]}…"
+        f"chunks       {d['live_chunks']:,}"
+        + (
+            f"  (and {plural(deleted_chunks, 'deleted chunk')} still stored)"
+            if deleted_chunks
+            else ""
+        )
+        + f"  (chunk size {d['config']['chunk']['chunk_size']})"
     )
+    typer.echo(
+        f"tokens       {d['tokens']:,}"
+        + ("  (stored, deleted documents' included)" if deleted_docs else "")
+    )
+    typer.echo(f"segments     {d['segments']}")
+    tok = d["tokenizer"]
+    typer.echo(f"tokenizer    vocabulary {tok['vocab_size']:,}  {tok['fingerprint'][:23]}…")
+    trainer = tok.get("trainer")
+    if trainer:
+        opts = trainer["options"]
+        typer.echo(
+            f"             trained by sentencepiece {trainer['sentencepiece']}, "
+            f"{plural(opts['num_threads'], 'thread')}, seed {trainer['seed']}, "
+            f"{trainer['sampled']:,} of {plural(trainer['sentences'], 'sentence')}"
+        )
     typer.echo(
         f"encoder      dimension {d['encoder']['dim']}  {d['encoder']['fingerprint'][:23]}…  "
         f"quantize {d['config']['encoder']['quantize']}"
     )
     typer.echo("bytes on disk")
     for part, n in d["bytes"].items():
+        if part == "shared":
+            if n:
+                typer.echo(
+                    f"  {'shared':<16} {n:>14,}  (hard links: deleting this database does not "
+                    "free them)"
+                )
+            continue
         typer.echo(f"  {part:<16} {n:>14,}")
 
 
@@ -257,7 +298,10 @@ def verify(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Check every committed file (sizes, checksums, arrays, indexes). Exit 1 on damage."""
+    """Check every committed file (sizes, checksums, arrays, indexes). Exit 1 on damage.
+
+    With --quiet only what needs attention is printed: damage, leftovers,
+    unreachable chunks."""
     rdb = RetroDB.open(db)
     with progress_bars(quiet or as_json) as progress:
         rep = rdb.verify(repair=repair, progress=progress)
@@ -268,21 +312,24 @@ def verify(
             typer.echo(f"damaged: {p}")
         for p in rep.leftovers:
             typer.echo(f"leftover (run --repair to remove): {p}")
-        for p in rep.removed:
-            typer.echo(f"removed: {p}")
-        for p in rep.retained:
-            typer.echo(f"kept one more generation for readers (merged by compact): {p}")
         if rep.unreachable:
             typer.echo(
-                f"unreachable: {rep.unreachable} live chunks are not found by a search for "
-                "their own key (an index written before side lists; `retrodb compact --force` "
-                "rebuilds it)"
+                f"unreachable: {plural(rep.unreachable, 'live chunk')} not found by a search "
+                "for their own key (an index written before side lists; `retrodb compact "
+                "--force` rebuilds it)"
             )
-        status = "ok" if rep.ok else "DAMAGED"
-        typer.echo(
-            f"{status}: generation {rep.generation}, {rep.files_checked} files checked, "
-            f"{rep.unreachable} unreachable chunks ({rep.side_list} found through side lists)"
-        )
+        if not quiet:
+            for p in rep.removed:
+                typer.echo(f"removed: {p}")
+            for p in rep.retained:
+                typer.echo(f"kept one more generation for readers (merged by compact): {p}")
+        if not quiet or not rep.ok:
+            status = "ok" if rep.ok else "DAMAGED"
+            typer.echo(
+                f"{status}: generation {rep.generation}, {plural(rep.files_checked, 'file')} "
+                f"checked, {plural(rep.unreachable, 'unreachable chunk')} "
+                f"({rep.side_list:,} found through side lists)"
+            )
     if not rep.ok:
         raise typer.Exit(1)
 
@@ -298,6 +345,7 @@ def delete(
         Path | None,
         typer.Option("--doc-file", help="A file of document ids, one per line ('-' for stdin)."),
     ] = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """Delete documents: they disappear from every search and neighbour set at once.
 
@@ -308,10 +356,11 @@ def delete(
     if not ids:
         fail("no document ids: give --doc ID or --doc-file FILE")
     res = RetroDB.open(db).delete(ids)
-    typer.echo(
-        f"deleted {res.deleted} documents (generation {res.generation}; "
-        f"{res.tombstones} deleted documents stored until `retrodb compact`)"
-    )
+    if not quiet:
+        typer.echo(
+            f"deleted {plural(res.deleted, 'document')} (generation {res.generation}; "
+            f"{plural(res.tombstones, 'deleted document')} stored until `retrodb compact`)"
+        )
 
 
 @app.command(cls=Command)
@@ -334,13 +383,18 @@ def compact(
     rdb = RetroDB.open(db)
     with progress_bars(quiet) as progress:
         res = rdb.compact(force=force, progress=progress)
+    if quiet:
+        return
     if not res.changed:
-        typer.echo(f"nothing to compact (generation {res.generation}, one segment, no deletions)")
+        typer.echo(
+            f"nothing to compact (generation {res.generation}: "
+            f"{plural(res.segments_before, 'segment')}, no deleted documents)"
+        )
         return
     typer.echo(
-        f"compacted {res.segments_before} segments into {res.segments_after}, dropped "
-        f"{res.documents_dropped} deleted documents ({res.chunks_dropped} chunks) "
-        f"(generation {res.generation})"
+        f"compacted {plural(res.segments_before, 'segment')} into {res.segments_after}, "
+        f"dropped {plural(res.documents_dropped, 'deleted document')} "
+        f"({plural(res.chunks_dropped, 'chunk')}) (generation {res.generation})"
     )
 
 

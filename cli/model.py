@@ -21,6 +21,7 @@ from typing import Annotated, Any, Union, get_args, get_origin, get_type_hints
 
 import typer
 
+from retrodb.corpus import plural
 from retrodb.db import RetroDB
 from retrodb.errors import BadInputError
 from retrodb_model.threads import RULE as THREADS_RULE
@@ -279,7 +280,8 @@ def evaluate(
         return
     excluded = ", own documents excluded" if exclude_self else ""
     typer.echo(
-        f"{res.documents} documents, {res.tokens:,} tokens, {res.bytes:,} bytes "
+        f"{plural(res.documents, 'document')}, {plural(res.tokens, 'token')}, "
+        f"{plural(res.bytes, 'byte')} "
         f"(windows of {res.seq_len}, k={res.k}{excluded})"
     )
     for mode, v in res.bpb.items():

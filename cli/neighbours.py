@@ -8,10 +8,20 @@ from typing import Annotated
 
 import typer
 
+from retrodb.corpus import plural
 from retrodb.db import RetroDB
 from retrodb.neighbours import list_sets, read_id_file, update
 
-from .common import Command, DeviceOpt, ThreadsOpt, fail, handle_errors, progress_bars, say_device
+from .common import (
+    Command,
+    DeviceOpt,
+    QuietOpt,
+    ThreadsOpt,
+    fail,
+    handle_errors,
+    progress_bars,
+    say_device,
+)
 
 
 def neighbours(
@@ -69,7 +79,7 @@ def neighbours(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Precompute the k nearest chunks of every training chunk, never from its own document.
 
@@ -104,8 +114,9 @@ def neighbours(
         typer.echo(report.summary())
     if report.unknown_excluded:
         typer.echo(
-            f"note: {report.unknown_excluded} of {len(report.info.exclude)} excluded ids are "
-            "not in the database",
+            f"note: {report.unknown_excluded:,} of the "
+            f"{plural(len(report.info.exclude), 'excluded id')} "
+            f"{'is' if report.unknown_excluded == 1 else 'are'} not in the database",
             err=True,
         )
 

@@ -9,6 +9,11 @@ document is held while its line is parsed.
 
 A document's id is its path relative to the folder given (a file given directly is named
 by its file name), or the JSONL ``id`` (``<file name>:<line>`` when a line has none).
+
+Folders are read for the extensions in :data:`TEXT_SUFFIXES` and :data:`JSONL_SUFFIXES`
+(any case, optionally ``.gz``); a file given by name is read whatever its extension, as
+text unless it is JSONL. Nothing is left out silently: every file of a folder that is not
+read and every empty document is listed in :attr:`Corpus.skipped` with the reason.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Literal, TextIO
+from typing import Any, BinaryIO, Literal, TextIO
 
 from .errors import BadInputError, NotFoundError
 
@@ -79,13 +84,43 @@ class DocumentRef:
     """Byte offset of the JSONL line in the (decompressed) file."""
 
 
+#: Why an input was skipped (:attr:`Skipped.reason`).
+EMPTY = "empty"
+UNSUPPORTED = "unsupported extension"
+NOT_A_FILE = "not a regular file"
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """An input that holds no document: a file of a folder that is not read, or an empty
+    document."""
+
+    file: str
+    """The file: relative to the folder given, else as given (``<stdin>`` for ``-``)."""
+    reason: str
+    """:data:`EMPTY` (no text, or only whitespace), :data:`UNSUPPORTED` (a folder's file
+    whose extension is not read; give it by name to read it) or :data:`NOT_A_FILE`."""
+    line: int | None = None
+    """For a JSONL record: its line (1-based)."""
+    doc_id: str | None = None
+    """The id the document would have had (empty documents only)."""
+
+    @property
+    def name(self) -> str:
+        """``file`` or ``file:line``."""
+        return self.file if self.line is None else f"{self.file}:{self.line}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "line": self.line, "reason": self.reason, "doc_id": self.doc_id}
+
+
 @dataclass(slots=True)
 class Corpus:
     """Validated inputs: every document is readable, non-empty text with a unique id."""
 
     refs: list[DocumentRef] = field(default_factory=list)
-    skipped_empty: list[str] = field(default_factory=list)
-    """Ids of empty or whitespace-only documents that were skipped."""
+    skipped: list[Skipped] = field(default_factory=list)
+    """What holds no document, with the reason, in the order met."""
     bytes: int = 0
     errors: Errors = "strict"
     _tempfiles: list[Path] = field(default_factory=list)
@@ -96,6 +131,11 @@ class Corpus:
     @property
     def ids(self) -> list[str]:
         return [r.id for r in self.refs]
+
+    @property
+    def skipped_empty(self) -> list[str]:
+        """Ids of the empty or whitespace-only documents that were skipped."""
+        return [str(s.doc_id) for s in self.skipped if s.reason == EMPTY]
 
     def iter_documents(self) -> Iterator[tuple[str, str]]:
         """Yield ``(id, text)`` for every document, in a stable order."""
@@ -169,37 +209,58 @@ def scan(
                 shutil.copyfileobj(src, out)
             tmp = Path(name)
             corpus._tempfiles.append(tmp)
-            _scan_jsonl(tmp, corpus, seen, label="<stdin>")
+            _scan_jsonl(tmp, corpus, seen, label="<stdin>", name="<stdin>")
             continue
         path = Path(inp)
         if not path.exists():
             raise NotFoundError(f"{path}: no such file or directory")
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and _kind(p) is not None)
-            for f in files:
+            for f in sorted(path.rglob("*")):
                 rel = f.relative_to(path).as_posix()
-                _scan_file(f, corpus, seen, doc_id=rel)
+                if f.is_dir():
+                    continue
+                if not f.is_file():
+                    corpus.skipped.append(Skipped(rel, NOT_A_FILE))
+                elif _kind(f) is None:
+                    corpus.skipped.append(Skipped(rel, UNSUPPORTED))
+                else:
+                    _scan_file(f, corpus, seen, doc_id=rel, name=rel)
         elif path.is_file():
-            kind = _kind(path)
-            if kind is None:
-                raise BadInputError(
-                    f"{path}: unsupported input (expected a folder, .txt/.md/.rst, "
-                    f".jsonl, optionally .gz, or '-')"
-                )
-            _scan_file(path, corpus, seen, doc_id=path.name)
+            _scan_file(path, corpus, seen, doc_id=path.name, name=str(path))
         else:
             raise BadInputError(f"{path}: not a regular file or folder")
     if not corpus.refs:
-        what = (
-            f" ({len(corpus.skipped_empty)} empty documents skipped)"
-            if corpus.skipped_empty
-            else ""
-        )
+        what = f" ({describe_skipped(corpus.skipped)})" if corpus.skipped else ""
         raise BadInputError(f"no documents found in {', '.join(map(str, inputs))}{what}")
     return corpus
 
 
+def describe_skipped(skipped: Sequence[Skipped], *, show: int = 3) -> str:
+    """One line for people: ``skipped 3 files: 2 with an unsupported extension (LICENSE,
+    code.py), 1 empty (notes.txt)``, at most ``show`` names per reason."""
+    by_reason: dict[str, list[str]] = {}
+    for s in skipped:
+        by_reason.setdefault(s.reason, []).append(s.name)
+    parts = []
+    for reason, names in by_reason.items():
+        more = f", and {len(names) - show:,} more" if len(names) > show else ""
+        what = {EMPTY: "empty", UNSUPPORTED: "with an unsupported extension"}.get(reason, reason)
+        parts.append(f"{len(names):,} {what} ({', '.join(names[:show])}{more})")
+    records = sum(1 for s in skipped if s.line is not None)
+    files = len(skipped) - records
+    counts = [plural(files, "file")] if files else []
+    counts += [plural(records, "JSONL record")] if records else []
+    return f"skipped {' and '.join(counts)}: " + "; ".join(parts) if skipped else ""
+
+
+def plural(n: int, noun: str, plural_form: str | None = None) -> str:
+    """``1 document``, ``2 documents``, ``26,797 chunks``."""
+    return f"{n:,} {noun if n == 1 else plural_form or noun + 's'}"
+
+
 def _kind(path: Path) -> str | None:
+    """How a folder's file is read: ``jsonl``, ``text`` or None (not read). Extensions are
+    compared in any case (``notes.TXT`` is text)."""
     name = path.name.lower()
     if name.endswith(".gz"):
         name = name[:-3]
@@ -304,10 +365,12 @@ def _add(
     text: str,
     where: str,
     *,
+    name: str,
+    line: int | None = None,
     size: int | None = None,
 ) -> None:
     if not text.strip():
-        corpus.skipped_empty.append(ref.id)
+        corpus.skipped.append(Skipped(name, EMPTY, line=line, doc_id=ref.id))
         return
     if ref.id in seen:
         raise BadInputError(f"{where}: duplicate document id {ref.id!r} (also in {seen[ref.id]})")
@@ -316,14 +379,16 @@ def _add(
     corpus.bytes += len(text.encode("utf-8", errors="replace")) if size is None else size
 
 
-def _scan_file(path: Path, corpus: Corpus, seen: dict[str, str], *, doc_id: str) -> None:
+def _scan_file(path: Path, corpus: Corpus, seen: dict[str, str], *, doc_id: str, name: str) -> None:
+    """A JSONL file by its extension, any other file as text (a folder's files are
+    filtered by :func:`_kind` before)."""
     if _kind(path) == "jsonl":
-        _scan_jsonl(path, corpus, seen, label=str(path))
+        _scan_jsonl(path, corpus, seen, label=str(path), name=name)
         return
-    _scan_text(path, corpus, seen, doc_id=doc_id)
+    _scan_text(path, corpus, seen, doc_id=doc_id, name=name)
 
 
-def _scan_text(path: Path, corpus: Corpus, seen: dict[str, str], *, doc_id: str) -> None:
+def _scan_text(path: Path, corpus: Corpus, seen: dict[str, str], *, doc_id: str, name: str) -> None:
     """Validate a text file block by block (never holding it whole)."""
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     pos = 0
@@ -355,10 +420,10 @@ def _scan_text(path: Path, corpus: Corpus, seen: dict[str, str], *, doc_id: str)
             if not block:
                 break
     ref = DocumentRef(id=doc_id, path=path)
-    _add(corpus, seen, ref, "x" if has_text else "", str(path), size=size)
+    _add(corpus, seen, ref, "x" if has_text else "", str(path), name=name, size=size)
 
 
-def _scan_jsonl(path: Path, corpus: Corpus, seen: dict[str, str], *, label: str) -> None:
+def _scan_jsonl(path: Path, corpus: Corpus, seen: dict[str, str], *, label: str, name: str) -> None:
     base = Path(label).name
     offset = 0
     for i, raw in _jsonl_lines(path):
@@ -387,4 +452,6 @@ def _scan_jsonl(path: Path, corpus: Corpus, seen: dict[str, str], *, label: str)
             DocumentRef(id=str(doc_id), path=path, line=i, offset=start),
             obj["text"],
             where,
+            name=name,
+            line=i + 1,
         )

@@ -29,7 +29,7 @@ from .segment import Segment
 from .storage import ENCODER_DIR, TOKENIZER_FILE, Manifest, Storage
 from .tokenizer import Tokenizer, fingerprint
 from .verify import VerifyReport, verify
-from .writer import AddResult, CompactResult, DeleteResult
+from .writer import AddResult, BuildResult, CompactResult, DeleteResult
 
 if TYPE_CHECKING:
     from .encoder import Encoder
@@ -90,6 +90,8 @@ class RetroDB:
         """Where the encoder runs: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``."""
         self.tokenizer: Tokenizer | None = None
         self._encoder: Encoder | None = None
+        self.last_build: BuildResult | None = None
+        """What :meth:`build` did (documents, chunks, skipped inputs); None when opened."""
         self._load_current()
 
     @classmethod
@@ -174,6 +176,8 @@ class RetroDB:
     def encoder(self) -> Encoder:
         """The database's ONNX encoder (opened on first use, checked against the manifest)."""
         if self._encoder is None:
+            from .encoder import same_fingerprint
+
             enc_dir = self.path / ENCODER_DIR
             for rel, fi in self.manifest.encoder.get("files", {}).items():
                 p = enc_dir / rel
@@ -186,7 +190,7 @@ class RetroDB:
             enc = open_encoder(
                 enc_dir, self.config.encoder, threads=self.threads, device=self.device
             )
-            if enc.fingerprint != self.manifest.encoder["fingerprint"]:
+            if not same_fingerprint(enc.fingerprint, self.manifest.encoder["fingerprint"]):
                 raise MismatchError(
                     f"{enc_dir}: encoder fingerprint does not match the manifest "
                     f"(the encoder files were changed after the database was built)"
@@ -217,7 +221,7 @@ class RetroDB:
     def check_encoder_matches(self, source: Path) -> None:
         """Refuse an encoder (a checkpoint, .onnx or encoder directory) that differs from
         the database's."""
-        from .encoder import Encoder, prepare_encoder
+        from .encoder import Encoder, prepare_encoder, same_fingerprint
 
         if not source.exists():
             raise NotFoundError(f"{source}: encoder not found")
@@ -227,7 +231,7 @@ class RetroDB:
             with tempfile.TemporaryDirectory() as td:
                 prepare_encoder(source, Path(td) / "enc", config=self.config.encoder)
                 other = Encoder.open(Path(td) / "enc")
-        if other.fingerprint != self.manifest.encoder["fingerprint"]:
+        if not same_fingerprint(other.fingerprint, self.manifest.encoder["fingerprint"]):
             raise MismatchError(
                 f"{source}: encoder does not match the database's ({self.path / ENCODER_DIR})"
             )
@@ -254,9 +258,10 @@ class RetroDB:
         ``tokenizer``: an existing SentencePiece model file (else one is trained on the
         inputs). ``encoder``: a local Hugging Face BERT checkpoint, an encoder directory or
         an exported ``.onnx`` (else the bundled all-MiniLM-L6-v2). A failed build leaves
-        nothing behind."""
+        nothing behind. What was built, and which inputs were skipped and why, is in
+        :attr:`last_build` of the returned database."""
         path = Path(path)
-        enc = writer.build(
+        enc, result = writer.build(
             path,
             inputs,
             config=config or DBConfig(),
@@ -270,6 +275,7 @@ class RetroDB:
         )
         db = cls(path, threads=threads, device=device)
         db._encoder = enc  # the same files, checked at build: no second load
+        db.last_build = result
         return db
 
     def add(
@@ -475,7 +481,13 @@ class RetroDB:
     # ------------------------------------------------------------ reporting
 
     def info(self) -> dict[str, Any]:
-        """A summary of the committed generation (what `retrodb info --json` prints)."""
+        """A summary of the committed generation (what `retrodb info --json` prints).
+
+        ``documents`` and ``live_chunks`` count what searches can return; ``chunks`` and
+        ``tokens`` count what is stored, the rows of deleted documents included until
+        :meth:`compact`. ``tokenizer.trainer`` is how the tokenizer was trained (None when
+        it was given, or for databases built before it was recorded); ``bytes.shared``:
+        bytes that are hard links shared with other databases (the encoder)."""
         m = self.manifest
         return {
             "path": str(self.path),
@@ -500,9 +512,14 @@ class RetroDB:
             "next_key": m.next_key,
             "config": m.config,
             "tokenizer": {
-                k: m.tokenizer[k] for k in ("fingerprint", "vocab_size", "pad_id", "token_dtype")
+                k: m.tokenizer.get(k)
+                for k in ("fingerprint", "vocab_size", "pad_id", "token_dtype", "trainer")
             },
-            "encoder": {k: m.encoder[k] for k in ("fingerprint", "dim")},
+            "encoder": {
+                # ``sha256:<hex>``, also for databases whose manifest records the bare hex
+                "fingerprint": "sha256:" + str(m.encoder["fingerprint"]).removeprefix("sha256:"),
+                "dim": m.encoder["dim"],
+            },
             "bytes": self.storage.disk_usage(),
         }
 
@@ -516,6 +533,7 @@ class RetroDB:
 
 __all__ = [
     "AddResult",
+    "BuildResult",
     "CompactResult",
     "DeleteResult",
     "Hit",

@@ -59,6 +59,7 @@ from .errors import (
     MismatchError,
     NotFoundError,
 )
+from .fsutil import FileInfo, share_file
 from .progress import ProgressFn, no_progress
 
 #: The files of an encoder directory.
@@ -343,7 +344,8 @@ def _write_meta(
 
 
 def _fingerprint(directory: Path, meta: dict[str, Any]) -> str:
-    """sha256 over model.onnx, tokenizer.json and the settings that change the vectors."""
+    """``sha256:`` and the hex digest over model.onnx, tokenizer.json and the settings that
+    change the vectors (the form of the tokenizer's fingerprint)."""
     h = hashlib.sha256(b"retrodb-encoder-1\0")
     for name in (_MODEL, _TOKENIZER):
         with open(directory / name, "rb") as f:
@@ -352,7 +354,26 @@ def _fingerprint(directory: Path, meta: dict[str, Any]) -> str:
         h.update(b"\0")
     settings = {k: meta[k] for k in ("pooling", "normalize", "max_length")}
     h.update(json.dumps(settings, sort_keys=True).encode())
-    return h.hexdigest()
+    return "sha256:" + h.hexdigest()
+
+
+def same_fingerprint(a: str, b: str) -> bool:
+    """Whether two encoder fingerprints name the same encoder. Encoders and databases made
+    before fingerprints carried the ``sha256:`` prefix record the bare hex digest."""
+    return a.removeprefix("sha256:") == b.removeprefix("sha256:")
+
+
+def share_encoder(directory: Path, files: dict[str, FileInfo], *, store: Path | None = None) -> int:
+    """Hard-link the files of the encoder directory ``directory`` (``files``: their sizes
+    and sha256, as the manifest records them) with the same files in ``store`` (default
+    ``<cache_dir()>/store``), so that databases built with one encoder keep its bytes once
+    on disk. Returns the bytes now shared; 0 where hard links cannot be made (the files
+    stay private copies). Deleting a database, or the store, never breaks another: each
+    link is a whole file."""
+    store = Path(store) if store is not None else cache_dir() / "store"
+    return sum(
+        fi.size for rel, fi in files.items() if share_file(directory / rel, fi.sha256, store)
+    )
 
 
 def _read_json(path: Path, *, what: str) -> dict[str, Any]:
@@ -604,7 +625,8 @@ class Encoder:
     max_length: int
     """WordPiece tokens per text, [CLS] and [SEP] included; longer text is truncated."""
     fingerprint: str
-    """sha256 hex of the model, the tokenizer and the pooling settings."""
+    """``sha256:`` and the hex digest of the model, the tokenizer and the pooling settings
+    (encoder.json written before the prefix holds the bare digest; it is added here)."""
     directory: Path
     normalize: bool
     """Whether keys are L2-normalised."""
@@ -645,7 +667,8 @@ class Encoder:
         self.normalize = bool(settings["normalize"])
         self.quantize = str(settings.get("quantize", "none"))
         self.pooling_in_graph = bool(settings["pooling_in_graph"])
-        self.fingerprint = str(settings["fingerprint"])
+        fp = str(settings["fingerprint"])
+        self.fingerprint = fp if fp.startswith("sha256:") else "sha256:" + fp
         self.device = device
         self.device_note = device_note
         self.precision = precision

@@ -127,6 +127,36 @@ def file_table(root: Path) -> dict[str, FileInfo]:
     return out
 
 
+def share_file(path: Path, sha256: str, store: Path) -> bool:
+    """Make ``path`` (whose sha256 is ``sha256``) a hard link of the file with the same
+    bytes in ``store``, a folder of files named by their sha256; put ``path`` there first
+    when the store lacks it (or holds a damaged copy). True when ``path`` is now shared.
+
+    False, and ``path`` left as it is, where hard links cannot be made (the store on
+    another filesystem, not writable, no hard links). Safe because retrodb never rewrites
+    a committed file in place, and deleting one link leaves the others whole. A store
+    file is hashed before use, so damage to it is never passed on."""
+    entry = store / sha256
+    link = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}.link")
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+        if entry.is_file():
+            os.link(entry, link)
+            if sha256_file(link) == sha256:
+                os.replace(link, path)
+                return True
+            link.unlink()  # damaged: our copy takes its place
+        pending = store / f"{TMP_PREFIX}{sha256}.{os.getpid()}"
+        os.link(path, pending)
+        os.replace(pending, entry)
+        return True
+    except OSError:
+        for p in (link, store / f"{TMP_PREFIX}{sha256}.{os.getpid()}"):
+            with contextlib.suppress(OSError):
+                p.unlink(missing_ok=True)
+        return False
+
+
 @contextlib.contextmanager
 def exclusive_lock(path: Path, busy_message: str) -> Iterator[None]:
     """Hold ``flock(LOCK_EX)`` on ``path`` (created if needed) without waiting: a lock held
@@ -156,6 +186,7 @@ __all__ = [
     "remove_temporaries",
     "replace_durably",
     "sha256_file",
+    "share_file",
     "tmp_name",
     "write_atomic",
     "write_file_atomic",

@@ -133,9 +133,10 @@ class Manifest:
     generation: int
     config: dict[str, Any]
     tokenizer: dict[str, Any]
-    """file, fingerprint, vocab_size, pad_id, size."""
+    """file, fingerprint, vocab_size, pad_id, token_dtype, size, and trainer (how it was
+    trained; absent for a given tokenizer and in databases built before it was recorded)."""
     encoder: dict[str, Any]
-    """dir, fingerprint, dim, files."""
+    """dir, fingerprint (``sha256:<hex>``; bare hex in databases built before), dim, files."""
     next_key: int
     segments: tuple[SegmentMeta, ...] = ()
     tombstones: tuple[str, ...] = ()
@@ -501,18 +502,24 @@ class Storage:
         return removed
 
     def disk_usage(self) -> dict[str, int]:
-        """Bytes on disk per part of the database. Safe while a writer works: files that
-        vanish during the walk (a writer's temporary files) are skipped."""
+        """Bytes on disk per part of the database, and ``shared``: how many of them are
+        hard links that other databases (or the encoder store) share, so deleting this
+        database does not free them. Safe while a writer works: files that vanish during
+        the walk (a writer's temporary files) are skipped."""
+        shared = 0
 
         def files(p: Path) -> Iterator[tuple[str, int]]:
+            nonlocal shared
+            paths: Iterator[str]
             if p.is_file():
+                paths = iter([str(p)])
+            else:  # os.walk ignores vanished directories
+                paths = (os.path.join(d, n) for d, _dirs, names in os.walk(p) for n in names)
+            for path in paths:
                 with contextlib.suppress(OSError):
-                    yield p.name, p.stat().st_size
-                return
-            for dirpath, _dirs, names in os.walk(p):  # os.walk ignores vanished directories
-                for name in names:
-                    with contextlib.suppress(OSError):
-                        yield name, os.stat(os.path.join(dirpath, name)).st_size
+                    st = os.stat(path)
+                    shared += st.st_size if st.st_nlink > 1 else 0
+                    yield os.path.basename(path), st.st_size
 
         def size(p: Path) -> int:
             return sum(n for _, n in files(p))
@@ -528,6 +535,7 @@ class Storage:
         for name, n in files(self.root / SEGMENTS):
             usage["segment_indexes" if name.endswith(".usearch") else "segment_arrays"] += n
         usage["total"] = sum(usage.values())
+        usage["shared"] = shared
         return usage
 
 

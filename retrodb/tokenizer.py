@@ -8,6 +8,7 @@ import io
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import sentencepiece as spm
@@ -21,6 +22,14 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 #: about this many characters).
 TOKENIZE_PIECES = 256
 TOKENIZE_CHARS = 1 << 20
+#: The longest sentence (UTF-8 bytes) the SentencePiece trainer accepts; it drops longer ones.
+MAX_SENTENCE_BYTES = 1 << 16
+#: Lines longer than this (characters) are cut into sentences for the trainer: at most 4
+#: bytes a character keeps every sentence within MAX_SENTENCE_BYTES.
+SENTENCE_CHARS = MAX_SENTENCE_BYTES // 4
+#: Threads of the SentencePiece trainer. Fixed, not the machine's core count: the unigram
+#: trainer sums its statistics per thread, so another count gives another model.
+TRAIN_THREADS = 2
 
 
 def fingerprint(model_bytes: bytes) -> str:
@@ -28,10 +37,49 @@ def fingerprint(model_bytes: bytes) -> str:
     return "sha256:" + hashlib.sha256(model_bytes).hexdigest()
 
 
+def training_sentences(text: str) -> Iterator[str]:
+    """The sentences of ``text`` for the trainer: its non-blank lines, stripped, each line
+    longer than :data:`SENTENCE_CHARS` cut just before a space (at :data:`SENTENCE_CHARS`
+    when a stretch has no space) into sentences of at most that many characters."""
+    for line in text.splitlines():
+        line = line.strip()
+        while len(line) > SENTENCE_CHARS:
+            cut = line.rfind(" ", 1, SENTENCE_CHARS + 1)
+            if cut <= 0:
+                cut = SENTENCE_CHARS
+            head, line = line[:cut].rstrip(), line[cut:].lstrip()
+            if head:
+                yield head
+        if line:
+            yield line
+
+
+def trainer_options(config: TokenizerConfig) -> dict[str, Any]:
+    """Every option retrodb gives the SentencePiece trainer (besides its input and output)."""
+    return {
+        "vocab_size": config.vocab_size,
+        "model_type": config.model_type,
+        "character_coverage": config.character_coverage,
+        "byte_fallback": True,
+        "hard_vocab_limit": False,
+        "pad_id": PAD_ID,
+        "unk_id": UNK_ID,
+        "bos_id": BOS_ID,
+        "eos_id": EOS_ID,
+        "max_sentence_length": MAX_SENTENCE_BYTES,
+        "split_digits": True,
+        "remove_extra_whitespaces": False,
+        "normalization_rule_name": "identity",
+        "allow_whitespace_only_pieces": True,
+        "user_defined_symbols": ["\n", "\t"],
+        "num_threads": TRAIN_THREADS,
+    }
+
+
 class Tokenizer:
     """A loaded SentencePiece model with the few operations retrodb needs."""
 
-    __slots__ = ("_sp", "_bytes", "path", "fingerprint")
+    __slots__ = ("_sp", "_bytes", "path", "fingerprint", "trainer")
 
     def __init__(self, model_bytes: bytes, *, path: Path | None = None) -> None:
         sp = spm.SentencePieceProcessor()
@@ -44,6 +92,11 @@ class Tokenizer:
         self._bytes = model_bytes
         self.path = path
         self.fingerprint = fingerprint(model_bytes)
+        self.trainer: dict[str, Any] | None = None
+        """How :meth:`train` made this model (None for a model loaded from a file): the
+        sentencepiece version, the seed, the sampling and every trainer option. Recorded in
+        the manifest's tokenizer section, since the same corpus gives another model with
+        another sentencepiece version or thread count."""
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
@@ -62,49 +115,43 @@ class Tokenizer:
     ) -> Tokenizer:
         """Train a SentencePiece model with byte fallback, so any text round-trips.
 
-        At most ``config.input_sentence_size`` non-empty lines are sampled (reservoir
-        sampling, seeded) and the vocabulary size is a soft limit, so a small corpus still
-        trains."""
+        Every line is a sentence; a line longer than :data:`SENTENCE_CHARS` (minified
+        JSON, a log, a one-paragraph document) is cut at spaces into sentences the trainer
+        accepts (see :func:`training_sentences`). At most ``config.input_sentence_size``
+        sentences are sampled (reservoir sampling, seeded) and the vocabulary size is a
+        soft limit, so a small corpus still trains. The same texts and settings give the
+        same model, byte for byte; :attr:`trainer` records the settings."""
         rng = random.Random(seed)
         sample: list[str] = []
         seen = 0
         for text in texts:
-            for line in text.splitlines():
-                line = line.strip()
-                if not line:
-                    continue
+            for sentence in training_sentences(text):
                 seen += 1
                 if len(sample) < config.input_sentence_size:
-                    sample.append(line)
+                    sample.append(sentence)
                 else:
                     j = rng.randrange(seen)
                     if j < config.input_sentence_size:
-                        sample[j] = line
+                        sample[j] = sentence
         if not sample:
             raise BadInputError("cannot train a tokenizer: the input holds no text")
+        options = trainer_options(config)
         out = io.BytesIO()
+        spm.set_random_generator_seed(seed)
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sample),
-            model_writer=out,
-            vocab_size=config.vocab_size,
-            model_type=config.model_type,
-            character_coverage=config.character_coverage,
-            byte_fallback=True,
-            hard_vocab_limit=False,
-            pad_id=PAD_ID,
-            unk_id=UNK_ID,
-            bos_id=BOS_ID,
-            eos_id=EOS_ID,
-            max_sentence_length=1 << 16,
-            split_digits=True,
-            remove_extra_whitespaces=False,
-            normalization_rule_name="identity",
-            allow_whitespace_only_pieces=True,
-            user_defined_symbols=["\n", "\t"],
-            num_threads=2,
-            minloglevel=2,
+            sentence_iterator=iter(sample), model_writer=out, minloglevel=2, **options
         )
-        return cls(out.getvalue())
+        tok = cls(out.getvalue())
+        tok.trainer = {
+            "sentencepiece": spm.__version__,
+            "seed": seed,
+            "input_sentence_size": config.input_sentence_size,
+            "sentence_chars": SENTENCE_CHARS,
+            "sentences": seen,
+            "sampled": len(sample),
+            "options": options,
+        }
+        return tok
 
     def save(self, path: str | Path) -> None:
         Path(path).write_bytes(self._bytes)

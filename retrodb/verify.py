@@ -71,7 +71,14 @@ def _check_file(p: Path, size: int, digest: str) -> str | None:
     if p.stat().st_size != size:
         return f"{p}: {p.stat().st_size} bytes, the manifest recorded {size}"
     if sha256_file(p) != digest:
-        return f"{p}: checksum does not match the manifest (the file is damaged)"
+        links = p.stat().st_nlink - 1
+        shared = (
+            f"; it is a hard link shared with {links} other file(s), e.g. the encoder store "
+            "and other databases built with the same encoder, which share the damage"
+            if links
+            else ""
+        )
+        return f"{p}: checksum does not match the manifest (the file is damaged{shared})"
     return None
 
 

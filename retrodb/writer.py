@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from . import corpus as corpus_mod
 from .config import FORMAT_VERSION, DBConfig
+from .corpus import Skipped
 from .errors import BadInputError, MismatchError, NotFoundError, RetroDBError, WriteError
 from .fsutil import file_table, fsync_path, fsync_tree
 from .ingest import open_encoder, write_corpus_segment
@@ -44,13 +45,33 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True, slots=True)
+class BuildResult:
+    """What :meth:`RetroDB.build` did (``db.last_build``)."""
+
+    generation: int
+    documents: int
+    chunks: int
+    tokens: int
+    vocab_size: int
+    skipped: tuple[Skipped, ...]
+    """Inputs that hold no document, with the reason (files of a folder that are not read,
+    empty documents)."""
+    encoder_shared: int
+    """Bytes of the encoder hard-linked with the shared store (0: a private copy)."""
+
+
+@dataclass(frozen=True, slots=True)
 class AddResult:
     generation: int
     documents: int
     chunks: int
     tokens: int
     skipped_empty: int
+    """How many of :attr:`skipped` are empty documents."""
     segment: str
+    skipped: tuple[Skipped, ...] = ()
+    """Inputs that hold no document, with the reason (files of a folder that are not read,
+    empty documents)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,11 +190,13 @@ def build(
     progress: ProgressFn,
     threads: int | None,
     device: str = "cpu",
-) -> Encoder:
+) -> tuple[Encoder, BuildResult]:
     """Build a new database at ``path``: everything is written to a temporary directory
     beside it and renamed into place at the end, so a failed build leaves nothing behind.
-    Returns the encoder it used (already loaded)."""
-    from .encoder import parse_device, prepare_encoder
+    The encoder's files are hard links into the shared store where the filesystem allows
+    (:func:`~retrodb.encoder.share_encoder`). Returns the encoder it used (already loaded)
+    and what was built."""
+    from .encoder import parse_device, prepare_encoder, share_encoder
 
     check_not_in_use(path)
     parse_device(device)
@@ -194,6 +217,8 @@ def build(
             progress("tokenizer", 1, 1)
         tok.save(tmp / TOKENIZER_FILE)
         prepare_encoder(encoder, tmp / ENCODER_DIR, config=config.encoder, progress=progress)
+        encoder_files = file_table(tmp / ENCODER_DIR)
+        shared = share_encoder(tmp / ENCODER_DIR, encoder_files)
         enc = open_encoder(tmp / ENCODER_DIR, config.encoder, threads=threads, device=device)
         first = Manifest(
             generation=0,
@@ -205,14 +230,14 @@ def build(
                 "pad_id": tok.pad_id,
                 "token_dtype": tok.token_dtype.name,
                 "size": (tmp / TOKENIZER_FILE).stat().st_size,
+                **({"trainer": tok.trainer} if tok.trainer is not None else {}),
             },
             encoder={
                 "dir": ENCODER_DIR,
                 "fingerprint": enc.fingerprint,
                 "dim": enc.dim,
                 "files": {
-                    k: {"size": v.size, "sha256": v.sha256}
-                    for k, v in file_table(tmp / ENCODER_DIR).items()
+                    k: {"size": v.size, "sha256": v.sha256} for k, v in encoder_files.items()
                 },
             },
             next_key=0,
@@ -222,7 +247,8 @@ def build(
             store, corpus, tok, enc, config, first_key=0, generation=1, progress=progress
         )
         fsync_tree(tmp)
-        store.commit(next_manifest(first, segments=(meta,), next_key=meta.chunks))
+        manifest = next_manifest(first, segments=(meta,), next_key=meta.chunks)
+        store.commit(manifest)
         if path.exists():  # an empty directory the user made
             path.rmdir()
         os.rename(tmp, path)
@@ -232,7 +258,15 @@ def build(
         raise
     finally:
         corpus.cleanup()
-    return enc
+    return enc, BuildResult(
+        generation=manifest.generation,
+        documents=meta.documents,
+        chunks=meta.chunks,
+        tokens=meta.tokens,
+        vocab_size=tok.vocab_size,
+        skipped=tuple(corpus.skipped),
+        encoder_shared=shared,
+    )
 
 
 def _refuse_duplicates(db: RetroDB, ids: Sequence[str]) -> None:
@@ -301,6 +335,7 @@ def add(
             tokens=meta.tokens,
             skipped_empty=len(corpus.skipped_empty),
             segment=meta.name,
+            skipped=tuple(corpus.skipped),
         )
 
 
@@ -388,6 +423,7 @@ def compact(
 
 __all__ = [
     "AddResult",
+    "BuildResult",
     "CompactResult",
     "DeleteResult",
     "add",

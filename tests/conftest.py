@@ -53,6 +53,20 @@ def copy_db(pristine: Path, dest: Path) -> Path:
     return dest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tests' own cache (the encoder store, fp16 models), never the user's; child
+    processes inherit it."""
+    path = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("RETRODB_CACHE_DIR")
+    os.environ["RETRODB_CACHE_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("RETRODB_CACHE_DIR", None)
+    else:
+        os.environ["RETRODB_CACHE_DIR"] = old
+
+
 @pytest.fixture
 def torch_one_thread():
     """One torch thread for tiny models: they gain nothing from threads, and on a busy

@@ -55,6 +55,7 @@ def world(tmp_path_factory, tiny_encoder_dir: Path, minilm_encoder_dir: Path) ->
     (files / "dup.jsonl").write_text("\n".join(json.dumps(d) for d in dup) + "\n")
     (files / "again.jsonl").write_text(json.dumps({"id": "files.txt", "text": "x y z"}) + "\n")
     (files / "a_file").write_text("not a database")
+    (files / "a_binary").write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)))
     Tokenizer.train(["other text entirely"], config=TokenizerConfig(vocab_size=300)).save(
         files / "other.model"
     )
@@ -98,13 +99,13 @@ CASES = [
         "empty-document",
         _add("empty.txt"),
         BadInputError,
-        r"no documents .*1 empty documents skipped",
+        r"no documents .*\(skipped 1 file: 1 empty \(.*empty.txt\)\)",
     ),
     Case(
         "whitespace-only",
         _add("blank.txt", "empty.txt"),
         BadInputError,
-        r"2 empty documents skipped",
+        r"skipped 2 files: 2 empty",
     ),
     Case("binary-file", _add("good.txt", "image.txt"), BadInputError, r"image.txt: binary data"),
     Case("nul-in-jsonl", _add("nul.jsonl"), BadInputError, r"nul.jsonl:1: NUL character"),
@@ -127,7 +128,7 @@ CASES = [
     ),
     Case("missing-path", _add("missing.txt"), NotFoundError, r"missing.txt: no such file"),
     Case("no-inputs", lambda db, w: db.add([]), BadInputError, r"no input given"),
-    Case("unsupported-file", _add("a_file"), BadInputError, r"a_file: unsupported input"),
+    Case("binary-by-name", _add("a_binary"), BadInputError, r"a_binary: binary data"),
     Case(
         "database-is-a-file",
         lambda db, w: RetroDB.open(w["in"] / "a_file"),
@@ -226,6 +227,10 @@ def test_empty_documents_are_skipped_with_a_count(world: dict[str, Path], tmp_pa
         [world["in"] / n for n in ("good.txt", "empty.txt", "blank.txt")]
     )
     assert res.documents == 1 and res.skipped_empty == 2
+    assert [(s.name, s.reason) for s in res.skipped] == [
+        (str(world["in"] / "empty.txt"), "empty"),
+        (str(world["in"] / "blank.txt"), "empty"),
+    ]
 
 
 def test_invalid_utf8_replaced_on_request(world: dict[str, Path], tmp_path: Path) -> None:
@@ -323,3 +328,45 @@ def test_cli_refuses_with_one_line(
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], res.stderr
     assert "Traceback" not in res.output
     assert _state(world["db"]) == before
+
+
+# ---------------------------------------------------------------- long lines (issue 10, item 4)
+
+
+def _one_line(chars: int, seed: int) -> str:
+    """``chars`` characters of words and spaces, with no newline (a minified log line)."""
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyzé"))
+    words = []
+    total = 0
+    while total < chars:
+        word = "".join(rng.choice(letters, int(rng.integers(1, 10))))
+        words.append(word)
+        total += len(word) + 1
+    return " ".join(words)[:chars].rstrip()
+
+
+@pytest.mark.parametrize("kind", ["text-365k", "jsonl-70k"])
+def test_a_corpus_of_one_very_long_line_builds_and_round_trips(
+    tmp_path: Path, tiny_encoder_dir: Path, kind: str
+) -> None:
+    """The SentencePiece trainer drops sentences over max_sentence_length; a corpus that is
+    one such line used to stop `build` with `[!sentences_.empty()]`."""
+    if kind == "text-365k":
+        text = _one_line(365_000, seed=1)
+        src = tmp_path / "one-line.txt"
+        src.write_text(text, encoding="utf-8")
+    else:
+        text = _one_line(70_000, seed=2)
+        src = tmp_path / "one-record.jsonl"
+        src.write_text(json.dumps({"id": "long", "text": text}), encoding="utf-8")  # no newline
+    assert "\n" not in text and len(text.encode()) > (1 << 16)
+    config = DBConfig(chunk=ChunkConfig(chunk_size=64), tokenizer=TokenizerConfig(vocab_size=400))
+    db = RetroDB.build(tmp_path / "db", [src], config=config, encoder=tiny_encoder_dir)
+    assert db.manifest.tokenizer["trainer"]["sentences"] > 1  # the line was cut for the trainer
+    assert db.tokenizer is not None
+    seg = db.segments[0]
+    toks, lens = db.chunks(seg.row_keys(np.arange(seg.meta.chunks)))
+    ids = [int(t) for row, n in zip(toks, lens, strict=True) for t in row[:n]]
+    assert db.tokenizer.decode(ids) == text
+    assert db.info()["documents"] == 1

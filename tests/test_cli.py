@@ -132,3 +132,117 @@ def test_errors_are_one_clear_line(tmp_path: Path, built: Path, corpus_dir: Path
     assert "b.txt" in run("add", built, bad, code=1).stderr
     run("add", built, bad, "--errors", "replace", "--quiet")
     assert json.loads(run("info", built, "--json").output)["documents"] == 6
+
+
+def test_skipped_inputs_are_named_with_the_reason(tmp_path: Path, tiny_encoder_dir: Path) -> None:
+    """A folder with LICENSE, code.py, readme.text, doc.md and notes.TXT used to build as
+    "2 documents" without a word about the other three."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("LICENSE", "code.py", "readme.text", "doc.md", "notes.TXT"):
+        (src / name).write_text(f"The file {name} talks about opening files and sorting lists.")
+    db = tmp_path / "db"
+    res = run("build", db, src, "--vocab-size", "300", "--encoder", tiny_encoder_dir, "-q")
+    assert res.stdout == ""  # --quiet: no summary, but what was skipped is still said
+    assert "skipped 3 files: 3 with an unsupported extension (LICENSE, code.py, readme.text)" in (
+        res.stderr.replace("\n", " ")
+    )
+    assert "give a file by name" in res.stderr
+    assert json.loads(run("info", db, "--json").output)["documents"] == 2
+
+    records = [{"id": "r1", "text": "one record"}, {"id": "r2", "text": ""}]
+    (tmp_path / "r.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    res = run("add", db, tmp_path / "r.jsonl", src / "LICENSE")  # by name: read
+    assert res.stdout.startswith("added 2 documents, ")
+    assert f"skipped 1 JSONL record: 1 empty ({tmp_path / 'r.jsonl'}:2)" in res.stderr.replace(
+        "\n", ""
+    )
+
+
+def test_quiet_means_the_same_everywhere_and_counts_agree_in_number(
+    built: Path, more_dir: Path, tmp_path: Path
+) -> None:
+    """--quiet: no progress bars and no summary line in every command that has it; the
+    summary lines say "1 document", not "1 documents"."""
+    res = run("add", built, more_dir)
+    assert res.stdout.startswith("added 1 document, ") and "1 documents" not in res.stdout
+    res = run("delete", built, "--doc", "asyncio.txt")
+    assert res.stdout.startswith("deleted 1 document (generation 3; 1 deleted document stored")
+    info = json.loads(run("info", built, "--json").output)
+    assert info["live_chunks"] < info["chunks"] and info["documents"] == 4
+    text = run("info", built).output
+    gone = info["chunks"] - info["live_chunks"]
+    assert f"chunks       {info['live_chunks']:,}  (and {gone:,} deleted chunk" in text
+    assert "(and 1 deleted document still stored)" in text
+    for args in (
+        ("verify", built, "-q"),
+        ("compact", built, "-q"),
+        ("compact", built, "-q"),  # nothing to compact
+        ("delete", built, "--doc", "files.txt", "-q"),
+        ("add", built, more_dir, "-q"),
+        ("neighbours", built, "nb", "-k", "1", "-q"),
+        (
+            "build",
+            tmp_path / "db2",
+            more_dir,
+            "--vocab-size",
+            "300",
+            "-q",
+            "--encoder",
+            built / "encoder",
+        ),
+    ):
+        res = run(*args)
+        assert res.stdout == "" and res.stderr == "", (args, res.stdout, res.stderr)
+    assert run("compact", built).stdout.startswith(
+        "compacted 2 segments into 1, dropped 1 deleted document ("
+    )
+    assert run("compact", built).stdout == (
+        "nothing to compact (generation 7: 1 segment, no deleted documents)\n"
+    )
+    assert "ok: generation 7, " in run("verify", built).stdout
+
+
+CHILD_ENV = {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+
+def _retrodb(*args: object) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "retrodb_cli.main", *map(str, args)]
+
+
+def test_a_closed_stdout_ends_quietly_with_status_0(built: Path, tmp_path: Path) -> None:
+    """`retrodb info DB | head -1` printed `error: Broken pipe` and exited 1 when head had
+    gone before retrodb wrote: the reader is gone before the first write here (the pipe's
+    read end is closed before the command starts), and after the first line of an output far
+    larger than the pipe's buffer."""
+    import os
+    import subprocess
+
+    env = {**os.environ, **CHILD_ENV}
+    r, w = os.pipe()
+    os.close(r)  # nobody will ever read: the first write fails with EPIPE
+    proc = subprocess.run(
+        _retrodb("info", built, "--json"), stdout=w, stderr=subprocess.PIPE, env=env
+    )
+    os.close(w)
+    assert proc.returncode == 0 and proc.stderr == b"", proc.stderr.decode()
+
+    queries = tmp_path / "q.txt"
+    queries.write_text("open a file and read it\nsort a list of numbers\n" * 500)
+    r, w = os.pipe()
+    proc2 = subprocess.Popen(
+        _retrodb("query", built, "--input", queries, "--json"),
+        stdout=w,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    os.close(w)
+    first = b""
+    while not first.endswith(b"\n"):  # exactly one line, then hang up (as `head -1` does)
+        first += os.read(r, 1)
+    os.close(r)
+    _, err = proc2.communicate(timeout=120)
+    assert json.loads(first)["query"] == "open a file and read it"
+    assert proc2.returncode == 0 and err == b"", err.decode()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from retrodb.corpus import scan
+from retrodb.corpus import EMPTY, NOT_A_FILE, UNSUPPORTED, describe_skipped, plural, scan
 from retrodb.errors import BadInputError, NotFoundError
 
 
@@ -68,6 +68,58 @@ def test_replace_invalid_utf8_and_missing_path(tmp_path) -> None:
     assert next(scan([p], errors="replace").iter_documents())[1] == "caf\ufffd"
     with pytest.raises(NotFoundError, match="missing"):
         scan([tmp_path / "missing"])
-    (tmp_path / "x.pdf").write_bytes(b"%PDF")
-    with pytest.raises(BadInputError, match="unsupported"):
-        scan([tmp_path / "x.pdf"])
+    (tmp_path / "x.pdf").write_bytes(b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\x00stream")
+    with pytest.raises(BadInputError, match=r"x.pdf: binary data \(NUL byte at offset 27\)"):
+        scan([tmp_path / "x.pdf"])  # given by name: read as text, refused as binary
+
+
+def test_nothing_is_skipped_without_a_reason(tmp_path) -> None:
+    """A folder's files that are not read, and empty documents, are listed with the reason
+    (they used to vanish: this folder built as "2 documents" and said nothing more)."""
+    d = tmp_path / "d"
+    d.mkdir()
+    for name, text in {
+        "LICENSE": "Permission is hereby granted",
+        "code.py": "print('hello')",
+        "readme.text": "read me",
+        "doc.md": "# A document",
+        "notes.TXT": "Notes in upper case.",
+        "empty.txt": " \n",
+    }.items():
+        (d / name).write_text(text)
+    (d / "gone.txt").symlink_to(tmp_path / "nowhere")
+    records = [{"id": "a", "text": "kept"}, {"id": "b", "text": ""}, {"text": " \t"}]
+    (tmp_path / "r.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    c = scan([d, tmp_path / "r.jsonl"])
+    assert c.ids == ["doc.md", "notes.TXT", "a"]  # extensions in any case
+    got = {(s.name, s.reason) for s in c.skipped}
+    assert got == {
+        ("LICENSE", UNSUPPORTED),
+        ("code.py", UNSUPPORTED),
+        ("readme.text", UNSUPPORTED),
+        ("empty.txt", EMPTY),
+        ("gone.txt", NOT_A_FILE),
+        (f"{tmp_path / 'r.jsonl'}:2", EMPTY),
+        (f"{tmp_path / 'r.jsonl'}:3", EMPTY),
+    }
+    assert sorted(c.skipped_empty) == ["b", "empty.txt", "r.jsonl:3"]
+    line = describe_skipped(c.skipped)
+    assert line.startswith("skipped 5 files and 2 JSONL records: ")
+    assert "3 with an unsupported extension (LICENSE, code.py, readme.text)" in line
+    assert "3 empty (empty.txt, " in line and "1 not a regular file (gone.txt)" in line
+    assert [s.to_dict()["line"] for s in c.skipped if s.line] == [2, 3]
+
+    # A file given by name is read whatever its extension.
+    c = scan([d / "LICENSE", d / "code.py", d / "readme.text"])
+    assert c.ids == ["LICENSE", "code.py", "readme.text"] and not c.skipped
+    assert dict(c.iter_documents())["code.py"] == "print('hello')"
+
+
+def test_plural() -> None:
+    assert [plural(n, "document") for n in (0, 1, 2, 26797)] == [
+        "0 documents",
+        "1 document",
+        "2 documents",
+        "26,797 documents",
+    ]
+    assert plural(3, "index", "indexes") == "3 indexes"

@@ -206,3 +206,103 @@ def test_verify_finds_damage(tiny_db: RetroDB) -> None:
     chunk.write_bytes(bytes(data))
     rep = RetroDB.open(tiny_db.path).verify()
     assert not rep["ok"] and any("tokens/c/0/0" in p for p in rep["problems"])
+
+
+# ---------------------------------------------------------------- encoder fingerprints
+
+
+def _replace_file(path: Path, data: bytes) -> None:
+    """Write ``path`` as a new file (never in place: encoder files are shared hard links)."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def test_encoder_fingerprint_has_the_sha256_prefix_and_bare_ones_still_open(
+    tiny_db: RetroDB, tiny_encoder_dir: Path, more_dir: Path
+) -> None:
+    """New databases record ``sha256:<hex>`` for the encoder, as for the tokenizer; a
+    database written before (bare hex in its manifest and encoder.json, no record of how
+    its tokenizer was trained) keeps opening, searching, verifying and accepting the same
+    encoder as a guard."""
+    import dataclasses
+
+    from retrodb.fsutil import sha256_file
+
+    fp = tiny_db.manifest.encoder["fingerprint"]
+    assert fp.startswith("sha256:") and len(fp) == 7 + 64
+    assert tiny_db.info()["encoder"]["fingerprint"] == fp == tiny_db.encoder.fingerprint
+    assert tiny_db.info()["tokenizer"]["fingerprint"].startswith("sha256:")
+
+    # Make it an old database: bare hex in encoder.json and in a new manifest.
+    bare = fp.removeprefix("sha256:")
+    meta_path = tiny_db.path / "encoder" / "encoder.json"
+    meta = json.loads(meta_path.read_text())
+    meta["fingerprint"] = bare
+    _replace_file(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
+    m = tiny_db.manifest
+    files = dict(m.encoder["files"])
+    files["encoder.json"] = {"size": meta_path.stat().st_size, "sha256": sha256_file(meta_path)}
+    assert m.tokenizer["trainer"]["options"]["num_threads"] >= 1
+    old = dataclasses.replace(
+        m,
+        generation=m.generation + 1,
+        encoder={**m.encoder, "fingerprint": bare, "files": files},
+        tokenizer={k: v for k, v in m.tokenizer.items() if k != "trainer"},  # not recorded
+    )
+    tiny_db.storage.commit(old)
+
+    db = RetroDB.open(tiny_db.path)
+    assert db.manifest.encoder["fingerprint"] == bare and db.info()["tokenizer"]["trainer"] is None
+    assert db.info()["encoder"]["fingerprint"] == fp  # shown in the one form
+    assert db.search("open a file", k=2).keys.shape == (1, 2)
+    assert db.verify().ok
+    res = db.add([more_dir], encoder=tiny_encoder_dir)  # a new-style encoder: the same one
+    assert res.documents == 1 and db.manifest.encoder["fingerprint"] == bare
+
+
+# ---------------------------------------------------------------- the shared encoder
+
+
+def test_databases_share_one_stored_encoder(
+    tmp_path: Path, corpus_dir: Path, tiny_encoder_dir: Path, monkeypatch, private_cache: Path
+) -> None:
+    """Databases built with one encoder hold its files once (hard links into the store);
+    deleting one database never breaks another, and damage to the store is caught by
+    `verify` and never passed on to a new database."""
+    import os
+    import shutil
+
+    def model(db: RetroDB) -> Path:
+        return db.path / "encoder" / "model.onnx"
+
+    a = RetroDB.build(tmp_path / "a", [corpus_dir], config=SMALL, encoder=tiny_encoder_dir)
+    b = RetroDB.build(tmp_path / "b", [corpus_dir], config=SMALL, encoder=tiny_encoder_dir)
+    size = model(a).stat().st_size
+    assert model(a).stat().st_ino == model(b).stat().st_ino and model(b).stat().st_nlink >= 3
+    store = private_cache / "store" / a.manifest.encoder["files"]["model.onnx"]["sha256"]
+    assert store.stat().st_ino == model(a).stat().st_ino
+    assert a.last_build is not None and a.last_build.encoder_shared >= size
+    assert b.info()["bytes"]["shared"] >= size
+
+    shutil.rmtree(a.path)
+    again = RetroDB.open(b.path)
+    assert again.verify().ok and again.search("open a file", k=1).keys.shape == (1, 1)
+
+    with open(store, "r+b") as f:  # damage in place: every link sees it
+        f.seek(size // 2)
+        byte = f.read(1)
+        f.seek(size // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    rep = RetroDB.open(b.path).verify()
+    assert not rep.ok and "hard link" in rep.problems[0] and "model.onnx" in rep.problems[0]
+    c = RetroDB.build(tmp_path / "c", [corpus_dir], config=SMALL, encoder=tiny_encoder_dir)
+    assert c.verify().ok  # the damaged store file was not linked; a good one replaced it
+    assert model(c).stat().st_ino != model(b).stat().st_ino == os.stat(model(b)).st_ino
+    assert store.stat().st_ino == model(c).stat().st_ino
+
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("RETRODB_CACHE_DIR", str(tmp_path / "not-a-folder"))  # no store: a copy
+    d = RetroDB.build(tmp_path / "d", [corpus_dir], config=SMALL, encoder=tiny_encoder_dir)
+    assert model(d).stat().st_nlink == 1 and d.info()["bytes"]["shared"] == 0
+    assert d.last_build is not None and d.last_build.encoder_shared == 0 and d.verify().ok

@@ -78,3 +78,43 @@ def test_no_continuation_crosses_a_document() -> None:
     doc = np.array([0, 0, 0, 1, 2, 2])
     cont = continuation_rows(doc, np.arange(6))
     assert cont.tolist() == [1, 2, -1, -1, 5, -1]
+
+
+def test_long_lines_are_cut_into_sentences_the_trainer_accepts() -> None:
+    """A line over the trainer's max_sentence_length used to be dropped from training
+    without a word (or, alone, to stop it)."""
+    from retrodb.tokenizer import MAX_SENTENCE_BYTES, SENTENCE_CHARS, training_sentences
+
+    word = "ünïcode "
+    line = word * (3 * SENTENCE_CHARS // len(word))  # longer than the trainer accepts
+    gap = "x" * (SENTENCE_CHARS + 10)  # a stretch with no space at all
+    sentences = list(training_sentences(f"short line\n\n  {line}\n{gap} tail\n"))
+    assert sentences[0] == "short line" and sentences[-1].endswith("tail")
+    assert all(0 < len(s) <= SENTENCE_CHARS for s in sentences)
+    assert all(len(s.encode()) <= MAX_SENTENCE_BYTES for s in sentences)
+    assert " ".join(sentences[1:-2]).split() == line.split()
+    assert sentences[-2:] == ["x" * SENTENCE_CHARS, "x" * 10 + " tail"]  # cut where no space is
+    tok = Tokenizer.train(["a few short words\n", line], config=TokenizerConfig(vocab_size=400))
+    assert (
+        tok.trainer is not None
+        and tok.trainer["sentences"] == len(list(training_sentences(line))) + 1
+    )
+    assert any("ünïcode" in tok.id_to_piece(i) for i in range(tok.vocab_size))  # learnt from it
+
+
+def test_training_is_deterministic_and_records_its_settings() -> None:
+    """The same corpus gives the same model, byte for byte; the settings that decide it
+    (sentencepiece version, threads, seed, sampling, options) are recorded."""
+    import sentencepiece
+
+    texts = [t * 3 for t in TEXTS]
+    one = Tokenizer.train(texts, config=TokenizerConfig(vocab_size=500))
+    two = Tokenizer.train(iter(texts), config=TokenizerConfig(vocab_size=500))
+    assert one.model_bytes == two.model_bytes
+    rec = one.trainer
+    assert rec is not None and rec == two.trainer
+    assert rec["sentencepiece"] == sentencepiece.__version__ and rec["seed"] == 0
+    assert rec["options"]["num_threads"] >= 1 and rec["options"]["vocab_size"] == 500
+    assert rec["input_sentence_size"] == TokenizerConfig().input_sentence_size
+    assert rec["sampled"] == rec["sentences"] > 0
+    assert Tokenizer(one.model_bytes).trainer is None  # a loaded model knows nothing of it

@@ -416,13 +416,14 @@ class UpdateReport:
         if self.how == "current":
             how = "already current"
         elif self.how == "refreshed":
-            how = f"refreshed from generation {i.refreshed_from}, {len(i.searched)} new segment(s)"
+            how = (
+                f"refreshed from generation {i.refreshed_from}, "
+                f"{corpus_mod.plural(len(i.searched), 'new segment')}"
+            )
         else:
             how = f"{i.rows / max(self.seconds, 1e-9):,.0f} chunks/s"
-        return (
-            f"neighbours {i.name}: {i.rows:,} chunks of {i.documents:,} documents, k={i.k}, "
-            f"generation {i.generation} ({how})"
-        )
+        rows, docs = corpus_mod.plural(i.rows, "chunk"), corpus_mod.plural(i.documents, "document")
+        return f"neighbours {i.name}: {rows} of {docs}, k={i.k}, generation {i.generation} ({how})"
 
 
 def update(

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from ..encoder import same_fingerprint
 from ..errors import (
     BadInputError,
     CorruptError,
@@ -235,7 +236,7 @@ class NeighbourSet:
         i = self.info
         if i.tokenizer_fingerprint != db.manifest.tokenizer["fingerprint"]:
             raise MismatchError(f"{self.dir}: made with another tokenizer than {db.path}'s")
-        if i.encoder_fingerprint != db.manifest.encoder["fingerprint"]:
+        if not same_fingerprint(i.encoder_fingerprint, db.manifest.encoder["fingerprint"]):
             raise MismatchError(f"{self.dir}: made with another encoder than {db.path}'s")
         if i.chunk_size != db.chunk_size:
             raise MismatchError(f"{self.dir}: chunk size {i.chunk_size}, database {db.chunk_size}")
