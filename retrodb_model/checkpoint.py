@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from retrodb.db import RetroDB
+from retrodb.encoder import same_fingerprint
 from retrodb.errors import CorruptError, MismatchError, NotFoundError
 from retrodb.fsutil import fsync_path, write_file_atomic
 from retrodb_model.config import RetroConfig
@@ -95,7 +96,8 @@ def check_db(info: dict[str, Any], db: RetroDB, *, where: str | Path = "checkpoi
             f"{where}: the model was trained with chunks of {info['chunk_size']} tokens, "
             f"{db.path} has chunks of {db.chunk_size}"
         )
-    if info.get("encoder_fingerprint") not in (None, db.manifest.encoder["fingerprint"]):
+    trained = info.get("encoder_fingerprint")
+    if trained is not None and not same_fingerprint(trained, db.manifest.encoder["fingerprint"]):
         warnings.warn(
             f"{db.path} uses another retrieval encoder than the one the model was trained "
             "with; neighbours will differ from those seen in training",
