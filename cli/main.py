@@ -28,6 +28,7 @@ from .common import (
     read_lines,
     say_device,
 )
+from .engine import Engine, EngineOpt, RayAddressOpt, WorkersOpt, make_engine
 
 app = typer.Typer(
     name="retrodb",
@@ -100,6 +101,9 @@ def build(
     errors: ErrorsOpt = OnError.strict,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
+    engine: EngineOpt = Engine.local,
+    workers: WorkersOpt = None,
+    ray_address: RayAddressOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Build a new database from INPUT... (trains the tokenizer, exports the encoder,
@@ -120,6 +124,9 @@ def build(
             progress=progress,
             threads=threads,
             device=device,
+            engine=make_engine(
+                engine, workers=workers, address=ray_address, device=device, threads=threads
+            ),
         )
     say_device(rdb, device, quiet)
     info = rdb.info()
@@ -146,20 +153,32 @@ def add(
     errors: ErrorsOpt = OnError.strict,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
+    engine: EngineOpt = Engine.local,
+    workers: WorkersOpt = None,
+    ray_address: RayAddressOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Add documents as a new segment; nothing stored is re-encoded, nothing is retrained."""
+    ray = make_engine(engine, workers=workers, address=ray_address, device=device, threads=threads)
     rdb = RetroDB.open(db, threads=threads, device=device)
     with progress_bars(quiet) as progress:
         res = rdb.add(
-            inputs, errors=errors.value, progress=progress, tokenizer=tokenizer, encoder=encoder
+            inputs,
+            errors=errors.value,
+            progress=progress,
+            tokenizer=tokenizer,
+            encoder=encoder,
+            engine=ray,
         )
     say_device(rdb, device, quiet)
     if not quiet:
         skipped = f", {res.skipped_empty} empty skipped" if res.skipped_empty else ""
+        where = (
+            f"segment {res.segment}" if len(res.segments) <= 1 else f"{len(res.segments)} segments"
+        )
         typer.echo(
             f"added {res.documents} documents, {res.chunks} chunks{skipped} "
-            f"(generation {res.generation}, segment {res.segment})"
+            f"(generation {res.generation}, {where})"
         )
 
 
