@@ -30,6 +30,7 @@ from .common import (
     say_device,
     say_skipped,
 )
+from .engine import Engine, EngineOpt, RayAddressOpt, WorkersOpt, make_engine
 
 app = typer.Typer(
     name="retrodb",
@@ -103,6 +104,9 @@ def build(
     errors: ErrorsOpt = OnError.strict,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
+    engine: EngineOpt = Engine.local,
+    workers: WorkersOpt = None,
+    ray_address: RayAddressOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Build a new database from INPUTS... (trains the tokenizer, exports the encoder,
@@ -128,6 +132,9 @@ def build(
             progress=progress,
             threads=threads,
             device=device,
+            engine=make_engine(
+                engine, workers=workers, address=ray_address, device=device, threads=threads
+            ),
         )
     say_device(rdb, device, quiet)
     res = rdb.last_build
@@ -156,20 +163,32 @@ def add(
     errors: ErrorsOpt = OnError.strict,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
+    engine: EngineOpt = Engine.local,
+    workers: WorkersOpt = None,
+    ray_address: RayAddressOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Add documents as a new segment; nothing stored is re-encoded, nothing is retrained."""
+    ray = make_engine(engine, workers=workers, address=ray_address, device=device, threads=threads)
     rdb = RetroDB.open(db, threads=threads, device=device)
     with progress_bars(quiet) as progress:
         res = rdb.add(
-            inputs, errors=errors.value, progress=progress, tokenizer=tokenizer, encoder=encoder
+            inputs,
+            errors=errors.value,
+            progress=progress,
+            tokenizer=tokenizer,
+            encoder=encoder,
+            engine=ray,
         )
     say_device(rdb, device, quiet)
     say_skipped(res.skipped)
     if not quiet:
+        where = (
+            f"segment {res.segment}" if len(res.segments) <= 1 else f"{len(res.segments)} segments"
+        )
         typer.echo(
             f"added {plural(res.documents, 'document')}, {plural(res.chunks, 'chunk')}, "
-            f"{plural(res.tokens, 'token')} (generation {res.generation}, segment {res.segment})"
+            f"{plural(res.tokens, 'token')} (generation {res.generation}, {where})"
         )
 
 

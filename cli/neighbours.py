@@ -22,6 +22,7 @@ from .common import (
     progress_bars,
     say_device,
 )
+from .engine import Engine, EngineOpt, RayAddressOpt, WorkersOpt, make_engine
 
 
 def neighbours(
@@ -79,11 +80,15 @@ def neighbours(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
+    engine: EngineOpt = Engine.local,
+    workers: WorkersOpt = None,
+    ray_address: RayAddressOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Precompute the k nearest chunks of every training chunk, never from its own document.
 
     A set belongs to one generation; after `retrodb add`, update it with --refresh."""
+    ray = make_engine(engine, workers=workers, address=ray_address, device=device, threads=threads)
     rdb = RetroDB.open(db, threads=threads, device=device)
     if list_:
         _list(rdb, as_json)
@@ -103,6 +108,7 @@ def neighbours(
             self_share=self_share,
             batch_size=batch_size,
             progress=progress,
+            engine=ray,
         )
     say_device(rdb, device, quiet or as_json)
     if as_json:

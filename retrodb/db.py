@@ -29,7 +29,7 @@ from .segment import Segment
 from .storage import ENCODER_DIR, TOKENIZER_FILE, Manifest, Storage
 from .tokenizer import Tokenizer, fingerprint
 from .verify import VerifyReport, verify
-from .writer import AddResult, BuildResult, CompactResult, DeleteResult
+from .writer import AddResult, BuildResult, CompactResult, DeleteResult, SegmentEngine
 
 if TYPE_CHECKING:
     from .encoder import Encoder
@@ -252,14 +252,17 @@ class RetroDB:
         progress: ProgressFn = no_progress,
         threads: int | None = None,
         device: str = "cpu",
+        engine: SegmentEngine | None = None,
     ) -> RetroDB:
         """Build a new database at ``path`` from ``inputs``.
 
         ``tokenizer``: an existing SentencePiece model file (else one is trained on the
         inputs). ``encoder``: a local Hugging Face BERT checkpoint, an encoder directory or
-        an exported ``.onnx`` (else the bundled all-MiniLM-L6-v2). A failed build leaves
-        nothing behind. What was built, and which inputs were skipped and why, is in
-        :attr:`last_build` of the returned database."""
+        an exported ``.onnx`` (else the bundled all-MiniLM-L6-v2). ``engine``: where the
+        segments are written (e.g. ``retrodb.ray_engine.RayEngine(workers=4)``; default:
+        one segment, in this process). A failed build leaves nothing behind. What was
+        built, and which inputs were skipped and why, is in :attr:`last_build` of the
+        returned database."""
         path = Path(path)
         enc, result = writer.build(
             path,
@@ -272,9 +275,11 @@ class RetroDB:
             progress=progress,
             threads=threads,
             device=device,
+            engine=engine,
         )
         db = cls(path, threads=threads, device=device)
-        db._encoder = enc  # the same files, checked at build: no second load
+        if engine is None:
+            db._encoder = enc  # the same files, checked at build: no second load
         db.last_build = result
         return db
 
@@ -287,12 +292,14 @@ class RetroDB:
         progress: ProgressFn = no_progress,
         tokenizer: str | Path | None = None,
         encoder: str | Path | None = None,
+        engine: SegmentEngine | None = None,
     ) -> AddResult:
         """Add documents as a new segment and commit a new generation.
 
         Nothing stored is re-encoded and no model is retrained. ``tokenizer``/``encoder``,
         when given, must be the ones the database was built with (a guard for scripts).
-        Every input is validated before anything is written."""
+        Every input is validated before anything is written. ``engine``: as for
+        :meth:`build` (it may write several segments, committed together)."""
         return writer.add(
             self,
             inputs,
@@ -301,6 +308,7 @@ class RetroDB:
             progress=progress,
             tokenizer=tokenizer,
             encoder=encoder,
+            engine=engine,
         )
 
     def delete(self, doc_ids: Sequence[str]) -> DeleteResult:

@@ -56,3 +56,8 @@ class StaleError(RetroDBError, ValueError):
 class DeviceUnavailableError(RetroDBError, RuntimeError):
     """The device asked for (a GPU) cannot be used here; the message says what is missing
     and how to install it."""
+
+
+class EngineError(RetroDBError, RuntimeError):
+    """A distributed engine (Ray) is missing, cannot start or connect, or lost work it could
+    not retry; nothing was committed."""

@@ -18,7 +18,7 @@ import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from . import corpus as corpus_mod
 from .config import FORMAT_VERSION, DBConfig
@@ -69,9 +69,12 @@ class AddResult:
     skipped_empty: int
     """How many of :attr:`skipped` are empty documents."""
     segment: str
+    """The new segment (the first of them, when an engine wrote several)."""
     skipped: tuple[Skipped, ...] = ()
     """Inputs that hold no document, with the reason (files of a folder that are not read,
     empty documents)."""
+    segments: tuple[str, ...] = ()
+    """Every new segment, in key order."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +120,68 @@ def next_manifest(
         features=tuple(sorted(features)),
         format_version=FORMAT_VERSION,
     )
+
+
+# ---------------------------------------------------------------- engines
+
+
+class SegmentEngine(Protocol):
+    """Writes the new segments of a build or an add somewhere other than this process (see
+    :class:`retrodb.ray_engine.RayEngine`). Without one, build and add write one segment
+    here (:func:`~retrodb.ingest.write_corpus_segment`)."""
+
+    def write_segments(
+        self,
+        storage: Storage,
+        corpus: corpus_mod.Corpus,
+        tokenizer: Tokenizer,
+        config: DBConfig,
+        *,
+        first_key: int,
+        generation: int,
+        progress: ProgressFn,
+    ) -> tuple[SegmentMeta, ...]:
+        """Sealed, uncommitted segments of ``storage`` holding ``corpus``'s documents in
+        input order, with contiguous keys from ``first_key`` in that order. The tokenizer
+        and the encoder are the files of ``storage``."""
+        ...
+
+
+def _engine_segments(
+    engine: SegmentEngine,
+    storage: Storage,
+    corpus: corpus_mod.Corpus,
+    tokenizer: Tokenizer,
+    config: DBConfig,
+    *,
+    first_key: int,
+    generation: int,
+    progress: ProgressFn,
+) -> tuple[SegmentMeta, ...]:
+    """``engine.write_segments``, refusing segments that do not hold the corpus's documents
+    with contiguous keys from ``first_key`` (nothing is committed then)."""
+    metas = engine.write_segments(
+        storage,
+        corpus,
+        tokenizer,
+        config,
+        first_key=first_key,
+        generation=generation,
+        progress=progress,
+    )
+    at = first_key
+    for meta in metas:
+        if meta.first_key != at or meta.explicit_keys:
+            raise RetroDBError(
+                f"{storage.segment_dir(meta.name)}: first key {meta.first_key}, expected {at}"
+            )
+        at += meta.chunks
+    if sum(m.documents for m in metas) != len(corpus):
+        raise RetroDBError(
+            f"{storage.root}: the new segments hold {sum(m.documents for m in metas)} "
+            f"documents, expected {len(corpus)}"
+        )
+    return tuple(metas)
 
 
 # ---------------------------------------------------------------- transactions
@@ -190,12 +255,14 @@ def build(
     progress: ProgressFn,
     threads: int | None,
     device: str = "cpu",
+    engine: SegmentEngine | None = None,
 ) -> tuple[Encoder, BuildResult]:
     """Build a new database at ``path``: everything is written to a temporary directory
     beside it and renamed into place at the end, so a failed build leaves nothing behind.
     The encoder's files are hard links into the shared store where the filesystem allows
-    (:func:`~retrodb.encoder.share_encoder`). Returns the encoder it used (already loaded)
-    and what was built."""
+    (:func:`~retrodb.encoder.share_encoder`). Returns the encoder it used (already loaded;
+    with an ``engine``, a CPU session opened only to read the encoder's fingerprint and
+    dimension) and what was built."""
     from .encoder import parse_device, prepare_encoder, share_encoder
 
     check_not_in_use(path)
@@ -219,7 +286,10 @@ def build(
         prepare_encoder(encoder, tmp / ENCODER_DIR, config=config.encoder, progress=progress)
         encoder_files = file_table(tmp / ENCODER_DIR)
         shared = share_encoder(tmp / ENCODER_DIR, encoder_files)
-        enc = open_encoder(tmp / ENCODER_DIR, config.encoder, threads=threads, device=device)
+        if engine is None:
+            enc = open_encoder(tmp / ENCODER_DIR, config.encoder, threads=threads, device=device)
+        else:  # the engine's workers encode; the driver reads the fingerprint and dimension
+            enc = open_encoder(tmp / ENCODER_DIR, config.encoder, threads=1, device="cpu")
         first = Manifest(
             generation=0,
             config=config.to_dict(),
@@ -243,12 +313,20 @@ def build(
             next_key=0,
             format_version=FORMAT_VERSION,
         )
-        meta = write_corpus_segment(
-            store, corpus, tok, enc, config, first_key=0, generation=1, progress=progress
-        )
+        if engine is None:
+            metas: tuple[SegmentMeta, ...] = (
+                write_corpus_segment(
+                    store, corpus, tok, enc, config, first_key=0, generation=1, progress=progress
+                ),
+            )
+        else:
+            metas = _engine_segments(
+                engine, store, corpus, tok, config, first_key=0, generation=1, progress=progress
+            )
         fsync_tree(tmp)
-        manifest = next_manifest(first, segments=(meta,), next_key=meta.chunks)
+        manifest = next_manifest(first, segments=metas, next_key=sum(m.chunks for m in metas))
         store.commit(manifest)
+        store.remove_leftovers(manifest)  # what failed (and retried) engine workers left
         if path.exists():  # an empty directory the user made
             path.rmdir()
         os.rename(tmp, path)
@@ -260,9 +338,9 @@ def build(
         corpus.cleanup()
     return enc, BuildResult(
         generation=manifest.generation,
-        documents=meta.documents,
-        chunks=meta.chunks,
-        tokens=meta.tokens,
+        documents=sum(s.documents for s in metas),
+        chunks=sum(s.chunks for s in metas),
+        tokens=sum(s.tokens for s in metas),
         vocab_size=tok.vocab_size,
         skipped=tuple(corpus.skipped),
         encoder_shared=shared,
@@ -292,8 +370,10 @@ def add(
     progress: ProgressFn = no_progress,
     tokenizer: str | Path | None = None,
     encoder: str | Path | None = None,
+    engine: SegmentEngine | None = None,
 ) -> AddResult:
-    """Add documents as one new segment and commit a new generation (see RetroDB.add)."""
+    """Add documents as one new segment (or, with an ``engine``, as the segments it writes)
+    and commit a new generation (see RetroDB.add)."""
     with _locked(db) as m:
         assert db.tokenizer is not None
         if (
@@ -308,34 +388,51 @@ def add(
         corpus = corpus_mod.scan(inputs, errors=errors, stdin=stdin)
         try:
             _refuse_duplicates(db, corpus.ids)
-            enc = db.encoder
+            enc = db.encoder if engine is None else None
             db.storage.remove_leftovers(m)
             gen = m.generation + 1
             with _writing(db.storage, gen):
-                meta = write_corpus_segment(
-                    db.storage,
-                    corpus,
-                    db.tokenizer,
-                    enc,
-                    db.config,
-                    first_key=m.next_key,
-                    generation=gen,
-                    progress=progress,
-                )
+                if enc is not None:
+                    metas: tuple[SegmentMeta, ...] = (
+                        write_corpus_segment(
+                            db.storage,
+                            corpus,
+                            db.tokenizer,
+                            enc,
+                            db.config,
+                            first_key=m.next_key,
+                            generation=gen,
+                            progress=progress,
+                        ),
+                    )
+                else:
+                    assert engine is not None
+                    metas = _engine_segments(
+                        engine,
+                        db.storage,
+                        corpus,
+                        db.tokenizer,
+                        db.config,
+                        first_key=m.next_key,
+                        generation=gen,
+                        progress=progress,
+                    )
+                chunks = sum(s.chunks for s in metas)
                 manifest = next_manifest(
-                    m, segments=(*m.segments, meta), next_key=m.next_key + meta.chunks
+                    m, segments=(*m.segments, *metas), next_key=m.next_key + chunks
                 )
                 _commit(db, manifest)
         finally:
             corpus.cleanup()
         return AddResult(
             generation=manifest.generation,
-            documents=meta.documents,
-            chunks=meta.chunks,
-            tokens=meta.tokens,
+            documents=sum(s.documents for s in metas),
+            chunks=chunks,
+            tokens=sum(s.tokens for s in metas),
             skipped_empty=len(corpus.skipped_empty),
-            segment=meta.name,
+            segment=metas[0].name,
             skipped=tuple(corpus.skipped),
+            segments=tuple(s.name for s in metas),
         )
 
 
@@ -426,6 +523,7 @@ __all__ = [
     "BuildResult",
     "CompactResult",
     "DeleteResult",
+    "SegmentEngine",
     "add",
     "build",
     "compact",

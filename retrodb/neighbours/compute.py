@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Literal
+from typing import TYPE_CHECKING, BinaryIO, Literal, Protocol
 
 import numpy as np
 
@@ -127,6 +127,26 @@ class Rows:
             lengths=lengths.astype(np.int32),
             vectors=vectors.astype(np.float16),
         )
+
+
+class SearchEngine(Protocol):
+    """Computes the top k of every row of a set somewhere other than this process (see
+    :class:`retrodb.ray_engine.RayEngine`), with the same :class:`Searcher` and batches."""
+
+    def neighbours(
+        self,
+        db: RetroDB,
+        rows: Rows,
+        *,
+        exclude: Sequence[str],
+        k: int,
+        exact: bool,
+        self_share: float,
+        batch_size: int,
+        progress: ProgressFn,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``Searcher(db, rows, ...).run`` over every row and segment: keys, distances."""
+        ...
 
 
 def _span(meta: SegmentMeta) -> int:
@@ -271,6 +291,7 @@ def compute(
     errors: corpus_mod.Errors = "strict",
     stdin: BinaryIO | None = None,
     progress: ProgressFn = no_progress,
+    engine: SearchEngine | None = None,
 ) -> NeighbourSet:
     """Compute set ``name`` for ``db``'s generation (replacing any earlier version).
 
@@ -279,7 +300,8 @@ def compute(
     whose stored index vectors are reused (nothing is re-encoded). ``exclude_docs``:
     document ids never returned as neighbours. ``exact``: brute-force search.
     ``self_share``: the share of documents (stable hash of the id) whose chunks may
-    retrieve their own document; 0 is the paper's rule for every document."""
+    retrieve their own document; 0 is the paper's rule for every document. ``engine``:
+    search elsewhere (e.g. ``RayEngine``); the set is committed here."""
     check_name(name)
     k = check_k(k)
     if batch_size <= 0:
@@ -293,10 +315,22 @@ def compute(
             rows = Rows.of_database(db)
         if rows.n == 0:
             raise BadInputError("no chunks to compute neighbours for (all documents deleted)")
-        search = Searcher(db, rows, exclude=exclude, k=k, exact=exact, self_share=self_share)
-        keys, dist = search.run(
-            np.arange(rows.n), list(range(len(db.segments))), batch_size, progress
-        )
+        if engine is None:
+            search = Searcher(db, rows, exclude=exclude, k=k, exact=exact, self_share=self_share)
+            keys, dist = search.run(
+                np.arange(rows.n), list(range(len(db.segments))), batch_size, progress
+            )
+        else:
+            keys, dist = engine.neighbours(
+                db,
+                rows,
+                exclude=exclude,
+                k=k,
+                exact=exact,
+                self_share=self_share,
+                batch_size=batch_size,
+                progress=progress,
+            )
         info = _info(
             db,
             name,
@@ -438,12 +472,19 @@ def update(
     self_share: float | None = None,
     batch_size: int = DEFAULT_BATCH,
     progress: ProgressFn = no_progress,
+    engine: SearchEngine | None = None,
 ) -> UpdateReport:
     """What `retrodb neighbours DB NAME` does: compute the set, or with ``refresh_only``
     bring an existing one up to date (its inputs, exclusions, k, search mode and self
-    share are kept; asking to change them is refused)."""
+    share are kept; asking to change them is refused). ``engine``: compute elsewhere (a
+    refresh always runs here)."""
     t0 = time.perf_counter()
     if refresh_only:
+        if engine is not None:
+            raise BadInputError(
+                "--refresh runs in this process (it searches only the new segments); "
+                "drop --engine to refresh"
+            )
         if inputs or exclude_docs or exact or self_share is not None:
             raise BadInputError(
                 "--refresh keeps the set's inputs, exclusions, search mode and self share; "
@@ -468,6 +509,7 @@ def update(
             self_share=self_share or 0.0,
             batch_size=batch_size,
             progress=progress,
+            engine=engine,
         )
         how = "computed"
     known = db.keymap.doc_index()
@@ -482,6 +524,8 @@ def update(
 __all__ = [
     "DEFAULT_BATCH",
     "Rows",
+    "SearchEngine",
+    "Searcher",
     "UpdateReport",
     "compute",
     "refresh",
