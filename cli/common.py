@@ -96,7 +96,7 @@ DeviceOpt = Annotated[
         "--device",
         help="Where the encoder runs: cpu, cuda, cuda:N or auto (cuda when a GPU and ONNX "
         "Runtime's CUDA provider are present, else cpu). The GPU build: pip install "
-        "'retrodb[gpu]' (docs/scale.md).",
+        "'retrodb\\[gpu]' (docs/scale.md).",
     ),
 ]
 
