@@ -9,7 +9,10 @@ and neighbours. Prints tokens/s with and without retrieval and the time per step
 
 Steps are timed one by one; the best step and the median are both printed, because on a
 shared machine other processes inflate some steps (the best step is the one to compare
-between code versions, the median what a training run would see under the same load).
+between code versions, the median what a training run would see under the same load),
+and so is the median step's CPU time (all threads), which load inflates least; at one
+thread it is what an idle core would take. To compare code versions or RETRO-pytorch,
+use bench_vs_public.py, which times them in turns in one process.
 
 `--dtype bf16` runs forward and loss under CPU autocast (weights and optimizer stay fp32);
 it pays off only on CPUs with bf16 matrix units (AMX / AVX512-BF16).
@@ -41,8 +44,9 @@ def bench(
     warmup: int,
     dtype: str,
     seed: int = 0,
-) -> list[float]:
-    """Seconds of each of `steps` timed steps (after `warmup` untimed ones)."""
+) -> list[tuple[float, float]]:
+    """(wall-clock, CPU) seconds of each of `steps` timed steps (after `warmup` untimed
+    ones); CPU is the process's CPU time, all threads."""
     cfg = model.cfg
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len), generator=g)
@@ -73,9 +77,9 @@ def bench(
         step()
     times = []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
-        times.append(time.perf_counter() - t0)
+        times.append((time.perf_counter() - t0, time.process_time() - c0))
     return times
 
 
@@ -127,11 +131,14 @@ def main() -> None:
     n_tokens = args.batch * args.seq_len
     for retrieval in (False, True):
         times = run(retrieval=retrieval)
-        best, median = min(times), statistics.median(times)
+        wall = [w for w, _ in times]
+        best, median = min(wall), statistics.median(wall)
+        cpu = statistics.median(c for _, c in times)
         label = "with retrieval   " if retrieval else "without retrieval"
         print(
             f"{label}: best {n_tokens / best:7.1f} tokens/s ({best:6.3f} s/step), "
-            f"median {n_tokens / median:7.1f} tokens/s ({median:6.3f} s/step)"
+            f"median {n_tokens / median:7.1f} tokens/s ({median:6.3f} s/step), "
+            f"{n_tokens / cpu:7.1f} tokens per CPU second"
         )
     print(f"load average after the run: {os.getloadavg()[0]:.2f} (2 = both cores busy)")
 

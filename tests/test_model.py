@@ -520,3 +520,106 @@ def test_retrofit_loads_a_decoder_saved_without_the_position_bias(tmp_path) -> N
     load_weights(new, tmp_path, decoder_only=True)
     assert torch.equal(new.wte.weight, old.wte.weight)
     assert new.layers[1].cca.position_bias is not None  # kept its initial prior
+
+
+# ---- the fast paths of training equal a straightforward computation ---------------------
+
+
+def straightforward_forward(model: RetroModel, tokens, retrieved, mask, targets):  # type: ignore[no-untyped-def]
+    """Logits and loss of `model` through its plain modules (see use_straightforward_ops)."""
+    logits = model.lm_head(model._decode(tokens, retrieved, mask, cache=None))
+    loss = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-100)
+    return logits, loss
+
+
+def use_straightforward_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attention as softmax(q k^T / sqrt(hd) + bias) v, RMSNorm and SwiGLU written out,
+    all differentiated by autograd: what the fused kernels and hand-written backward
+    passes of the model must equal."""
+    import retrodb_model.model as mm
+
+    def attend(q, k, v, *, mask=None, causal=False, dropout=0.0):  # type: ignore[no-untyped-def]
+        assert dropout == 0.0
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (..., H, L, S)
+        if causal:
+            L, S = scores.shape[-2:]
+            scores = scores.masked_fill(~torch.ones(L, S, dtype=torch.bool).tril(), -math.inf)
+        if mask is not None and mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, -math.inf)
+        elif mask is not None:
+            scores = scores + mask  # the CCA position bias (-inf at padding)
+        return scores.softmax(dim=-1) @ v
+
+    def rms_norm(self, x):  # type: ignore[no-untyped-def]
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+    def feed_forward(self, x):  # type: ignore[no-untyped-def]
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+    monkeypatch.setattr(mm, "attend", attend)
+    monkeypatch.setattr(mm.RMSNorm, "forward", rms_norm)
+    monkeypatch.setattr(mm.FeedForward, "forward", feed_forward)
+
+
+@pytest.mark.parametrize(("bias", "bf16"), [(True, False), (False, False), (True, True)])
+def test_training_step_equals_straightforward_computation(
+    bias: bool, bf16: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loss, logits and every gradient of the optimised training forward (fused head
+    and loss, RMSNorm and SwiGLU backward passes, fused attention with the CCA bias) equal
+    those of the plain computation, with padded neighbours, ignored targets and a second
+    loss term on the logits; under bf16 autocast within bf16's precision."""
+    import retrodb_model.model as mm
+
+    monkeypatch.setattr(mm._HeadCrossEntropy, "ROWS_ELEMENTS", 5 * V)  # chunks of 5 rows
+    model = tiny_model(cca_position_bias=bias).train()
+    tokens, retrieved = batch(21, 2, 23)
+    retrieved[0, 1, 1] = -1  # a missing neighbour
+    retrieved[1, 0, 0, M:] = -1  # a neighbour without continuation
+    targets = tokens.roll(-1, dims=1)
+    targets[:, -1] = -100
+    targets[0, :3] = -100
+
+    def grads(forward, on_logits: float) -> tuple[torch.Tensor, ...]:  # type: ignore[no-untyped-def]
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits, loss = forward(model, tokens, retrieved, None, targets)
+        (loss + on_logits * logits.square().mean() if on_logits else loss).backward()
+        named = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return logits.detach(), loss.detach(), named  # type: ignore[return-value]
+
+    def optimised(model, tokens, retrieved, mask, targets):  # type: ignore[no-untyped-def]
+        return model(tokens, retrieved, mask, targets)
+
+    fast = [grads(optimised, w) for w in (0.0, 0.1)]  # the loss alone; and with the logits
+    with torch.no_grad():
+        eval_logits, eval_loss = model(tokens, retrieved, targets=targets)
+    use_straightforward_ops(monkeypatch)
+    ref = [grads(straightforward_forward, w) for w in (0.0, 0.1)]
+
+    def close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+        if bf16:  # bf16 rounds relative to a tensor's scale
+            scale = float(expected.abs().max())
+            actual, expected, tol = actual / scale, expected / scale, dict(rtol=0, atol=0.05)
+        else:
+            tol = dict(rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(actual, expected, **tol, msg=lambda m: f"{what}: {m}")
+
+    for (logits, loss, named), (ref_logits, ref_loss, ref_named) in zip(fast, ref, strict=True):
+        close(loss, ref_loss, "loss")
+        close(logits, ref_logits, "logits")
+        assert named.keys() == ref_named.keys()
+        assert any(".cca.position_bias" in n for n in named) == bias
+        for name, grad in ref_named.items():
+            close(named[name], grad, name)
+    if not bf16:  # the no-grad paths (fused attention with the bias as a 4-D mask)
+        close(eval_loss, ref[0][1], "loss without grad")
+        close(eval_logits, ref[0][0], "logits without grad")
+
+
+def test_fused_loss_matches_cross_entropy_when_every_target_is_ignored() -> None:
+    model = tiny_model().train()
+    tokens, retrieved = batch(22, 1, 8)
+    _, loss = model(tokens, retrieved, targets=torch.full_like(tokens, -100))
+    assert loss is not None and torch.isnan(loss)  # as F.cross_entropy's mean of nothing
