@@ -135,9 +135,14 @@ def test_check_matches_one_search_per_key_and_a_healthy_index_has_none(tmp_path)
     assert found.dtype == np.int64 and (np.diff(found) > 0).all()
     assert set(found.tolist()) == _own_search_misses(builder.index, stored)
     assert found.size > 0
-    healthy = _segment(tmp_path, "h", 0, _vectors(300))
+    # Default links, spread-out vectors, one adding thread (concurrent adds are not
+    # deterministic): the graph reaches every key and saving writes no side list.
+    healthy = IndexBuilder(16, CFG)
+    healthy.index.add(np.arange(300, dtype=np.uint64), _vectors(300), threads=1)
     assert unreachable_keys(healthy.index).size == 0
-    assert healthy.unreachable().size == 0 and healthy.side is None
+    healthy.save(tmp_path / "h.usearch")
+    opened = _open(tmp_path / "h.usearch", 300, 16, CFG)
+    assert opened.unreachable().size == 0 and opened.side is None
 
 
 def test_repair_on_save_makes_every_key_reachable(tmp_path) -> None:
