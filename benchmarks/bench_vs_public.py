@@ -6,7 +6,9 @@ both, feed-forward 4x), a 32k vocabulary, chunks of 64, k = 2 neighbours of 128 
 sequences of 512 tokens, batch 4, random tokens and neighbours. One step is forward,
 loss, backward and an AdamW step (the same fused torch AdamW for both, weight decay on
 matrices only). Ours runs with the CCA position bias on and off
-(RetroConfig.cca_position_bias); the versions are timed in turns, round after round, at
+(RetroConfig.cca_position_bias), and with and without the retrieval levers of the
+recipe (RMSNorm encoder input, CCA null key and overlap gate; `--levers`); the versions
+are timed in turns, round after round, at
 each thread count, so that the load of a shared machine falls on all of them alike.
 
     .venv/bin/python benchmarks/bench_vs_public.py [--threads 1 2] [--rounds 3] [--steps 2]
@@ -265,6 +267,13 @@ def main() -> None:
     )
     parser.add_argument("--bias", choices=("on", "off", "both"), default="both")
     parser.add_argument(
+        "--levers",
+        choices=("on", "off", "both"),
+        default="both",
+        help="ours with the retrieval levers (RMSNorm encoder input, CCA null key and overlap "
+        "gate: the defaults), without them (raw input, no null key, no gate), or both",
+    )
+    parser.add_argument(
         "--baseline", metavar="MODEL_PY", help="also time RetroModel from this model.py"
     )
     parser.add_argument("--baseline-bias", choices=("on", "off", "both"), default="on")
@@ -286,6 +295,12 @@ def main() -> None:
             torch.manual_seed(0)
             model = cls(cfg.replace(cca_position_bias=bias))
             versions.append(Version(f"{label}, bias {'on' if bias else 'off'}", model, False))
+    if args.levers != "on":  # ours, bias on, without the levers
+        torch.manual_seed(0)
+        bare = cfg.replace(enc_input="raw", cca_null=False, cca_overlap_gate="none")
+        versions.append(Version("ours, no levers", RetroModel(bare), False))
+        if args.levers == "off":
+            versions = [v for v in versions if not v.name.startswith("ours, bias")]
     if args.public != "none":
         public_mod, why = load_public(args.public_path)
         if public_mod is None:
@@ -313,10 +328,10 @@ def main() -> None:
     print("parameters (M):")
     for v in versions:
         parts = param_parts(v.model, public=v.public)
-        print(f"  {v.name:16s} " + ", ".join(f"{p} {c / 1e6:.2f}" for p, c in parts.items()))
+        print(f"  {v.name:18s} " + ", ".join(f"{p} {c / 1e6:.2f}" for p, c in parts.items()))
     print(f"initial loss (log V = {math.log(cfg.vocab_size):.3f}):")
     for v in versions:
-        print(f"  {v.name:16s} {initial_loss(v, data):.3f}")
+        print(f"  {v.name:18s} {initial_loss(v, data):.3f}")
 
     steps = {
         v.name: public_step(v.model, data, args.dtype)
@@ -351,7 +366,7 @@ def main() -> None:
             f"1-min load average {load0:.2f} before, {load1:.2f} after"
         )
         header = "".join(f"  vs {ref:>21s}" for ref in refs)
-        print(f"  {'version':16s} {'best':>7s} {'median':>7s} {'CPU':>7s}{header}")
+        print(f"  {'version':18s} {'best':>7s} {'median':>7s} {'CPU':>7s}{header}")
         for name in steps:
             tw, tc = wall[name], cpu[name]
             ratios = ""
@@ -361,7 +376,7 @@ def main() -> None:
                 rc = statistics.median(cpu[ref]) / statistics.median(tc)
                 ratios += f"  {rb:5.2f}x {rm:5.2f}x {rc:5.2f}x"
             print(
-                f"  {name:16s} {n_tokens / min(tw):7.1f} {n_tokens / statistics.median(tw):7.1f} "
+                f"  {name:18s} {n_tokens / min(tw):7.1f} {n_tokens / statistics.median(tw):7.1f} "
                 f"{n_tokens / statistics.median(tc):7.1f}{ratios}"
             )
         print(

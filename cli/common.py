@@ -12,6 +12,7 @@ import functools
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -32,6 +33,7 @@ from typer.core import TyperCommand, TyperOption
 from retrodb.corpus import UNSUPPORTED, Skipped, describe_skipped
 from retrodb.db import RetroDB
 from retrodb.errors import RetroDBError
+from retrodb.rerank import DEFAULT_FETCH
 
 err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -87,6 +89,34 @@ QuietOpt = Annotated[
         "still printed.",
     ),
 ]
+
+
+class Rerank(StrEnum):
+    """How the k neighbours of a query are chosen (retrodb.rerank)."""
+
+    none = "none"
+    overlap = "overlap"
+
+
+RerankOpt = Annotated[
+    Rerank,
+    typer.Option(
+        "--rerank",
+        help="none: the k nearest keys. overlap: fetch more dense candidates and keep the k "
+        "that share the longest token run with the query chunk.",
+    ),
+]
+FetchOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--fetch",
+        help="With --rerank overlap: dense candidates searched per kept neighbour "
+        f"(default {DEFAULT_FETCH}).",
+        min=1,
+    ),
+]
+
+
 ThreadsOpt = Annotated[
     int | None, typer.Option("--threads", help="Encoder threads (default: all cores).", min=1)
 ]

@@ -21,7 +21,10 @@ from . import neighbours as neighbour_commands
 from .common import (
     Command,
     DeviceOpt,
+    FetchOpt,
     QuietOpt,
+    Rerank,
+    RerankOpt,
     ThreadsOpt,
     fail,
     handle_errors,
@@ -210,10 +213,16 @@ def query(
     exact: Annotated[
         bool, typer.Option("--exact", help="Exact search instead of HNSW (slow).")
     ] = False,
+    rerank: RerankOpt = Rerank.none,
+    fetch: FetchOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
 ) -> None:
-    """Find the k nearest chunks of each query text, with their continuations."""
+    """Find the k nearest chunks of each query text, with their continuations.
+
+    With --rerank overlap, --fetch times k dense candidates are ordered by the longest
+    token run they share with the query and the first k shown (distances stay the dense
+    ones)."""
     queries = list(texts or [])
     if input is not None:
         queries += read_lines(input)
@@ -222,7 +231,7 @@ def query(
     if k <= 0:
         fail(f"-k must be positive, got {k}")
     rdb = RetroDB.open(db, threads=threads, device=device)
-    results = rdb.query(queries, k=k, exact=exact)
+    results = rdb.query(queries, k=k, exact=exact, rerank=rerank.value, fetch=fetch)
     say_device(rdb, device, as_json)
     for result in results:
         if as_json:

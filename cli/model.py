@@ -27,7 +27,17 @@ from retrodb.errors import BadInputError
 from retrodb_model.threads import RULE as THREADS_RULE
 from retrodb_model.threads import default_threads
 
-from .common import Command, err_console, fail, handle_errors, progress_bars
+from .common import (
+    Command,
+    FetchOpt,
+    QuietOpt,
+    Rerank,
+    RerankOpt,
+    err_console,
+    fail,
+    handle_errors,
+    progress_bars,
+)
 
 DirArg = Annotated[Path, typer.Argument(help="The checkpoint directory (from `retrodb train`).")]
 DBArg = Annotated[Path, typer.Argument(help="Path of the database directory.")]
@@ -254,10 +264,16 @@ def evaluate(
         int | None,
         typer.Option("--max-tokens", help="Score only the first N tokens of each document.", min=1),
     ] = None,
+    rerank: RerankOpt = Rerank.none,
+    fetch: FetchOpt = None,
+    shuffle_seed: Annotated[
+        int, typer.Option("--shuffle-seed", help="Seed of the shuffled neighbours.")
+    ] = 0,
     threads: ThreadsOpt = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
-    """Bits per byte of held-out documents with retrieval on and off, and bpb(alpha)."""
+    """Bits per byte of held-out documents with retrieval on, with shuffled neighbours
+    (each chunk gets another chunk's) and off, and bpb(alpha)."""
     from retrodb_model.evaluate import evaluate_checkpoint
 
     rdb = RetroDB.open(db, threads=_set_threads(threads))
@@ -272,13 +288,20 @@ def evaluate(
             retrieval=not no_retrieval,
             exclude_self=exclude_self,
             max_tokens=max_tokens,
+            rerank=rerank.value,
+            fetch=fetch,
+            shuffle_seed=shuffle_seed,
             progress=progress,
         )
     written = res.save(out if out is not None else Path(directory) / "evaluation.json")
     if as_json:
         typer.echo(json.dumps(res.to_dict(), indent=1))
         return
+    if quiet:
+        return
     excluded = ", own documents excluded" if exclude_self else ""
+    if rerank is not Rerank.none:
+        excluded += f", re-ranked by {rerank.value}"
     typer.echo(
         f"{plural(res.documents, 'document')}, {plural(res.tokens, 'token')}, "
         f"{plural(res.bytes, 'byte')} "
@@ -289,11 +312,15 @@ def evaluate(
     table = res.bpb_alpha
     if table:
         typer.echo("  bpb(alpha): chunks whose overlap with their neighbours is <= alpha")
-        typer.echo(f"    {'alpha':>6} {'chunks':>7} {'share':>6} {'retrieval':>10} {'no retr.':>9}")
+        typer.echo(
+            f"    {'alpha':>6} {'chunks':>7} {'share':>6} {'retrieval':>10} {'shuffled':>9} "
+            f"{'no retr.':>9}"
+        )
         for i, a in enumerate(table["alpha"]):
             typer.echo(
                 f"    {a:>5g}% {table['chunks'][i]:>7} {100 * table['fraction'][i]:>5.1f}% "
-                f"{_fmt(table['retrieval'][i]):>10} {_fmt(table['no_retrieval'][i]):>9}"
+                f"{_fmt(table['retrieval'][i]):>10} {_fmt(table['shuffled'][i]):>9} "
+                f"{_fmt(table['no_retrieval'][i]):>9}"
             )
     typer.echo("wrote " + " and ".join(str(p) for p in written))
 
@@ -321,6 +348,8 @@ def generate(
         bool,
         typer.Option("--show-neighbours", help="Print every retrieval (chunk, documents, text)."),
     ] = False,
+    rerank: RerankOpt = Rerank.none,
+    fetch: FetchOpt = None,
     no_cache: Annotated[
         bool, typer.Option("--no-cache", help="Recompute every step (slow; for checking).")
     ] = False,
@@ -357,6 +386,8 @@ def generate(
         retrieval=not no_retrieval,
         k=k,
         use_cache=not no_cache,
+        rerank=rerank.value,
+        fetch=fetch,
         on_text=None if as_json else echo,
     )
     if as_json:

@@ -15,7 +15,10 @@ from retrodb.neighbours import list_sets, read_id_file, update
 from .common import (
     Command,
     DeviceOpt,
+    FetchOpt,
     QuietOpt,
+    Rerank,
+    RerankOpt,
     ThreadsOpt,
     fail,
     handle_errors,
@@ -71,6 +74,8 @@ def neighbours(
             "own document, as with leakage; the rest follow the paper's rule (default 0).",
         ),
     ] = None,
+    rerank: RerankOpt = Rerank.none,
+    fetch: FetchOpt = None,
     batch_size: Annotated[
         int, typer.Option("--batch-size", help="Chunks per search call.", min=1)
     ] = 1024,
@@ -106,6 +111,9 @@ def neighbours(
             exclude_docs=read_id_file(exclude_docs) if exclude_docs is not None else (),
             exact=exact,
             self_share=self_share,
+            # the default is "keep the set's" for --refresh, like --exact's
+            rerank=None if rerank is Rerank.none else rerank.value,
+            fetch=fetch,
             batch_size=batch_size,
             progress=progress,
             engine=ray,

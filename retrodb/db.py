@@ -24,6 +24,7 @@ from .index import SegmentIndex, check_vectors
 from .ingest import encode_ids, open_encoder
 from .keys import KeyMap, Retrieved
 from .progress import ProgressFn, no_progress
+from .rerank import rerank_search, resolve_fetch
 from .search import Exclusion, SearchResult, check_k, search_filtered
 from .segment import Segment
 from .storage import ENCODER_DIR, TOKENIZER_FILE, Manifest, Storage
@@ -476,11 +477,25 @@ class RetroDB:
         ]
 
     def query(
-        self, texts: str | Sequence[str], k: int = 4, *, exact: bool = False
+        self,
+        texts: str | Sequence[str],
+        k: int = 4,
+        *,
+        exact: bool = False,
+        rerank: str = "none",
+        fetch: int | None = None,
     ) -> list[QueryResult]:
-        """Search each text and look its neighbours up: what `retrodb query` prints."""
+        """Search each text and look its neighbours up: what `retrodb query` prints.
+
+        ``rerank="overlap"``: fetch ``fetch * k`` dense candidates (default 4 per kept
+        neighbour) and keep the k sharing the longest token run with the text (see
+        :mod:`.rerank`); their distances stay the dense ones."""
         texts = [texts] if isinstance(texts, str) else list(texts)
-        res = self.search(texts, k, exact=exact)
+        fetch = resolve_fetch(rerank, fetch)
+        if rerank == "overlap":
+            res = rerank_search(self, texts, k, fetch=fetch, exact=exact)
+        else:
+            res = self.search(texts, k, exact=exact)
         return [
             QueryResult(query=q, neighbours=self.lookup(res.keys[i], res.distances[i]))
             for i, q in enumerate(texts)

@@ -327,8 +327,11 @@ class RayEngine:
         self_share: float,
         batch_size: int,
         progress: ProgressFn = no_progress,
+        rerank: str = "none",
+        fetch: int = 1,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The top ``k`` of every row, computed by searcher actors (see the module docstring)."""
+        """The top ``k`` of every row (re-ranked as ``rerank`` says), computed by searcher
+        actors (see the module docstring)."""
         with self.session() as workers:
             ray = _ray()
             from ray.util import ActorPool
@@ -339,7 +342,14 @@ class RayEngine:
             actor = _searcher_class(ray).options(num_cpus=self.actor_cpus)
             actors = [
                 actor.remote(
-                    str(db.path.absolute()), db.generation, tuple(exclude), k, exact, self_share
+                    str(db.path.absolute()),
+                    db.generation,
+                    tuple(exclude),
+                    k,
+                    exact,
+                    self_share,
+                    rerank,
+                    fetch,
                 )
                 for _ in range(workers)
             ]
@@ -492,6 +502,8 @@ class _SearcherActor:
         k: int,
         exact: bool,
         self_share: float,
+        rerank: str = "none",
+        fetch: int = 1,
     ) -> None:
         from .db import RetroDB
 
@@ -501,6 +513,7 @@ class _SearcherActor:
         _ = db.indexes  # map every segment's index now, once
         self.db = db
         self.exclude, self.k, self.exact, self.self_share = exclude, k, exact, self_share
+        self.rerank, self.fetch = rerank, fetch
         self.search: Any = None
 
     def run(
@@ -521,6 +534,8 @@ class _SearcherActor:
                 k=self.k,
                 exact=self.exact,
                 self_share=self.self_share,
+                rerank=self.rerank,
+                fetch=self.fetch,
             )
         segments = list(range(len(self.db.segments)))
         keys, dist = self.search.run(np.arange(start, stop), segments, batch_size, no_progress)

@@ -22,6 +22,11 @@ from retrodb.errors import BadInputError
 if TYPE_CHECKING:
     from retrodb.db import RetroDB
 
+#: The ways the neighbour embeddings can enter the encoder (RetroConfig.enc_input).
+ENC_INPUTS = ("raw", "scaled", "norm")
+#: The overlap measures of the CCA overlap gate (RetroConfig.cca_overlap_gate).
+OVERLAP_GATES = ("none", "run", "aligned", "shift")
+
 
 def default_retro_layers(n_layers: int) -> tuple[int, ...]:
     """The decoder layers that get chunked cross-attention when none are given.
@@ -94,6 +99,27 @@ class RetroConfig:
     # It lets CCA attend "one token after my counterpart" from the start, so copying
     # from a matching neighbour is learned in hundreds of steps instead of not at all.
     cca_position_bias: bool = True
+    # how the neighbour tokens' embeddings enter the encoder: "raw" (as the decoder's
+    # input, std 0.02 at init), "scaled" (times sqrt(dim)) or "norm" (an RMSNorm with a
+    # learned gain). The encoder's residual stream starts from them; at width 384 raw
+    # embeddings are drowned by the first layers' updates, so CCA's values carry almost
+    # no token identity (share of output variance explained by the token id at init:
+    # see tests/test_model.py), and copying a neighbour is not learnable.
+    enc_input: str = "norm"
+    # a learned "null" key per CCA head whose value is zero: a token whose neighbours do
+    # not match its text can attend to nothing instead of averaging them into noise
+    cca_null: bool = True
+    # overlap gate (needs cca_null): every CCA score of a neighbour's keys gets a learned
+    # per-head weight times the neighbour's overlap with the chunk that retrieved it, and
+    # the null key starts ahead of neighbours without overlap: a model starts by attending
+    # only to neighbours that share a long run of tokens with its text (which it can copy)
+    # and learns where to move that threshold. "run": the longest common token run between
+    # the chunk and the neighbour chunk, / m; "aligned": the same, counting only tokens at
+    # the same offset in both (what CCA's position prior copies from); "shift": each
+    # neighbour is first shifted so that its longest common run with the chunk sits at the
+    # chunk's offsets (a near-duplicate at another offset becomes aligned), then "aligned";
+    # "none": no gate
+    cca_overlap_gate: str = "aligned"
     # The model accepts any number of neighbours per chunk at run time (the encoder and
     # CCA are independent of k); num_neighbours is the training value and a check for data.
 
@@ -163,6 +189,18 @@ class RetroConfig:
         )
         setd("enc_cross_attn_layers", eca)
 
+        need(
+            self.enc_input in ENC_INPUTS,
+            f"enc_input must be one of {ENC_INPUTS}, got {self.enc_input!r}",
+        )
+        need(
+            self.cca_overlap_gate in OVERLAP_GATES,
+            f"cca_overlap_gate must be one of {OVERLAP_GATES}, got {self.cca_overlap_gate!r}",
+        )
+        need(
+            self.cca_null or self.cca_overlap_gate == "none",
+            "cca_overlap_gate needs cca_null (the key a gated-out token attends to)",
+        )
         need(self.num_neighbours >= 1, f"num_neighbours must be >= 1, got {self.num_neighbours}")
         if not self.neighbour_len:
             setd("neighbour_len", 2 * self.chunk_size)
@@ -209,6 +247,12 @@ class RetroConfig:
         kwargs = dict(data)
         # written before CCA had a position bias: keep the model those weights belong to
         kwargs.setdefault("cca_position_bias", False)
+        # written before the encoder input could be scaled or normalised
+        kwargs.setdefault("enc_input", "raw")
+        kwargs.setdefault("cca_null", False)
+        gate = kwargs.setdefault("cca_overlap_gate", "none")
+        if isinstance(gate, bool):  # research checkpoints wrote a bool (True: "run")
+            kwargs["cca_overlap_gate"] = "run" if gate else "none"
         for key in ("retro_layers", "enc_cross_attn_layers"):
             if kwargs.get(key) is not None:
                 kwargs[key] = tuple(kwargs[key])
@@ -311,6 +355,15 @@ class RetroConfig:
         return config
 
 
+def default_lr(dim: int) -> float:
+    """The peak AdamW learning rate for a model of decoder width ``dim``:
+    3e-3 * (64 / dim) ** 0.6, at most 3e-3: 3e-3 at width 64 (tiny), 1.0e-3 at 384
+    (small), 6.2e-4 at 896 (base). Wider matrices need smaller Adam steps: on the copy
+    task (copy in a random slot) width 384 at 3e-3 does not learn to copy at all, at 1e-3
+    it does (scripts/research/copy_task.py)."""
+    return 3e-3 * min(1.0, (64 / dim) ** 0.6)
+
+
 def ff_hidden(dim: int, ff_mult: float, multiple_of: int = 32) -> int:
     """SwiGLU hidden width: 2/3 of ff_mult * dim, rounded up to a multiple of 32."""
     hidden = int(2 * ff_mult * dim / 3)
@@ -337,8 +390,9 @@ class TrainArgs:
     """Tokens per training sequence (a multiple of the chunk size)."""
     batch_size: int = 4
     """Sequences per step and process."""
-    lr: float = 6e-4
-    """Peak learning rate."""
+    lr: float | None = None
+    """Peak learning rate (default by the model's width, default_lr: tiny 3e-3, small
+    1.0e-3, base 6.2e-4; recorded in the checkpoint when the run starts)."""
     min_lr_ratio: float = 0.1
     """The cosine decays to lr * min_lr_ratio at the last step."""
     warmup: int | None = None
@@ -390,7 +444,7 @@ class TrainArgs:
             raise BadInputError(f"dtype must be fp32 or bf16, got {self.dtype!r}")
         if self.no_retrieval and self.retrofit:
             raise BadInputError("--retrofit trains retrieval: it cannot be --no-retrieval")
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+        if (self.lr is not None and self.lr <= 0) or not 0 <= self.min_lr_ratio <= 1:
             raise BadInputError("lr must be positive and min_lr_ratio in [0, 1]")
         if self.workers < 0 or (self.threads is not None and self.threads < 1):
             raise BadInputError("workers must be >= 0 and threads >= 1")

@@ -1,11 +1,19 @@
-"""Evaluate a RETRO model on held-out documents: bits per byte with retrieval on and off,
-and bits per byte as a function of how much of each chunk its neighbours contain.
+"""Evaluate a RETRO model on held-out documents: bits per byte with retrieval on, with
+shuffled neighbours and off, and bits per byte as a function of how much of each chunk its
+neighbours contain.
 
 Documents are tokenized with the database's tokenizer and cut into windows of L tokens
 (each window starts at a chunk boundary and predicts the L tokens after its first, as in
 training). For every full chunk of a window the k neighbours are retrieved *live* from the
 database (the chunk is encoded with the database's encoder and searched), so documents
 added with ``retrodb add`` after training are retrievable at once.
+
+**Three modes.** ``retrieval``: each chunk attends to its own neighbours. ``shuffled``:
+each chunk attends to the neighbours of another chunk of the evaluation (a random
+derangement of the retrieved rows, seeded): neighbours that are real text but not about the
+chunk, which tells a gain from the right neighbours apart from a gain from any text.
+``no_retrieval``: no neighbours (CCA adds nothing). A model that uses its neighbours only
+where they help scores retrieval <= no_retrieval <= shuffled, or close to it.
 
 **Bits per byte.** The sum of the targets' negative log-likelihood in nats, divided by
 ln 2 and by the UTF-8 bytes of the text the targets decode to (:func:`token_byte_lengths`).
@@ -119,11 +127,17 @@ class Evaluation:
     chunk_size: int
     k: int
     exclude_self: bool
+    rerank: str
+    """How the neighbours were chosen: ``none`` (dense order) or ``overlap``."""
+    fetch: int
+    """Dense candidates per kept neighbour (1 without re-ranking)."""
+    shuffle_seed: int
     max_tokens_per_document: int | None
     db: str
     generation: int
     bpb: dict[str, float | None]
-    """Bits per byte per mode: ``retrieval`` (when evaluated) and ``no_retrieval``."""
+    """Bits per byte per mode: ``retrieval`` and ``shuffled`` (when evaluated with
+    retrieval) and ``no_retrieval``."""
     bpb_alpha: dict[str, Any] | None
     """bpb(alpha) per mode, chunk counts and shares, mean overlap; None without retrieval."""
     per_document: list[dict[str, Any]]
@@ -186,17 +200,36 @@ class _Retrieved:
     got: Neighbours
     tokens: torch.Tensor  # (R, k, 2m)
     mask: torch.Tensor  # (R, k, 2m)
+    shuffle: np.ndarray  # (R,): row i gets the neighbours of row shuffle[i] when shuffled
 
-    def batch(self, windows: list[_Window], n_chunks: int, m: int) -> tuple[Tensor, Tensor]:
-        """``retrieved`` and its mask (B, n_chunks, k, 2m) for a batch of windows."""
+    def batch(
+        self, windows: list[_Window], n_chunks: int, m: int, *, shuffled: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """``retrieved`` and its mask (B, n_chunks, k, 2m) for a batch of windows; with
+        ``shuffled`` every chunk gets the neighbours of its row in :attr:`shuffle`."""
         k, r = self.tokens.shape[1:]
         retrieved = torch.full((len(windows), n_chunks, k, r), -1, dtype=torch.long)
         mask = torch.zeros((len(windows), n_chunks, k, r), dtype=torch.bool)
         for i, w in enumerate(windows):
             for j in range(w.length // m):
                 row = self.rows[(w.doc, w.start + j * m)]
+                if shuffled:
+                    row = int(self.shuffle[row])
                 retrieved[i, j], mask[i, j] = self.tokens[row], self.mask[row]
         return retrieved, mask
+
+
+def derangement(n: int, *, seed: int = 0) -> np.ndarray:
+    """A random permutation of ``range(n)`` without fixed points (for n >= 2; the identity
+    for n < 2): row i gets the neighbours of row ``perm[i] != i``."""
+    perm = np.random.default_rng(seed).permutation(n)
+    if n < 2:
+        return perm
+    for i in np.nonzero(perm == np.arange(n))[0]:
+        if perm[i] == i:  # an earlier swap may have moved it already
+            j = (i + 1) % n  # perm[j] != i, and after the swap perm[j] = i != j
+            perm[i], perm[j] = perm[j], perm[i]
+    return perm
 
 
 def _retrieve(
@@ -206,9 +239,12 @@ def _retrieve(
     own: list[int] | None,
     m: int,
     progress: ProgressFn,
+    *,
+    shuffle_seed: int = 0,
 ) -> _Retrieved:
     """Live retrieval for every full chunk of every window, all at once. ``own``: the
-    database document number of each evaluated document, excluded from its neighbours."""
+    database document number of each evaluated document, excluded from its neighbours.
+    ``shuffle_seed``: the seed of the shuffled mode's derangement of the rows."""
     rows: dict[tuple[int, int], int] = {}
     chunks: list[np.ndarray] = []
     exclude: list[int] = []
@@ -225,7 +261,7 @@ def _retrieve(
     )
     progress("retrieve", len(chunks), len(chunks))
     tokens, mask = got.tensors()
-    return _Retrieved(rows, got, tokens, mask)
+    return _Retrieved(rows, got, tokens, mask, derangement(len(chunks), seed=shuffle_seed))
 
 
 def _score(
@@ -253,8 +289,8 @@ def _score(
             inp[i, : w.length], tgt[i, : w.length] = t[:-1], t[1:]
         for mode in modes:
             neighbours: tuple[Tensor | None, Tensor | None] = (None, None)
-            if mode == "retrieval" and retrieved is not None:
-                neighbours = retrieved.batch(batch, L // m, m)
+            if mode != "no_retrieval" and retrieved is not None:
+                neighbours = retrieved.batch(batch, L // m, m, shuffled=mode == "shuffled")
             logits, _ = model(inp, *neighbours)
             loss = F.cross_entropy(
                 logits.float().reshape(-1, logits.shape[-1]),
@@ -269,7 +305,7 @@ def _score(
 
 
 def _modes(retrieval: bool) -> list[str]:
-    return ["retrieval", "no_retrieval"] if retrieval else ["no_retrieval"]
+    return ["retrieval", "shuffled", "no_retrieval"] if retrieval else ["no_retrieval"]
 
 
 def _bpb(nll: float, nbytes: float) -> float | None:
@@ -375,13 +411,18 @@ def evaluate(
     retrieval: bool = True,
     exclude_self: bool = False,
     max_tokens: int | None = None,
+    rerank: str = "none",
+    fetch: int | None = None,
+    shuffle_seed: int = 0,
     progress: ProgressFn = no_progress,
 ) -> Evaluation:
-    """Bits per byte of ``documents`` (``(id, text)`` pairs) with retrieval on and off, and
-    bpb(alpha). ``retrieval=False`` evaluates without retrieval only (no search at all).
-    ``exclude_self``: never retrieve from a database document with the evaluated
-    document's id. ``max_tokens``: score only the first max_tokens targets of each document
-    (a cheaper estimate)."""
+    """Bits per byte of ``documents`` (``(id, text)`` pairs) with retrieval on, shuffled
+    and off (see the module docstring), and bpb(alpha). ``retrieval=False`` evaluates
+    without retrieval only (no search at all). ``exclude_self``: never retrieve from a
+    database document with the evaluated document's id. ``max_tokens``: score only the
+    first max_tokens targets of each document (a cheaper estimate). ``rerank`` and
+    ``fetch``: how neighbours are chosen (see :class:`~retrodb_model.retrieve.LiveRetriever`).
+    ``shuffle_seed``: the seed of the shuffled mode."""
     cfg = model.cfg
     m, L = cfg.chunk_size, _check_seq_len(cfg, seq_len)
     k = k or cfg.num_neighbours
@@ -396,11 +437,11 @@ def evaluate(
     if max_tokens is not None:
         toks = [t[: max_tokens + 1] for t in toks]
     windows = _windows(toks, L)
-    retriever = LiveRetriever(db, k)
+    retriever = LiveRetriever(db, k, rerank=rerank, fetch=fetch)
     retrieved = None
     if retrieval:
         own = [retriever.doc_number(i) for i in ids] if exclude_self else None
-        retrieved = _retrieve(retriever, windows, toks, own, m, progress)
+        retrieved = _retrieve(retriever, windows, toks, own, m, progress, shuffle_seed=shuffle_seed)
     t_model = time.perf_counter()
     nll = _score(
         model, windows, toks, retrieved,
@@ -418,6 +459,9 @@ def evaluate(
         chunk_size=m,
         k=k,
         exclude_self=exclude_self,
+        rerank=rerank,
+        fetch=int(retriever.fetch or 1),
+        shuffle_seed=shuffle_seed,
         max_tokens_per_document=max_tokens,
         db=str(db.path),
         generation=db.generation,
@@ -445,6 +489,9 @@ def evaluate_checkpoint(
     retrieval: bool = True,
     exclude_self: bool = False,
     max_tokens: int | None = None,
+    rerank: str = "none",
+    fetch: int | None = None,
+    shuffle_seed: int = 0,
     progress: ProgressFn = no_progress,
 ) -> Evaluation:
     """:func:`evaluate` the checkpoint in ``directory`` on the documents of ``inputs``
@@ -465,6 +512,9 @@ def evaluate_checkpoint(
         retrieval=retrieval,
         exclude_self=exclude_self,
         max_tokens=max_tokens,
+        rerank=rerank,
+        fetch=fetch,
+        shuffle_seed=shuffle_seed,
         progress=progress,
     )
     result.checkpoint, result.step = str(directory), ckpt.step
@@ -475,7 +525,8 @@ def evaluate_checkpoint(
 
 
 def plot_alpha(result: dict[str, Any], path: str | Path, *, title: str = "") -> Path | None:
-    """A PNG of bpb(alpha) with retrieval on and off (matplotlib, Agg); None without alpha."""
+    """A PNG of bpb(alpha) with retrieval on, shuffled and off (matplotlib, Agg); None
+    without alpha."""
     table = result.get("bpb_alpha")
     if not table:
         return None
@@ -485,7 +536,7 @@ def plot_alpha(result: dict[str, Any], path: str | Path, *, title: str = "") -> 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for mode, style in (("retrieval", "o-"), ("no_retrieval", "s--")):
+    for mode, style in (("retrieval", "o-"), ("shuffled", "^:"), ("no_retrieval", "s--")):
         ys = table.get(mode)
         if ys:
             ax.plot(table["alpha"], ys, style, label=mode.replace("_", " "))
@@ -515,6 +566,7 @@ def plot_alpha(result: dict[str, Any], path: str | Path, *, title: str = "") -> 
 __all__ = [
     "ALPHAS",
     "Evaluation",
+    "derangement",
     "evaluate",
     "evaluate_checkpoint",
     "longest_common_run",

@@ -210,11 +210,13 @@ def _live_neighbours(
     k: int,
     m: int,
     retriever: Callable[[np.ndarray], Neighbours] | None,
+    rerank: str = "none",
+    fetch: int | None = None,
 ) -> _LiveNeighbours:
     if retriever is None:
         if db is None:
             raise BadInputError("retrieval needs a database")
-        retriever = LiveRetriever(db, k)
+        retriever = LiveRetriever(db, k, rerank=rerank, fetch=fetch)
     if db is None:
         return _LiveNeighbours(retriever, m, None)
 
@@ -246,6 +248,8 @@ def generate(
     use_cache: bool = True,
     stop_at_eos: bool = True,
     retriever: Callable[[np.ndarray], Neighbours] | None = None,
+    rerank: str = "none",
+    fetch: int | None = None,
     tokenizer: object | None = None,
     on_token: Callable[[int], None] | None = None,
     on_text: Callable[[str], None] | None = None,
@@ -257,13 +261,16 @@ def generate(
     to give both code paths the same neighbours in a test. ``on_token`` is called with
     every new token id as soon as it is chosen; ``on_text`` with the printable text it
     completes (:class:`TextStream`: the pieces joined are the continuation, with control
-    characters escaped and bytes that form no character as ``\\xNN``)."""
+    characters escaped and bytes that form no character as ``\\xNN``). ``rerank`` and
+    ``fetch``: how neighbours are chosen (:class:`~retrodb_model.retrieve.LiveRetriever`)."""
     cfg = model.cfg
     tok: Any = tokenizer if tokenizer is not None else (db.tokenizer if db is not None else None)
     if tok is None:
         raise BadInputError("a database or a tokenizer is needed to generate")
     k = k or cfg.num_neighbours
-    live = _live_neighbours(db, tok, k, cfg.chunk_size, retriever) if retrieval else None
+    live = None
+    if retrieval:
+        live = _live_neighbours(db, tok, k, cfg.chunk_size, retriever, rerank, fetch)
     ids = _prompt_ids(tok, prompt, max_tokens, cfg.max_seq_len)
     eos = getattr(tok, "eos_id", -1) if stop_at_eos else -1
     gen = torch.Generator().manual_seed(seed)

@@ -380,6 +380,99 @@ def locality_prior(n_heads: int, m: int, r: int) -> Tensor:
     return -slopes[:, None] * offsets[None, :]
 
 
+@torch.no_grad()
+def neighbour_overlap(
+    chunks: Tensor, retrieved: Tensor, valid: Tensor | None, *, aligned: bool = False
+) -> Tensor:
+    """The longest common contiguous token run between each chunk (B, n, m) and the
+    neighbour chunk (first m tokens) of each of its neighbours (B, n, k, r), divided by m:
+    (B, n, k) float in [0, 1]. ``aligned``: only runs at the same offset in both (token i
+    of the chunk against token i of the neighbour). Tokens that valid (B, n, k, r) marks
+    False never match."""
+    B, n, m = chunks.shape
+    nb = retrieved[..., :m]  # (B, n, k, m)
+    if valid is not None:
+        nb = nb.masked_fill(~valid[..., :m], -1)
+    if aligned:
+        same = (chunks[:, :, None, :] == nb) & (nb >= 0)  # (B, n, k, m)
+        run = torch.zeros(nb.shape[:3], dtype=torch.int32, device=chunks.device)
+        best = torch.zeros_like(run)
+        for i in range(m):
+            run = (run + 1) * same[..., i]
+            best = torch.maximum(best, run)
+        return best.float() / m
+    eq = chunks[:, :, None, :, None] == nb[:, :, :, None, :]  # (B, n, k, m, m)
+    eq &= (chunks >= 0)[:, :, None, :, None]
+    run = torch.zeros(*nb.shape[:3], m + 1, dtype=torch.int32, device=chunks.device)
+    best = torch.zeros(nb.shape[:3], dtype=torch.int32, device=chunks.device)
+    for i in range(m):  # run[.., j+1]: common run ending at chunk token i, neighbour j
+        run = torch.cat(
+            (run.new_zeros(*run.shape[:-1], 1), (run[..., :-1] + 1) * eq[..., i, :]), -1
+        )
+        best = torch.maximum(best, run.max(dim=-1).values)
+    return best.float() / m
+
+
+@torch.no_grad()
+def align_neighbours(
+    chunks: Tensor, retrieved: Tensor, valid: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Shift each neighbour (B, n, k, r) so that its longest common token run with its
+    chunk (B, n, m), found in the neighbour chunk (first m tokens), sits at the chunk's
+    offsets: token p of the result is token p + d of the neighbour, d = the run's offset
+    in the neighbour minus its offset in the chunk (0 without a common token). Positions
+    shifted in from outside are padding. Returns (tokens, validity), validity all True
+    where the input had none. A near-duplicate at another offset becomes aligned, so that
+    CCA's position prior (and the aligned overlap gate) can use it."""
+    B, n, m = chunks.shape
+    k, r = retrieved.shape[2], retrieved.shape[3]
+    ok = retrieved >= 0 if valid is None else valid & (retrieved >= 0)
+    nb = retrieved[..., :m].masked_fill(~ok[..., :m], -1)  # (B, n, k, m)
+    eq = chunks[:, :, None, :, None] == nb[:, :, :, None, :]  # (B, n, k, m, m)
+    eq &= (chunks >= 0)[:, :, None, :, None]
+    run = torch.zeros(B, n, k, m + 1, dtype=torch.int32, device=chunks.device)
+    best = torch.zeros(B, n, k, dtype=torch.int32, device=chunks.device)
+    shift = torch.zeros(B, n, k, dtype=torch.long, device=chunks.device)
+    j = torch.arange(m, device=chunks.device)
+    for i in range(m):  # run[.., j+1]: common run ending at chunk token i, neighbour j
+        run = torch.cat((run.new_zeros(B, n, k, 1), (run[..., :-1] + 1) * eq[..., i, :]), -1)
+        length, at = run[..., 1:].max(dim=-1)  # the first longest run ending at i
+        better = length > best
+        best = torch.where(better, length, best)
+        shift = torch.where(better, j[at] - i, shift)
+    index = torch.arange(r, device=chunks.device) + shift[..., None]  # (B, n, k, r)
+    inside = (index >= 0) & (index < r)
+    index = index.clamp(0, r - 1)
+    tokens = retrieved.gather(-1, index)
+    mask = ok.gather(-1, index) & inside
+    return tokens.masked_fill(~mask, -1), mask
+
+
+#: Initial weight of a neighbour's overlap (0..1) in its keys' CCA scores (overlap gate).
+OVERLAP_WEIGHT_INIT = 8.0
+#: How far the null key starts ahead of a neighbour without overlap (overlap gate), in
+#: nats: without overlap a token starts with ~95 % of its attention on the null key.
+NULL_MARGIN_INIT = 3.0
+
+
+def null_bias_prior(cfg: RetroConfig) -> Tensor:
+    """Initial null-key score per head (H,) for the overlap gate: the log of the total
+    attention weight the position prior gives the keys of cfg.num_neighbours neighbours
+    (averaged over query offsets), plus NULL_MARGIN_INIT. A neighbour must then overlap its
+    chunk by about (NULL_MARGIN_INIT / OVERLAP_WEIGHT_INIT) of m tokens or more to take
+    over half of the attention."""
+    m, r = cfg.chunk_size, cfg.neighbour_len
+    table = (
+        locality_prior(cfg.n_heads, m, r)
+        if cfg.cca_position_bias
+        else torch.zeros(cfg.n_heads, r + m - 1)
+    )
+    offset = torch.arange(r)[None, :] - torch.arange(m)[:, None] - (m - 1) + (2 * m - 2)
+    rows = table[:, offset]  # (H, m, r): one neighbour's key scores for every query offset
+    mass = torch.logsumexp(rows, dim=-1).mean(dim=-1)  # (H,)
+    return mass + math.log(cfg.num_neighbours) + NULL_MARGIN_INIT
+
+
 class ChunkedCrossAttention(nn.Module):
     """CCA: each decoder token attends to the encoded neighbours of the last chunk that
     ended at or before it (the paper's shift by m - 1)."""
@@ -394,6 +487,23 @@ class ChunkedCrossAttention(nn.Module):
         self.position_bias = (
             nn.Parameter(locality_prior(cfg.n_heads, cfg.chunk_size, cfg.neighbour_len))
             if cfg.cca_position_bias
+            else None
+        )
+        # the null key (value zero) and its score bias per head, when cfg.cca_null; with
+        # the overlap gate, the weight of a neighbour's overlap in its keys' scores
+        self.null_key = (
+            nn.Parameter(torch.zeros(cfg.n_heads, cfg.head_dim)) if cfg.cca_null else None
+        )
+        self.null_bias = (
+            nn.Parameter(
+                null_bias_prior(cfg) if cfg.cca_overlap_gate != "none" else torch.zeros(cfg.n_heads)
+            )
+            if cfg.cca_null
+            else None
+        )
+        self.overlap_weight = (
+            nn.Parameter(torch.full((cfg.n_heads,), OVERLAP_WEIGHT_INIT))
+            if cfg.cca_overlap_gate != "none"
             else None
         )
         # the table index of (query offset j, key position p) inside one neighbour
@@ -429,6 +539,7 @@ class ChunkedCrossAttention(nn.Module):
         *,
         start: int,
         first_chunk: int,
+        overlap: Tensor | None = None,
     ) -> Tensor:
         """The CCA update (B, T, D) of decoder states x (B, T, D) at positions
         [start, start + T); exactly 0 for tokens that have no completed chunk yet.
@@ -436,6 +547,8 @@ class ChunkedCrossAttention(nn.Module):
         keys, values (B, c, H, k*r, hd): CCA keys/values of chunks first_chunk ..
         first_chunk + c - 1, covering every chunk that these tokens attend to.
         valid (B, c, k*r) bool, True = real neighbour token; None = all real.
+        overlap (B, c, k) in [0, 1]: each neighbour's overlap with its chunk (used by the
+        overlap gate; None = no gate).
         """
         B, T, D = x.shape
         m = self.chunk_size
@@ -470,31 +583,71 @@ class ChunkedCrossAttention(nn.Module):
             bias = bias.unsqueeze(0)  # (1, H, m, k*r)
             # a float mask is added to the scores; padding becomes -inf
             mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+        k = k.reshape(B * n_c, H, kr, hd)
+        v = v.reshape(B * n_c, H, kr, hd)
+        if self.overlap_weight is not None and overlap is not None:
+            ov = overlap[:, c_lo : c_lo + n_c]  # (B, n_c, k)
+            per_key = ov.repeat_interleave(kr // ov.shape[-1], dim=-1)  # (B, n_c, k*r)
+            gate = per_key.reshape(B * n_c, 1, 1, kr).to(q.dtype) * self.overlap_weight.to(
+                q.dtype
+            ).view(1, H, 1, 1)  # (B*n_c, H, 1, k*r)
+            if mask is None or mask.dtype == torch.bool:
+                base = gate.new_zeros(1, 1, 1, kr)
+                if mask is not None:
+                    base = base.masked_fill(~mask, float("-inf"))
+                mask = base + gate  # (B*n_c, H, 1, k*r)
+            else:
+                mask = mask + gate  # (B*n_c, H, m, k*r)
+        if self.null_key is not None and self.null_bias is not None:
+            k, v, mask = self._with_null(k, v, mask)
         drop = self.attn.dropout if self.training else 0.0
-        y = attend(
-            q.reshape(B * n_c, H, m, hd),
-            k.reshape(B * n_c, H, kr, hd),
-            v.reshape(B * n_c, H, kr, hd),
-            mask=mask,
-            dropout=drop,
-        ).view(B, n_c, H, m, hd)  # (B, n_c, H, m, hd)
+        y = attend(q.reshape(B * n_c, H, m, hd), k, v, mask=mask, dropout=drop).view(
+            B, n_c, H, m, hd
+        )  # (B, n_c, H, m, hd)
         if has_any is not None:
             y = y * has_any[:, :, None, None, None].to(y.dtype)  # no neighbour at all -> 0
         y = y.transpose(1, 2).reshape(B, H, n_c * m, hd)[:, :, lead : lead + L]  # (B, H, L, hd)
         y = self.attn.output(y)  # (B, L, D)
         return F.pad(y, (0, 0, skip, 0))  # (B, T, D): zeros for the first tokens
 
+    def _with_null(
+        self, k: Tensor, v: Tensor, mask: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Append the null key (value 0) to keys and values (G, H, S, hd) and extend the
+        mask: True for a bool mask, the null's score bias for a float one."""
+        assert self.null_key is not None and self.null_bias is not None
+        G, H, _, hd = k.shape
+        null_k = self.null_key.to(k.dtype)[None, :, None, :].expand(G, H, 1, hd)
+        k = torch.cat((k, null_k), dim=2)  # (G, H, S+1, hd)
+        v = torch.cat((v, v.new_zeros(G, H, 1, hd)), dim=2)
+        if mask is None or mask.dtype == torch.bool:  # None or (G, 1, 1, S)
+            S = k.shape[2] - 1
+            base = k.new_zeros(1, 1, 1, S)
+            if mask is not None:
+                base = base.masked_fill(~mask, float("-inf"))  # (G, 1, 1, S)
+            base = base.expand(base.shape[0], H, 1, S)
+            nb = self.null_bias.to(k.dtype).view(1, H, 1, 1).expand(base.shape[0], H, 1, 1)
+            mask = torch.cat((base, nb), dim=-1)  # (G or 1, H, 1, S+1)
+        else:  # float (H, m, S) or (G, H, m, S)
+            nb = self.null_bias.to(mask.dtype)
+            shape = (*mask.shape[:-1], 1)
+            nb = nb.view(H, 1, 1) if mask.dim() == 3 else nb.view(1, H, 1, 1)
+            mask = torch.cat((mask, nb.expand(shape)), dim=-1)
+        return k, v, mask
+
 
 @dataclass(frozen=True)
 class CCAInputs:
     """What the CCA of one decoder layer attends to in one call: keys and values (B, c,
     H, k*r, hd) of the encoded neighbours of chunks first_chunk .. first_chunk + c - 1,
-    and their validity (B, c, k*r) bool (None: every token real)."""
+    their validity (B, c, k*r) bool (None: every token real), and each neighbour's overlap
+    with its chunk (B, c, k) for the overlap gate (None: no gate)."""
 
     keys: Tensor
     values: Tensor
     valid: Tensor | None
     first_chunk: int
+    overlap: Tensor | None = None
 
 
 class DecoderBlock(nn.Module):
@@ -532,6 +685,7 @@ class DecoderBlock(nn.Module):
                 rope,
                 start=start,
                 first_chunk=neighbours.first_chunk,
+                overlap=neighbours.overlap,
             )
         return x + self.ff(self.norm_ff(x))
 
@@ -598,7 +752,10 @@ class NeighbourEncoder(nn.Module):
 
     def __init__(self, cfg: RetroConfig) -> None:
         super().__init__()
-        # the token embedding is the decoder's (shared); this maps it to the encoder width
+        # the token embedding is the decoder's (shared): bring it to unit scale (see
+        # RetroConfig.enc_input), then map it to the encoder width
+        self.norm_in = RMSNorm(cfg.dim) if cfg.enc_input == "norm" else None
+        self.scale_in = math.sqrt(cfg.dim) if cfg.enc_input == "scaled" else 1.0
         self.proj_in = (
             nn.Linear(cfg.dim, cfg.enc_dim, bias=False) if cfg.enc_dim != cfg.dim else None
         )
@@ -621,6 +778,10 @@ class NeighbourEncoder(nn.Module):
         B, n, k, r, D = emb.shape
         m = chunk_states.shape[2]
         h = emb.reshape(B * n * k, r, D)  # (N, r, D)
+        if self.norm_in is not None:
+            h = self.norm_in(h)
+        elif self.scale_in != 1.0:
+            h = h * self.scale_in
         if self.proj_in is not None:
             h = self.proj_in(h).type_as(emb)  # (N, r, E); the residual stays in emb's dtype
         key_mask = None
@@ -660,12 +821,16 @@ class RetroCache:
     # decoder activations at the conditioning layer's input for the tokens of the
     # unfinished chunk, (B, pos % m, D); they condition the encoder when it completes
     pending_states: Tensor | None = None
+    # the token ids of that unfinished chunk, (B, pos % m) (the overlap gate needs them)
+    pending_tokens: Tensor | None = None
     # per RETRO layer (0-based index): CCA keys and values of every completed chunk, one
     # (B, H, k*r, hd) tensor per chunk, in chunk order
     cca_keys: dict[int, list[Tensor]] = field(default_factory=dict)
     cca_values: dict[int, list[Tensor]] = field(default_factory=dict)
     # per completed chunk: (B, k*r) bool validity of its neighbour tokens, None = all real
     cca_valid: list[Tensor | None] = field(default_factory=list)
+    # per completed chunk (overlap gate only): (B, k) overlap of its neighbours with it
+    cca_overlap: list[Tensor] = field(default_factory=list)
 
     @property
     def completed_chunks(self) -> int:
@@ -676,25 +841,39 @@ class RetroCache:
         """The self-attention keys and values of decoder layer ``layer`` (0-based)."""
         return self.keys[layer], self.values[layer]
 
-    def chunk_states(self, x: Tensor, n_new: int) -> Tensor:
-        """The conditioning states of the chunks completed by a call with states x (B,
-        T, D): the kept states of the unfinished chunk, then x; (B, n_new*m, D). Keeps
-        what is left of an unfinished chunk for the next call."""
-        states = x if self.pending_states is None else torch.cat((self.pending_states, x), 1)
-        self.pending_states = states[:, n_new * self.chunk_size :]  # (B, (pos + T) % m, D)
-        return states[:, : n_new * self.chunk_size]
+    def chunk_states(self, x: Tensor, tokens: Tensor, n_new: int) -> tuple[Tensor, Tensor]:
+        """The conditioning states (B, n_new*m, D) and token ids (B, n_new*m) of the
+        chunks completed by a call with states x (B, T, D) and tokens (B, T): the kept
+        ones of the unfinished chunk, then this call's. Keeps what is left of an
+        unfinished chunk for the next call."""
+        if self.pending_states is not None and self.pending_tokens is not None:
+            x = torch.cat((self.pending_states, x), 1)
+            tokens = torch.cat((self.pending_tokens, tokens), 1)
+        cut = n_new * self.chunk_size
+        self.pending_states, self.pending_tokens = x[:, cut:], tokens[:, cut:]
+        return x[:, :cut], tokens[:, :cut]
 
     def add_chunks(
-        self, layer: int, keys: Tensor, values: Tensor, valid: Tensor | None, *, first: bool
+        self,
+        layer: int,
+        keys: Tensor,
+        values: Tensor,
+        valid: Tensor | None,
+        overlap: Tensor | None,
+        *,
+        first: bool,
     ) -> None:
         """Keep the CCA keys and values (B, n, H, k*r, hd) of n newly completed chunks
         for decoder layer ``layer``; ``first``: the first RETRO layer, which also records
-        each chunk's validity (B, n, k*r) (None: all real)."""
+        each chunk's validity (B, n, k*r) (None: all real) and its neighbours' overlap
+        (B, n, k) (None: no overlap gate)."""
         self.cca_keys.setdefault(layer, []).extend(keys.unbind(1))
         self.cca_values.setdefault(layer, []).extend(values.unbind(1))
         if first:
             n = keys.shape[1]
             self.cca_valid.extend([None] * n if valid is None else valid.unbind(1))
+            if overlap is not None:
+                self.cca_overlap.extend(overlap.unbind(1))
 
     def cca_inputs(self, layer: int, start: int, n_tokens: int) -> CCAInputs | None:
         """What the CCA of ``layer`` attends to for n_tokens tokens from position start:
@@ -713,8 +892,11 @@ class RetroCache:
             valid = torch.stack(
                 [all_real if v is None else v for v in self.cca_valid[lo:hi]], dim=1
             )  # (B, c, k*r)
-        # keys and values (B, c, H, k*r, hd)
-        return CCAInputs(torch.stack(keys, dim=1), torch.stack(values, dim=1), valid, lo)
+        overlap = torch.stack(self.cca_overlap[lo:hi], dim=1) if self.cca_overlap else None
+        # keys and values (B, c, H, k*r, hd), overlap (B, c, k)
+        return CCAInputs(
+            torch.stack(keys, dim=1), torch.stack(values, dim=1), valid, lo, overlap=overlap
+        )
 
     def chunks_completed_by(self, n_tokens: int) -> int:
         """How many chunks a forward_step over n_tokens more tokens completes: the number
@@ -976,10 +1158,10 @@ class RetroModel(nn.Module):
         start, T = (0 if cache is None else cache.pos), tokens.shape[1]
         x = self.drop(self.wte(tokens))  # (B, T, D)
         rot = self.rope(slice(start, start + T))  # (T, hd/2) complex
-        encoded: tuple[Tensor, Tensor | None] | None = None
+        encoded: tuple[Tensor, Tensor | None, Tensor | None] | None = None
         for i, block in enumerate(self.decoder_blocks()):
             if retrieved is not None and i + 1 == self.cfg.dec_enc_condition_layer:
-                encoded = self._encode_new_chunks(x, retrieved, retrieved_mask, cache)
+                encoded = self._encode_new_chunks(x, tokens, retrieved, retrieved_mask, cache)
             neighbours = None
             if retrieved is not None and block.cca is not None:
                 neighbours = self._cca_inputs(i, block.cca, encoded, cache, start, T)
@@ -992,34 +1174,46 @@ class RetroModel(nn.Module):
     def _encode_new_chunks(
         self,
         x: Tensor,
+        tokens: Tensor,
         retrieved: Tensor,
         retrieved_mask: Tensor | None,
         cache: RetroCache | None,
-    ) -> tuple[Tensor, Tensor | None] | None:
+    ) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
         """Encode the neighbours of the chunks this call completes.
 
-        x: (B, T, D) decoder activations at the conditioning layer's input.
+        x: (B, T, D) decoder activations at the conditioning layer's input; tokens (B, T)
+        this call's token ids (the overlap gate compares them with the neighbours).
         Returns None when no chunk completes, else (encoded (B, n_new, k*r, E), validity
-        (B, n_new, k*r) or None when all real). The cache keeps the states of the
-        unfinished chunk for later."""
+        (B, n_new, k*r) or None when all real, overlap (B, n_new, k) with the overlap gate
+        or None). The cache keeps the states and tokens of the unfinished chunk."""
         m = self.cfg.chunk_size
         B, n_new, k, r = retrieved.shape
-        states = x[:, : n_new * m] if cache is None else cache.chunk_states(x, n_new)
+        if cache is None:
+            states, tokens = x[:, : n_new * m], tokens[:, : n_new * m]
+        else:
+            states, tokens = cache.chunk_states(x, tokens, n_new)
         if n_new == 0:
             return None
         valid = self._neighbour_validity(retrieved, retrieved_mask)  # (B, n_new, k, r)
+        gate = self.cfg.cca_overlap_gate
+        overlap = None
+        if gate != "none":
+            chunk_tokens = tokens[:, : n_new * m].reshape(B, n_new, m)
+            if gate == "shift":
+                retrieved, valid = align_neighbours(chunk_tokens, retrieved, valid)
+            overlap = neighbour_overlap(chunk_tokens, retrieved, valid, aligned=gate != "run")
         emb = self.wte(retrieved.clamp(min=0))  # (B, n_new, k, r, D)
         chunk_states = states.reshape(B, n_new, m, -1)  # (B, n_new, m, D)
         encoded = self.encoder(emb, valid, chunk_states)  # (B, n_new, k*r, E)
         if valid is not None:
             valid = valid.view(B, n_new, k * r)  # (B, n_new, k*r)
-        return encoded, valid
+        return encoded, valid, overlap
 
     def _cca_inputs(
         self,
         i: int,
         cca: ChunkedCrossAttention,
-        encoded: tuple[Tensor, Tensor | None] | None,
+        encoded: tuple[Tensor, Tensor | None, Tensor | None] | None,
         cache: RetroCache | None,
         start: int,
         n_tokens: int,
@@ -1031,10 +1225,10 @@ class RetroModel(nn.Module):
         if encoded is not None:
             # (B, n_new, H, k*r, hd) each
             keys, values = cca.neighbour_kv(encoded[0], self.rope, self.cfg.neighbour_len)
-            new = CCAInputs(keys, values, encoded[1], first_chunk=0)
+            new = CCAInputs(keys, values, encoded[1], first_chunk=0, overlap=encoded[2])
         if cache is None:
             return new  # None: shorter than a chunk, nothing to attend to
         if new is not None:
             first = i + 1 == self.cfg.retro_layers[0]
-            cache.add_chunks(i, new.keys, new.values, new.valid, first=first)
+            cache.add_chunks(i, new.keys, new.values, new.valid, new.overlap, first=first)
         return cache.cca_inputs(i, start, n_tokens)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from retrodb.db import RetroDB
+from retrodb.rerank import overlap_order, resolve_fetch
 from retrodb.search import Exclusion
 
 
@@ -38,13 +39,20 @@ class Neighbours:
 class LiveRetriever:
     """Encode chunks with ``db``'s encoder and fetch their k nearest neighbours.
 
-    ``exclude_docs``: document ids never returned (e.g. the evaluated document itself).
+    ``rerank="overlap"``: fetch ``fetch * k`` dense candidates (``fetch`` default 4) and
+    keep the k that share the longest token run with the chunk (:mod:`retrodb.rerank`);
+    ``"none"``: the dense k.
     ``seconds`` accumulates the time spent (encoding, search and gathering)."""
 
     db: RetroDB
     k: int
+    rerank: str = "none"
+    fetch: int | None = None
     seconds: float = 0.0
     calls: int = 0
+
+    def __post_init__(self) -> None:
+        self.fetch = resolve_fetch(self.rerank, self.fetch)
 
     def doc_number(self, doc_id: str) -> int:
         """The database's global number of document ``doc_id`` (-2 when it is not stored:
@@ -76,11 +84,21 @@ class LiveRetriever:
         exclusion = None
         if exclude is not None:
             exclusion = Exclusion(own_doc=np.asarray(exclude, dtype=np.int64))
-        res = self.db.search_vectors(vectors, self.k, exclusion=exclusion)
-        got = self.db.retrieve(res.keys)
+        fetch = int(self.fetch or 1)
+        res = self.db.search_vectors(vectors, self.k * fetch, exclusion=exclusion)
+        got = self.db.retrieve(res.keys)  # (n, k*fetch, 2m)
+        keys, tokens, mask = res.keys, got.tokens, got.mask
+        if fetch > 1:
+            real = np.arange(m) < (m if lengths is None else np.asarray(lengths)[:, None])
+            query = np.where(real, chunks, -1)  # (n, m)
+            cands = np.where(mask[..., :m], tokens[..., :m], -2)  # (n, k*fetch, m)
+            order = overlap_order(query, cands, keys >= 0)[:, : self.k]  # (n, k)
+            keys = np.take_along_axis(keys, order, axis=1)
+            tokens = np.take_along_axis(tokens, order[..., None], axis=1)
+            mask = np.take_along_axis(mask, order[..., None], axis=1)
         self.seconds += time.perf_counter() - t0
         self.calls += 1
-        return Neighbours(res.keys, got.tokens, got.mask)
+        return Neighbours(keys, tokens, mask)
 
 
 __all__ = ["LiveRetriever", "Neighbours"]

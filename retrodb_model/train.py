@@ -48,7 +48,7 @@ import torch.distributed as dist
 from retrodb.db import RetroDB
 from retrodb.errors import BadInputError, MismatchError
 from retrodb_model import checkpoint as ckpt_mod
-from retrodb_model.config import RetroConfig, TrainArgs
+from retrodb_model.config import RetroConfig, TrainArgs, default_lr
 from retrodb_model.data import (
     RetroDataset,
     StepBatches,
@@ -65,13 +65,16 @@ LogFn = Callable[[dict[str, Any]], None]
 
 def lr_at(step: int, args: TrainArgs) -> float:
     """Linear warm-up to lr over warmup_steps, then cosine decay to lr * min_lr_ratio."""
+    if args.lr is None:
+        raise BadInputError("lr_at needs the run's learning rate (Trainer.setup fills it in)")
+    peak = args.lr
     warm = args.warmup_steps
     if step < warm:
-        return args.lr * (step + 1) / warm
+        return peak * (step + 1) / warm
     span = max(1, args.steps - warm)
     progress = min(1.0, (step - warm) / span)
-    low = args.lr * args.min_lr_ratio
-    return low + 0.5 * (args.lr - low) * (1.0 + math.cos(math.pi * progress))
+    low = peak * args.min_lr_ratio
+    return low + 0.5 * (peak - low) * (1.0 + math.cos(math.pi * progress))
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -200,6 +203,10 @@ def _resolve_args(args: TrainArgs) -> tuple[TrainArgs, ckpt_mod.Checkpoint | Non
     return args, resumed
 
 
+#: The RetroConfig fields of the retrieval modules, which a retrofit starts afresh.
+RETROFIT_FIELDS = ("cca_position_bias", "enc_input", "cca_null", "cca_overlap_gate")
+
+
 def _model_config(
     args: TrainArgs, db: RetroDB, k: int, resumed: ckpt_mod.Checkpoint | None
 ) -> RetroConfig:
@@ -217,8 +224,11 @@ def _model_config(
                 "with --no-retrieval"
             )
         # the base's retrieval modules were never trained: a retrofit starts them afresh
-        # with the current defaults (the CCA position bias included)
-        config = base.config.replace(num_neighbours=k, cca_position_bias=True)
+        # with the current defaults (position bias, encoder input, null key and overlap
+        # gate) unless --model chooses otherwise
+        fresh = {name: getattr(RetroConfig, name) for name in RETROFIT_FIELDS}
+        fresh.update({key: v for key, v in args.model.items() if key in RETROFIT_FIELDS})
+        config = base.config.replace(num_neighbours=k, **fresh)
         if config.max_seq_len < args.seq_len:
             config = config.replace(max_seq_len=args.seq_len)
     else:
@@ -301,7 +311,7 @@ class Trainer:
         self.model = model.to(self.device).train()
         self.ddp: torch.nn.Module = self._wrap(self.model)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = model.configure_optimizer(args.weight_decay, args.lr, args.betas)
+        self.opt = model.configure_optimizer(args.weight_decay, lr_at(0, args), args.betas)
         assert db.tokenizer is not None  # RetroDB refuses to open without one
         self.byte_table = torch.from_numpy(token_byte_lengths(db.tokenizer)).to(self.device)
         self.meta = ckpt_mod.db_info(db, neighbours=args.neighbours, k=self.train_ds.k)
@@ -357,6 +367,8 @@ class Trainer:
             k=args.k,
         )
         config = _model_config(args, db, data[0].k, resumed)
+        if args.lr is None:  # recorded in the checkpoint: a resumed run keeps it
+            args = dataclasses.replace(args, lr=default_lr(config.dim))
         model, trainable, total = _build_model(args, config, resumed)
         counts = (trainable, total)
         return cls(args, d, log, db=db, data=data, model=model, counts=counts, resumed=resumed)

@@ -2,6 +2,9 @@
 """Turn the outputs of scripts/results.sh into docs/results-model.md and its plots.
 
 .venv/bin/python scripts/results_model.py WORKDIR docs/results-model.md docs/img
+
+Every number in the report is read from WORKDIR; the rule checks (issue 11's "what must
+be shown") are computed here from those numbers, not written by hand.
 """
 
 from __future__ import annotations
@@ -17,12 +20,29 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+#: Rule 1: retrieval on may cost at most this much (bpb) over retrieval off.
+RULE1_MARGIN = 0.01
+#: Rule 2: after `retrodb add`, bpb on <= this times bpb off.
+RULE2_RATIO = 0.8
+#: Rule 3: shuffled neighbours may beat none by at most this much (evaluation noise).
+RULE3_MARGIN = 0.002
 
-def load(path: Path) -> dict[str, Any] | None:
+MODELS = {"retro": "RETRO from scratch (the recipe)", "retrofit": "RETRO-fit of the plain decoder"}
+SETS = {
+    "heldout": "held-out documents, other documents' neighbours",
+    "new-before": "new documents, before `retrodb add`",
+    "new-after": "new documents, after `retrodb add`",
+}
+
+
+Json = dict[str, Any]
+
+
+def load(path: Path) -> Json | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def history(run: Path) -> list[dict[str, Any]]:
+def history(run: Path) -> list[Json]:
     state = load(run / "state.json") or {}
     return list(state.get("history", []))
 
@@ -31,43 +51,187 @@ def fmt(x: Any, spec: str = ".3f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def read_text(p: Path) -> str:
+    return p.read_text().strip() if p.is_file() else "(not run)"
+
+
+class Results:
+    """The evaluations of one results.sh work directory."""
+
+    def __init__(self, w: Path) -> None:
+        self.w = w
+        self.plain = {
+            "heldout": load(w / "eval-heldout-plain.json"),
+            "new": load(w / "eval-new-plain.json"),
+        }
+
+    def get(self, model: str, s: str, rr: str = "") -> Json | None:
+        """The evaluation of run ``model`` on set ``s`` (``rr``: "" or "-rerank")."""
+        return load(self.w / f"eval-{model}-{s}{rr}.json")
+
+    def bpb(self, model: str, s: str, mode: str, rr: str = "") -> float | None:
+        e = self.get(model, s, rr)
+        return None if e is None else e["bpb"].get(mode)
+
+    def plain_bpb(self, s: str) -> float | None:
+        e = self.plain["heldout" if s == "heldout" else "new"]
+        return None if e is None else e["bpb"]["no_retrieval"]
+
+
+def check(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("**yes**" if ok else "**no**")
+
+
+def rules(r: Results, model: str, rr: str = "") -> dict[str, bool | None]:
+    """Issue 11's rules 1-3 for one model (and one way of choosing neighbours)."""
+
+    def b(s: str, mode: str) -> float | None:
+        return r.bpb(model, s, mode, rr)
+
+    out: dict[str, bool | None] = {}
+    held_on, held_off = b("heldout", "retrieval"), b("heldout", "no_retrieval")
+    out["1"] = None if held_on is None or held_off is None else held_on - held_off <= RULE1_MARGIN
+    pre_on, pre_off = b("new-before", "retrieval"), b("new-before", "no_retrieval")
+    after_on, after_off = b("new-after", "retrieval"), b("new-after", "no_retrieval")
+    plain = r.plain_bpb("new")
+    if None in (pre_on, pre_off, after_on, after_off, plain):
+        out["2"] = None
+    else:
+        assert pre_on is not None and pre_off is not None and after_on is not None
+        assert after_off is not None and plain is not None
+        out["2"] = (
+            after_on <= RULE2_RATIO * after_off
+            and after_on < plain
+            and pre_on - pre_off <= RULE1_MARGIN
+        )
+    shuffles = []
+    for s in SETS:
+        sh, off = b(s, "shuffled"), b(s, "no_retrieval")
+        if sh is not None and off is not None:
+            shuffles.append(sh >= off - RULE3_MARGIN)
+    out["3"] = all(shuffles) if len(shuffles) == len(SETS) else None
+    return out
+
+
+def main_table(r: Results, rr: str = "") -> str:
+    rows = [
+        "| model | set | bpb retrieval | bpb shuffled | bpb off | on - off | on / off | `--no-retrieval` model |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for model, mname in MODELS.items():
+        for s, sname in SETS.items():
+            on = r.bpb(model, s, "retrieval", rr)
+            sh = r.bpb(model, s, "shuffled", rr)
+            off = r.bpb(model, s, "no_retrieval", rr)
+            diff = None if on is None or off is None else on - off
+            ratio = None if on is None or not off else on / off
+            rows.append(
+                f"| {mname} | {sname} | {fmt(on)} | {fmt(sh)} | {fmt(off)} | "
+                f"{fmt(diff, '+.3f')} | {fmt(ratio, '.2f')} | {fmt(r.plain_bpb(s))} |"
+            )
+    return "\n".join(rows) + "\n"
+
+
+def rules_table(r: Results) -> str:
+    rows = [
+        "| model | neighbours | rule 1: held-out on <= off + 0.01 | rule 2: new docs, on <= 0.8 x off after the add, below the `--no-retrieval` model, rule 1 before | rule 3: shuffled no better than none |",
+        "|---|---|---|---|---|",
+    ]
+    for model, mname in MODELS.items():
+        for rr, how in (("", "dense k"), ("-rerank", "`--rerank overlap`")):
+            got = rules(r, model, rr)
+            rows.append(
+                f"| {mname} | {how} | {check(got['1'])} | {check(got['2'])} | {check(got['3'])} |"
+            )
+    return "\n".join(rows) + "\n"
+
+
+def rerank_table(r: Results) -> str:
+    rows = [
+        "| model | set | bpb retrieval, dense | bpb retrieval, `--rerank overlap` | change | mean overlap dense / re-ranked |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model, mname in MODELS.items():
+        for s, sname in SETS.items():
+            a, b = r.bpb(model, s, "retrieval"), r.bpb(model, s, "retrieval", "-rerank")
+            ea, eb = r.get(model, s), r.get(model, s, "-rerank")
+            oa = None if not ea else ea.get("bpb_alpha", {}).get("mean_overlap")
+            ob = None if not eb else eb.get("bpb_alpha", {}).get("mean_overlap")
+            change = None if a is None or b is None else b - a
+            rows.append(
+                f"| {mname} | {sname} | {fmt(a)} | {fmt(b)} | {fmt(change, '+.3f')} | "
+                f"{fmt(oa, '.2f')} / {fmt(ob, '.2f')} |"
+            )
+    return "\n".join(rows) + "\n"
+
+
+#: The ablations of scripts/results.sh (section 4b): the recipe minus one lever each.
+ABLATIONS = {
+    "retro": "the recipe: self-share 0.25, null key + aligned overlap gate",
+    "retro-paper": "self-share 0 (the paper's rule), null key + gate",
+    "retro-nogate": "self-share 0.25, no null key, no gate",
+    "retro-shift": "self-share 0.25, null key + shift gate (neighbours aligned first)",
+}
+
+
+def ablation_table(r: Results) -> str:
+    head = " | ".join(f"{s}: on / shuffled / off" for s in SETS)
+    rows = [f"| RETRO from scratch | {head} |", "|---|---|---|---|"]
+    for run, name in ABLATIONS.items():
+        cells = []
+        for s in SETS:
+            vals = [r.bpb(run, s, m) for m in ("retrieval", "shuffled", "no_retrieval")]
+            cells.append(" / ".join(fmt(v) for v in vals))
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def neighbour_info(w: Path, name: str) -> Json:
+    root = w / "db.pristine" / "neighbours" / name
+    current = root / "CURRENT"
+    if not current.is_file():
+        return {}
+    return load(root / current.read_text().strip() / "neighbours.json") or {}
+
+
+def alpha_table(e: Json | None) -> str:
+    if not e or not e.get("bpb_alpha"):
+        return "(not run)\n"
+    t = e["bpb_alpha"]
+    rows = [
+        "| alpha | chunks | share | bpb retrieval | bpb shuffled | bpb off | gain (off - on) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for i, a in enumerate(t["alpha"]):
+        on, off = t["retrieval"][i], t["no_retrieval"][i]
+        sh = t.get("shuffled", [None] * len(t["alpha"]))[i]
+        gain = None if on is None or off is None else off - on
+        rows.append(
+            f"| {a:g}% | {t['chunks'][i]} | {100 * t['fraction'][i]:.1f}% | {fmt(on)} | "
+            f"{fmt(sh)} | {fmt(off)} | {fmt(gain, '+.3f')} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
 def plot_curves(w: Path, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name, label, color in (("retro", "RETRO (k=2)", "C0"), ("plain", "--no-retrieval", "C1")):
+    runs = (
+        ("retro", "RETRO (recipe)", "C0"),
+        ("plain", "--no-retrieval", "C1"),
+        ("retrofit", "RETRO-fit", "C2"),
+    )
+    for name, label, color in runs:
         h = history(w / name)
         if not h:
             continue
-        ax.plot([r["step"] for r in h], [r["bpb"] for r in h], color=color, alpha=0.6,
+        ax.plot([r["step"] for r in h], [r["bpb"] for r in h], color=color, alpha=0.5,
                 label=f"{label}: train")  # fmt: skip
         val = [(r["step"], r["val_bpb"]) for r in h if r.get("val_bpb") is not None]
         if val:
             ax.plot(*zip(*val, strict=True), "o-", color=color, label=f"{label}: validation")
-    ax.set_xlabel("step (4 x 256 tokens)")
+    ax.set_xlabel("step")
     ax.set_ylabel("bits per byte")
     ax.set_title("Training curves, small preset, Python library docs")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-
-
-def plot_alpha(evals: dict[str, dict[str, Any] | None], out: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4))
-    styles = {
-        "held-out, retrieval": ("heldout", "retrieval", "o-", "C0"),
-        "held-out, retrieval off": ("heldout", "no_retrieval", "s--", "C0"),
-        "new docs after add, retrieval": ("after", "retrieval", "o-", "C2"),
-        "new docs after add, retrieval off": ("after", "no_retrieval", "s--", "C2"),
-    }
-    for label, (key, mode, style, color) in styles.items():
-        e = evals.get(key)
-        if e and e.get("bpb_alpha"):
-            t = e["bpb_alpha"]
-            ax.plot(t["alpha"], t[mode], style, color=color, label=label)
-    ax.set_xlabel("alpha: max overlap of a chunk with its neighbours (% of the chunk)")
-    ax.set_ylabel("bits per byte of chunks with overlap <= alpha")
-    ax.set_xticks([0, 12.5, 25, 50, 75, 100])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -75,121 +239,107 @@ def plot_alpha(evals: dict[str, dict[str, Any] | None], out: Path) -> None:
     plt.close(fig)
 
 
-def alpha_table(e: dict[str, Any] | None) -> str:
-    if not e or not e.get("bpb_alpha"):
-        return "(not run)\n"
-    t = e["bpb_alpha"]
-    rows = [
-        "| alpha | chunks | share | bpb retrieval | bpb retrieval off | gain |",
-        "|---|---|---|---|---|---|",
-    ]
-    for i, a in enumerate(t["alpha"]):
-        on, off = t["retrieval"][i], t["no_retrieval"][i]
-        gain = None if on is None or off is None else off - on
-        rows.append(
-            f"| {a:g}% | {t['chunks'][i]} | {100 * t['fraction'][i]:.1f}% | {fmt(on)} | "
-            f"{fmt(off)} | {fmt(gain)} |"
-        )
-    return "\n".join(rows) + "\n"
+def plot_alpha(r: Results, out: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
+    for ax, s in zip(axes, ("heldout", "new-after"), strict=True):
+        for model, color in (("retro", "C0"), ("retrofit", "C2")):
+            e = r.get(model, s)
+            if not e or not e.get("bpb_alpha"):
+                continue
+            t = e["bpb_alpha"]
+            for mode, style in (("retrieval", "o-"), ("shuffled", "^:"), ("no_retrieval", "s--")):
+                if t.get(mode):
+                    ax.plot(t["alpha"], t[mode], style, color=color,
+                            label=f"{model}: {mode.replace('_', ' ')}")  # fmt: skip
+        ax.set_title(SETS[s])
+        ax.set_xlabel("alpha: max overlap with the neighbours (% of the chunk)")
+        ax.set_ylabel("bpb of chunks with overlap <= alpha")
+        ax.set_xticks([0, 12.5, 25, 50, 75, 100])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
 
 
-def gap(e: dict[str, Any] | None) -> str:
-    """|bpb with retrieval - bpb without| of one evaluation."""
-    if not e or e["bpb"].get("retrieval") is None:
-        return "n/a"
-    return fmt(abs(e["bpb"]["retrieval"] - e["bpb"]["no_retrieval"]), ".4f")
-
-
-def rf_summary(evals: dict[str, dict[str, Any] | None]) -> str:
-    """The retrofit's result 2 in words, from the numbers."""
-    before, after, held = evals["rf_before"], evals["rf_after"], evals["rf_heldout"]
-    if not (before and after and held):
-        return ""
-    b, a = before["bpb"]["retrieval"], after["bpb"]["retrieval"]
-    off = after["bpb"]["no_retrieval"]
-    h_on, h_off = held["bpb"]["retrieval"], held["bpb"]["no_retrieval"]
-    text = (
-        f"After `retrodb add`, with no retraining, the bpb of the new documents with retrieval "
-        f"goes from {b:.3f} to **{a:.3f}** ({a - b:+.3f}), against {off:.3f} with retrieval off "
-        f"({100 * (a - off) / off:+.1f} %)."
-    )
-    if b > off or h_on > h_off:
-        text += (
-            f" The price: trained only on neighbours that continue the text exactly, the model "
-            f"trusts whatever it retrieves, so where no such neighbour exists retrieval hurts "
-            f"(new documents before the add: {b:.3f} on vs {before['bpb']['no_retrieval']:.3f} off; "
-            f"held-out documents: {h_on:.3f} on vs {h_off:.3f} off). Training on a mix of "
-            f"copyable and ordinary neighbours should teach it when to copy; that is not run here."
-        )
-    return text
-
-
-def read_text(p: Path) -> str:
-    return p.read_text().strip() if p.is_file() else "(not run)"
+def plot_bars(r: Results, out: Path) -> None:
+    """bpb on / shuffled / off per model and set: the figure of rules 1-3."""
+    fig, ax = plt.subplots(figsize=(9, 4))
+    labels, width = [], 0.25
+    x = 0
+    for model in MODELS:
+        for s in SETS:
+            vals = [r.bpb(model, s, m) for m in ("retrieval", "shuffled", "no_retrieval")]
+            for i, (v, color) in enumerate(zip(vals, ("C0", "C3", "C7"), strict=True)):
+                if v is not None:
+                    ax.bar(x + (i - 1) * width, v, width, color=color,
+                           label=("retrieval", "shuffled", "off")[i] if x == 0 else None)  # fmt: skip
+            labels.append(f"{model}\n{s}")
+            x += 1
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel("bits per byte")
+    ax.set_title("Retrieval on, shuffled and off (lower is better)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
     w, md, img = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     img.mkdir(parents=True, exist_ok=True)
+    r = Results(w)
     plot_curves(w, img / "model-training-curves.png")
-    evals = {
-        "heldout": load(w / "eval-heldout-retro.json"),
-        "heldout_plain": load(w / "eval-heldout-plain.json"),
-        "before": load(w / "eval-new-before.json"),
-        "after": load(w / "eval-new-after.json"),
-        "new_plain": load(w / "eval-new-plain.json"),
-        "rf_before": load(w / "eval-retrofit-new-before.json"),
-        "rf_after": load(w / "eval-retrofit-new-after.json"),
-        "rf_heldout": load(w / "eval-retrofit-heldout.json"),
-    }
-    plot_alpha(evals, img / "model-bpb-alpha.png")
-    hr, hp = history(w / "retro"), history(w / "plain")
-    sr, sp = load(w / "retro" / "state.json") or {}, load(w / "plain" / "state.json") or {}
-    cfg = (load(w / "retro" / "config.json") or {}).get("train", {})
+    plot_alpha(r, img / "model-bpb-alpha.png")
+    plot_bars(r, img / "model-bpb-modes.png")
+    states = {n: load(w / n / "state.json") or {} for n in ("retro", "plain", "retrofit")}
+    cfgs = {n: load(w / n / "config.json") or {} for n in ("retro", "plain", "retrofit")}
+    targs = cfgs["retro"].get("train", {})
+    mcfg = cfgs["retro"].get("model", {})
+    nset = neighbour_info(w, "train")
+    held = r.get("retro", "heldout") or {}
+    new_b = r.get("retro", "new-before") or {}
 
-    def b(key: str, mode: str) -> str:
-        e = evals.get(key)
-        return fmt(e["bpb"].get(mode)) if e else "n/a"
+    def minutes(n: str) -> str:
+        return f"{states[n].get('elapsed_s', 0) / 60:.0f}"
 
-    def last_val(h: list[dict[str, Any]]) -> str:
-        vals = [r["val_bpb"] for r in h if r.get("val_bpb") is not None]
-        return fmt(vals[-1]) if vals else "n/a"
-
-    def speed(h: list[dict[str, Any]]) -> str:
+    def speed(n: str) -> str:
+        h = history(w / n)
         if not h:
             return "n/a"
-        tps = sorted(r["tokens_per_s"] for r in h)
+        tps = sorted(x["tokens_per_s"] for x in h)
         return f"{tps[len(tps) // 2]:,.0f}"
 
-    held = evals["heldout"] or {}
-    srf = load(w / "retrofit" / "state.json") or {}
-    hrf = history(w / "retrofit")
-
-    longer = ""
-    e1000 = {k: load(w / f"eval-1000-{k}.json") for k in ("heldout", "new-before", "new-after")}
-    if all(e1000.values()):
-        h1000 = history(w / "retro-1000")
-        longer = (
-            f"A longer run (not part of `scripts/results.sh`: the same RETRO configuration for "
-            f"{h1000[-1]['step'] if h1000 else '?'} steps, `--out {w}/retro-1000`) reaches held-out bpb "
-            f"{fmt(e1000['heldout']['bpb']['retrieval'])} with retrieval and "
-            f"{fmt(e1000['heldout']['bpb']['no_retrieval'], '.5f')} without (retrieval on: "
-            f"{fmt(e1000['heldout']['bpb']['retrieval'], '.5f')}); on the new documents "
-            f"{fmt(e1000['new-before']['bpb']['retrieval'], '.5f')} before `retrodb add` and "
-            f"{fmt(e1000['new-after']['bpb']['retrieval'], '.5f')} after: still no use of the neighbours.\n"
-        )
-
-    def overlap(key: str) -> str:
-        return fmt((evals[key] or {}).get("bpb_alpha", {}).get("mean_overlap"), ".2f")
-
-    new_b = evals["before"] or {}
     text = f"""# RETRO model results: the Python library documentation, small preset, CPU
 
-Reproduce with one command (about an hour on 2 loaded cores; every step resumes):
+Reproduce with one command (every step resumes; about three hours on 2 cores):
 
 ```
-bash scripts/results.sh            # STEPS=300 SEQ_LEN=256 BATCH=4 DTYPE=bf16 by default
+bash scripts/results.sh            # STEPS=300 SEQ_LEN=256 BATCH=4 DTYPE=bf16 SELF_SHARE=0.25
 ```
+
+## The recipe
+
+```
+retrodb neighbours DB train -k 2 --self-share 0.25
+retrodb train DB --neighbours train --out runs/retro             # from scratch
+retrodb train DB --neighbours train --retrofit runs/plain --out runs/retrofit
+```
+
+with the model's defaults: the neighbour encoder's input goes through an RMSNorm
+(`enc_input = "{mcfg.get("enc_input", "?")}"`), CCA has a null key and an overlap gate
+(`cca_null = {mcfg.get("cca_null", "?")}`, `cca_overlap_gate = "{mcfg.get("cca_overlap_gate", "?")}"`), and the learning rate
+follows the width (`default_lr`: {fmt(targs.get("lr"), ".2g")} for the small preset). Why each
+lever is there: [model.md](model.md).
+
+## Rules (issue 11), computed from the numbers below
+
+{rules_table(r)}
+Thresholds: rule 1 on - off <= {RULE1_MARGIN}; rule 2 on <= {RULE2_RATIO} x off after the add; rule 3
+shuffled >= off - {RULE3_MARGIN} on all three sets. Rule 4 is the first row (a model trained
+from scratch by the recipe).
 
 ## Setup and budget
 
@@ -198,77 +348,72 @@ bash scripts/results.sh            # STEPS=300 SEQ_LEN=256 BATCH=4 DTYPE=bf16 by
   5 %) are **new documents**: kept out of training and out of the database. The other
   296 files form the database (SentencePiece vocabulary 8,192, chunks of 64,
   all-MiniLM-L6-v2 encoder with per-channel int8 weights) and its neighbour set `train`
-  (k = 2, own document excluded). The neighbour set's validation split (5 % of documents
-  by hash, seed 0: {held.get("documents", "?")} files) is never trained on: the **held-out** set.
-- Model: the `small` preset (6 layers of width 384, CCA at layers 3 and 6, 2-layer
-  encoder of width 384; 19.7M parameters with the 8k vocabulary).
-- Training budget: **{cfg.get("steps", "?")} steps of {cfg.get("batch_size", "?")} x {cfg.get("seq_len", "?")} tokens**
-  ({sr.get("tokens", 0):,} tokens, about {sr.get("tokens", 0) / 1.57e6:.2f} epochs of the training split), AdamW
-  lr {cfg.get("lr", "?")} with {cfg.get("warmup", "?")} warm-up steps and cosine decay to 10 %, weight decay 0.1,
-  clipping at 1.0, bf16 autocast, seed 0. Both models see the same batches in the same
-  order. Wall time: RETRO {sr.get("elapsed_s", 0) / 60:.1f} min, no-retrieval {sp.get("elapsed_s", 0) / 60:.1f} min.
-- Machine: {platform.processor() or platform.machine()}, 2 cores (AMX bf16), no GPU, at times shared
-  with other jobs; the RETRO and no-retrieval runs shared the cores (one torch thread
-  each). Median training throughput: RETRO {speed(hr)} tokens/s,
-  no-retrieval {speed(hp)} tokens/s. Timings are noisy; the bpb numbers are not.
-- Evaluation: windows of {held.get("seq_len", "?")} tokens, the first {held.get("max_tokens_per_document", "?")} tokens of each document,
-  neighbours retrieved live from the database (k = {held.get("k", "?")}); bits per byte = total
-  NLL / ln 2 / UTF-8 bytes of the target text. These are very short training runs:
-  the absolute numbers are far from a converged model.
+  (k = 2; the paper's rule - no neighbour from the chunk's own document - except for the
+  documents of a stable-hashed self-share of {nset.get("self_share", "?")}, whose chunks may retrieve
+  themselves). The neighbour set's validation split (5 % of documents by hash, seed 0:
+  {held.get("documents", "?")} files) is never trained on: the **held-out** set.
+- Models: the `small` preset (6 layers of width 384, CCA at layers 3 and 6, 2-layer
+  encoder of width 384). RETRO from scratch; the same decoder trained with
+  `--no-retrieval`; the RETRO-fit of that decoder (frozen; {100 * states["retrofit"].get("trainable_fraction", 0):.1f} % of the
+  parameters trained: CCA and the encoder), all on the same neighbour set.
+- Budget: **{targs.get("steps", "?")} steps of {targs.get("batch_size", "?")} x {targs.get("seq_len", "?")} tokens** per run ({states["retro"].get("tokens", 0):,} tokens),
+  AdamW, {targs.get("warmup", "?")} warm-up steps and cosine decay to 10 %, weight decay 0.1, clipping
+  at 1.0, bf16 autocast, seed 0; the same batches in the same order for every run.
+- Machine: {platform.processor() or platform.machine()}, 2 cores, no GPU; two runs at a time, one torch
+  thread each. Wall time: RETRO {minutes("retro")} min, `--no-retrieval` {minutes("plain")} min,
+  RETRO-fit {minutes("retrofit")} min; median training throughput {speed("retro")}, {speed("plain")} and
+  {speed("retrofit")} tokens/s. No GPU was lent to this project's runs, so there are no GPU figures.
+- Evaluation: windows of {held.get("seq_len", "?")} tokens, the first {held.get("max_tokens_per_document", "?")} tokens of each document
+  ({held.get("tokens", 0):,} scored tokens held-out, {new_b.get("tokens", 0):,} new), neighbours retrieved live
+  (k = {held.get("k", "?")}). Three modes: retrieval (each chunk's own neighbours), shuffled
+  (each chunk gets the neighbours of another chunk of the same evaluation, a seeded
+  derangement) and off. Bits per byte = total NLL / ln 2 / UTF-8 bytes of the targets.
+  These are short runs: the absolute numbers are far from a converged model.
 
-## 1. Held-out documents: retrieval on, off, and a model trained without it
+## 1-4. Retrieval on, shuffled and off
 
-Neighbours come from other documents only (`--exclude-self`: the held-out documents are
-in the database, so without it a chunk would retrieve its own continuation).
-
-| model | bpb | validation bpb at the last step (training split's val loader) |
-|---|---|---|
-| RETRO, retrieval on | {b("heldout", "retrieval")} | {last_val(hr)} |
-| RETRO, retrieval off (same weights, plain decoder) | {b("heldout", "no_retrieval")} | |
-| trained with `--no-retrieval`, same steps | {b("heldout_plain", "no_retrieval")} | {last_val(hp)} |
+{main_table(r)}
+![bpb per mode](img/model-bpb-modes.png)
 
 ![training curves](img/model-training-curves.png)
 
-## 2. Knowledge without retraining: new documents added with `retrodb add`
-
-The 21 new documents ({new_b.get("tokens", 0):,} scored tokens) are evaluated with the database as
-trained (they are not in it), then added with `retrodb add` (no retraining, no new
-neighbour set) and evaluated again. Neighbours may now come from the document itself:
-this is the paper's leakage setting, made on purpose.
-
-| | bpb retrieval on | bpb retrieval off |
-|---|---|---|
-| before `retrodb add` | {b("before", "retrieval")} | {b("before", "no_retrieval")} |
-| after `retrodb add` | {b("after", "retrieval")} | {b("after", "no_retrieval")} |
-| `--no-retrieval` model | | {b("new_plain", "no_retrieval")} |
-
-Mean overlap of a chunk with its neighbours: before {fmt((evals["before"] or {}).get("bpb_alpha", {}).get("mean_overlap"), ".2f")},
-after {fmt((evals["after"] or {}).get("bpb_alpha", {}).get("mean_overlap"), ".2f")}.
-
-## 3. bpb(alpha)
+## 5. bpb(alpha) and `--rerank overlap`
 
 For each chunk j >= 1 of a window, alpha is the longest common contiguous token run
 between the chunk and the neighbours (neighbour + continuation) of chunk j-1 - the
 neighbours its tokens attend to - as a share of the chunk; bpb(alpha) covers the chunks
 with overlap <= alpha (the first chunk of each window attends to none and is left out).
 
-Held-out documents (other documents' neighbours only):
+RETRO (recipe), held-out documents:
 
-{alpha_table(evals["heldout"])}
-New documents after `retrodb add` (their own chunks retrievable):
+{alpha_table(r.get("retro", "heldout"))}
+RETRO (recipe), new documents after `retrodb add`:
 
-{alpha_table(evals["after"])}
+{alpha_table(r.get("retro", "new-after"))}
+RETRO-fit, held-out documents:
+
+{alpha_table(r.get("retrofit", "heldout"))}
+RETRO-fit, new documents after `retrodb add`:
+
+{alpha_table(r.get("retrofit", "new-after"))}
 ![bpb(alpha)](img/model-bpb-alpha.png)
 
-## 4. Generation from one prompt (greedy, 96 new tokens, database with the added documents)
+`--rerank overlap` (fetch 4k dense candidates, keep the k sharing the longest token run
+with the chunk, runs under 4 tokens count as none):
 
-Retrieval on (`--show-neighbours` lists each retrieval):
+{rerank_table(r)}
+With re-ranking, every mode and set:
+
+{main_table(r, "-rerank")}
+## Generation from one prompt (greedy, 96 new tokens, database with the added documents)
+
+RETRO, retrieval on (`--show-neighbours` lists each retrieval):
 
 ```
 {read_text(w / "gen-retrieval.txt")}
 ```
 
-Retrieval off (same RETRO weights):
+RETRO, retrieval off (same weights):
 
 ```
 {read_text(w / "gen-no-retrieval.txt")}
@@ -280,47 +425,33 @@ The `--no-retrieval` model:
 {read_text(w / "gen-plain.txt")}
 ```
 
-## 5. RETRO-fitting on copyable neighbours: knowledge without retraining, shown
-
-Trained with the paper's rule (a chunk never gets neighbours from its own document), the
-RETRO model above has not learned to use its neighbours in {cfg.get("steps", "?")} steps: retrieval
-on and off differ by {gap(evals["heldout"])} bpb on the held-out documents, and by
-{gap(evals["after"])} on the new documents even once their own text is retrievable. The signal
-that teaches copying (a neighbour that contains what comes next) is rare in a corpus of
-300 documents with few near-duplicates; the paper's models see billions of tokens of a
-web corpus full of them. The CCA position bias (see [model.md](model.md)) makes copying
-learnable when that signal is there, as below, but does not create the signal.
-
-{longer}
-To show the database side at work, the `--no-retrieval` decoder is RETRO-fitted
-(`--retrofit`: decoder frozen, {100 * srf.get("trainable_fraction", 0):.1f}% of the parameters trained: CCA and the
-encoder) for {len(hrf) and hrf[-1]["step"]} steps on a neighbour set `leak` computed for the training documents under
-other ids (`retrodb neighbours DB leak --input copy-of-training-docs/`), so each chunk's
-own text is retrievable, as in the paper's leakage analysis. The 21 new documents are in
-neither the training data nor the database; they are evaluated, added with `retrodb add`
-(no retraining), and evaluated again:
-
-| retrofit model | bpb retrieval on | bpb retrieval off | mean overlap |
-|---|---|---|---|
-| new documents, before `retrodb add` | {b("rf_before", "retrieval")} | {b("rf_before", "no_retrieval")} | {overlap("rf_before")} |
-| new documents, after `retrodb add` | {b("rf_after", "retrieval")} | {b("rf_after", "no_retrieval")} | {overlap("rf_after")} |
-| held-out documents, own document excluded | {b("rf_heldout", "retrieval")} | {b("rf_heldout", "no_retrieval")} | {overlap("rf_heldout")} |
-
-{rf_summary(evals)}
-
-bpb(alpha) of the new documents after `retrodb add`:
-
-{alpha_table(evals["rf_after"])}
-The same prompt with the retrofit model, after `retrodb add` (retrieval on):
+RETRO-fit, after `retrodb add`:
 
 ```
 {read_text(w / "gen-retrofit.txt")}
 ```
 
-and before it (the sqlite3 documentation is not in the database yet):
+RETRO-fit, before the add (the sqlite3 documentation is not in the database yet):
 
 ```
 {read_text(w / "gen-retrofit-before-add.txt")}
+```
+
+## What each lever does
+
+The recipe against the same model trained without one lever (same steps, data order and
+seed; evaluated the same way; `ABLATIONS=0` skips these runs):
+
+{ablation_table(r)}
+## 6. Training speed, side by side with RETRO-pytorch (`benchmarks/bench_vs_public.py`)
+
+Same sizes (small, 32k vocabulary, L = 512, B = 4, k = 2, fp32), one step = forward,
+loss, backward and AdamW; the versions take turns in one run. "ours" is the model with
+the recipe's defaults (null key, overlap gate, RMSNorm encoder input); "bias off" drops
+the CCA position bias.
+
+```
+{read_text(w / "bench-vs-public.txt")}
 ```
 
 ## Generation speed (`benchmarks/bench_generate.py`, the RETRO checkpoint, 1 thread)

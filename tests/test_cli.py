@@ -246,3 +246,50 @@ def test_a_closed_stdout_ends_quietly_with_status_0(built: Path, tmp_path: Path)
     _, err = proc2.communicate(timeout=120)
     assert json.loads(first)["query"] == "open a file and read it"
     assert proc2.returncode == 0 and err == b"", err.decode()
+
+
+def test_query_rerank_overlap_keeps_k_in_overlap_order(built: Path) -> None:
+    """`query --rerank overlap`: of the --fetch * k dense candidates, the k sharing the
+    longest token run with the query text (runs under 4 count as none, ties keep the dense
+    order), in the same JSON, with the dense distances."""
+    import numpy as np
+
+    from retrodb import RetroDB
+
+    text = "A key function transforms each element before comparison"
+    dense = json.loads(run("query", built, text, "-k", "8", "--exact", "--json").stdout)
+    args = ("query", built, text, "-k", "2", "--exact", "--json", "--rerank", "overlap")
+    got = json.loads(run(*args, "--fetch", "4").stdout)
+    assert json.loads(run(*args).stdout) == got  # --fetch 4 is the default
+    assert set(got) == {"query", "neighbours"} and len(got["neighbours"]) == 2
+    assert all(set(h) == set(dense["neighbours"][0]) for h in got["neighbours"])
+
+    db = RetroDB.open(built)
+    query = db.tokenizer.encode([text])[0]
+    runs = []
+    for hit in dense["neighbours"]:  # the longest common run, by brute force
+        toks, lens = db.chunks(np.array([hit["key"]]))
+        cand = toks[0, : lens[0]].tolist()
+        runs.append(
+            max(
+                (
+                    n
+                    for i in range(len(query))
+                    for j in range(len(cand))
+                    for n in range(1, min(len(query) - i, len(cand) - j) + 1)
+                    if query[i : i + n] == cand[j : j + n]
+                ),
+                default=0,
+            )
+        )
+    score = [r if r >= 4 else 0 for r in runs]
+    want = sorted(range(8), key=lambda i: -score[i])[:2]  # stable: ties keep the dense order
+    assert want != [0, 1], "the overlap order should differ from the dense one here"
+    assert [h["key"] for h in got["neighbours"]] == [dense["neighbours"][i]["key"] for i in want]
+    for h, i in zip(got["neighbours"], want, strict=True):
+        assert h["distance"] == dense["neighbours"][i]["distance"]
+        assert h["text"] == dense["neighbours"][i]["text"]
+
+    res = run("query", built, text, "--fetch", "3", code=1)
+    assert "fetch" in res.stderr and "overlap" in res.stderr
+    assert "rerank" in run("query", built, text, "--rerank", "bm25", code=2).stderr

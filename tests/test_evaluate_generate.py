@@ -14,11 +14,13 @@ from retrodb_cli.main import app
 from typer.testing import CliRunner
 
 from retrodb import RetroDB
+from retrodb.errors import BadInputError
 from retrodb.neighbours import NeighbourSet
 from retrodb_model import generate as generate_mod
 from retrodb_model.config import RetroConfig
 from retrodb_model.evaluate import (
     ALPHAS,
+    derangement,
     evaluate,
     longest_common_run,
     read_documents,
@@ -33,8 +35,8 @@ from .test_neighbours import build_db
 M = 16
 JSON_FIELDS = [
     "documents", "windows", "tokens", "bytes", "seq_len", "chunk_size", "k", "exclude_self",
-    "max_tokens_per_document", "db", "generation", "bpb", "bpb_alpha", "per_document",
-    "seconds",
+    "rerank", "fetch", "shuffle_seed", "max_tokens_per_document", "db", "generation", "bpb",
+    "bpb_alpha", "per_document", "seconds",
 ]  # fmt: skip
 
 
@@ -187,7 +189,7 @@ def test_evaluate_retrieves_live_and_excludes_self(db: RetroDB, tmp_path: Path) 
     excl = evaluate(model, db, docs, seq_len=4 * M, exclude_self=True)
     assert res.documents == len(docs) and res.tokens > 0 and res.bytes > res.tokens
     for r in (res, excl):
-        assert set(r.bpb) == {"retrieval", "no_retrieval"}
+        assert set(r.bpb) == {"retrieval", "shuffled", "no_retrieval"}
         assert all(np.isfinite(v) for v in r.bpb.values())
         t = r.bpb_alpha
         assert t is not None and t["alpha"] == list(ALPHAS)
@@ -209,17 +211,58 @@ def test_evaluate_retrieves_live_and_excludes_self(db: RetroDB, tmp_path: Path) 
     plain = evaluate(model, db, docs, seq_len=4 * M, retrieval=False)
     assert plain.save(tmp_path / "plain.json") == [tmp_path / "plain.json"]
     assert "bpb_alpha" not in plain.to_dict() and list(plain.bpb) == ["no_retrieval"]
+    assert res.bpb["shuffled"] not in (res.bpb["retrieval"], res.bpb["no_retrieval"])
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 10, 257])
+def test_shuffled_neighbours_come_from_another_chunk(n: int) -> None:
+    for seed in range(20):
+        perm = derangement(n, seed=seed)
+        assert sorted(perm.tolist()) == list(range(n))
+        if n >= 2:
+            assert (perm != np.arange(n)).all()
+    assert not np.array_equal(derangement(257, seed=0), derangement(257, seed=1))
+
+
+def test_evaluate_shuffles_the_neighbours_it_retrieved(db: RetroDB) -> None:
+    """A model whose CCA copies perfectly is not needed: with shuffled neighbours the
+    chunks a model attends to are exactly the retrieved rows of the derangement."""
+    model = tiny_model(db)
+    docs = read_documents([db.path.parent / "corpus"])
+    seen: list[torch.Tensor] = []
+    forward = model.forward
+
+    def spy(tokens, retrieved=None, retrieved_mask=None, targets=None):  # noqa: ANN001, ANN202
+        seen.append(retrieved)
+        return forward(tokens, retrieved, retrieved_mask, targets)
+
+    model.forward = spy  # type: ignore[method-assign]
+    res = evaluate(model, db, docs[:1], seq_len=4 * M, batch_size=64)
+    on, shuffled, off = seen
+    assert off is None and on.shape == shuffled.shape
+    n = int((on[:, :, 0, 0] != -1).sum())  # chunks with neighbours (all real here)
+    rows_on = on.reshape(-1, *on.shape[2:])[:n]
+    rows_sh = shuffled.reshape(-1, *on.shape[2:])[:n]
+    assert n >= 2 and res.windows == on.shape[0]
+    # every chunk's shuffled neighbours are another chunk's retrieved ones
+    perm = torch.from_numpy(derangement(n, seed=0))
+    assert torch.equal(rows_sh, rows_on[perm])
 
 
 def test_cli_evaluate_writes_json_and_plot(db: RetroDB, run_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval.json"
     corpus = str(db.path.parent / "corpus")
     res = CliRunner().invoke(
-        app, ["evaluate", str(run_dir), str(db.path), corpus, "-o", str(out), "-q"],
+        app, ["evaluate", str(run_dir), str(db.path), corpus, "-o", str(out)],
         catch_exceptions=False,
     )  # fmt: skip
     assert res.exit_code == 0, res.output
-    assert "bpb retrieval" in res.output and "bpb(alpha)" in res.output
+    assert "bpb retrieval" in res.output and "bpb shuffled" in res.output
+    assert "bpb(alpha)" in res.output and "shuffled" in res.output.split("bpb(alpha)")[1]
+    quiet = CliRunner().invoke(
+        app, ["evaluate", str(run_dir), str(db.path), corpus, "-o", str(out), "-q"],
+    )  # fmt: skip
+    assert quiet.exit_code == 0 and quiet.output == ""  # -q: no summary, as everywhere
     data = json.loads(out.read_text())
     assert list(data) == ["checkpoint", "step", "inputs", *JSON_FIELDS]
     assert data["step"] == 4 and data["k"] == 2 and data["seq_len"] == 4 * M
@@ -245,3 +288,23 @@ def test_cli_generate(db: RetroDB, run_dir: Path) -> None:
     assert json.loads(res.output)["retrievals"] == []
     res = CliRunner().invoke(app, [*base[:3], "x", "-n", "100000"])
     assert res.exit_code == 1 and "max_seq_len" in res.output
+
+
+def test_live_retrieval_reranks_the_dense_candidates(db: RetroDB) -> None:
+    from retrodb_model.retrieve import LiveRetriever
+
+    own = db.retrieve(np.arange(6))
+    chunks, lengths = own.tokens[:, :M], own.mask[:, :M].sum(axis=1)
+    dense = LiveRetriever(db, 8)(chunks, lengths)
+    got = LiveRetriever(db, 2, rerank="overlap", fetch=4)(chunks, lengths)
+    assert got.keys.shape == (6, 2) and got.tokens.shape == (6, 2, 2 * M)
+    assert all(set(a) <= set(b) for a, b in zip(got.keys, dense.keys, strict=True))
+    # a chunk of the database shares all its tokens with itself: it comes first
+    assert (got.keys[:, 0] == np.arange(6)).all()
+    # the tokens are those of the kept keys
+    np.testing.assert_array_equal(got.tokens, db.retrieve(got.keys).tokens)
+    docs = read_documents([db.path.parent / "corpus"])[:1]
+    res = evaluate(tiny_model(db), db, docs, seq_len=4 * M, rerank="overlap")
+    assert res.rerank == "overlap" and np.isfinite(res.bpb["retrieval"])
+    with pytest.raises(BadInputError, match="rerank"):
+        LiveRetriever(db, 2, rerank="bm25")

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from retrodb import ChunkConfig, DBConfig, RetroDB, StaleError, TokenizerConfig
 from retrodb.errors import BadInputError, NotFoundError
 from retrodb.neighbours import NeighbourSet, SequenceReader, delete_set, list_sets
+from retrodb.rerank import rerank_keys
 from retrodb.storage import Manifest
 
 from .conftest import copy_db
@@ -365,3 +366,102 @@ def test_cli_neighbours(db: RetroDB, tmp_path: Path) -> None:
     assert out["source"] == "inputs" and out["documents"] == 2
     assert "no neighbour set" in run("neighbours", db.path, "nope", "--refresh", code=1).stderr
     run("neighbours", db.path, code=1)
+
+
+def add_mixed_docs(db: RetroDB, tmp_path: Path) -> None:
+    """One new document per stored one: a run of 7 of its words between words of its own,
+    so that some chunks share long token runs with chunks that are not their nearest."""
+    docs = random_docs(8, seed=0, prefix="doc")  # the documents of ``pristine``
+    noise = random_docs(8, seed=21, prefix="mix")
+    mixed = {}
+    for i, text in enumerate(docs[k] for k in sorted(docs)):
+        own = noise[f"mix{i:02d}.txt"].split()
+        mixed[f"mix{i:02d}.txt"] = " ".join(own[:6] + text.split()[2:9] + own[6:14])
+    db.add([write_docs(tmp_path / "mixed", mixed)])
+
+
+def overlap_top(db: RetroDB, ns: NeighbourSet, keys: np.ndarray, k: int) -> np.ndarray:
+    """The k of dense candidates ``keys`` that share the longest run with each row."""
+    toks, lens = ns.row_tokens(db, np.arange(ns.info.rows))
+    query = np.where(np.arange(toks.shape[1]) < lens[:, None], toks, -1)
+    ctoks, clens = db.chunks(keys)
+    cands = np.where(np.arange(ctoks.shape[2]) < clens[..., None], ctoks, -1)
+    return rerank_keys(query, keys, np.zeros(keys.shape, np.float32), cands, k)[0]
+
+
+def test_rerank_overlap_keeps_k_never_the_own_document(db: RetroDB, tmp_path: Path) -> None:
+    add_mixed_docs(db, tmp_path)
+    dense = NeighbourSet.compute(db, "dense", k=8, exact=True)
+    ns = NeighbourSet.compute(db, "rr", k=2, exact=True, rerank="overlap", fetch=4)
+    keys, dkeys = np.asarray(ns.keys), np.asarray(dense.keys)
+    assert keys.shape == (ns.info.rows, 2) and (keys >= 0).all()
+    # The k of the 8 dense candidates (same rules) that overlap most, with their distances.
+    np.testing.assert_array_equal(keys, overlap_top(db, dense, dkeys, 2))
+    assert (keys != dkeys[:, :2]).any(axis=1).sum() >= 3  # the order did change somewhere
+    pos = (dkeys[:, :, None] == keys[:, None, :]).argmax(axis=1)
+    np.testing.assert_array_equal(
+        np.asarray(ns.distances), np.take_along_axis(np.asarray(dense.distances), pos, axis=1)
+    )
+    assert (db.key_doc_numbers(keys) != own_docs(db, ns)[:, None]).all()  # the paper's rule
+    info = NeighbourSet.open(db, "rr").info
+    assert (info.rerank, info.fetch) == ("overlap", 4)
+    assert info.to_dict()["rerank"] == "overlap" and info.to_dict()["fetch"] == 4
+    # rerank "none" is the dense top k, as before; recorded as fetch 1.
+    plain = NeighbourSet.compute(db, "plain", k=2, exact=True, rerank="none")
+    np.testing.assert_array_equal(np.asarray(plain.keys), dkeys[:, :2])
+    assert (plain.info.rerank, plain.info.fetch) == ("none", 1)
+    with pytest.raises(BadInputError, match="fetch"):
+        NeighbourSet.compute(db, "bad", k=2, fetch=4)
+    with pytest.raises(BadInputError, match="rerank"):
+        NeighbourSet.compute(db, "bad", k=2, rerank="bm25")
+
+
+def test_sets_without_rerank_fields_read_as_dense(db: RetroDB) -> None:
+    ns = NeighbourSet.compute(db, "old", k=2)
+    meta = ns.dir / "neighbours.json"
+    d = json.loads(meta.read_text())
+    del d["rerank"], d["fetch"]  # as written before they were recorded
+    meta.write_text(json.dumps(d))
+    info = NeighbourSet.open(db, "old").info
+    assert (info.rerank, info.fetch) == ("none", 1)
+
+
+def test_refresh_of_a_reranked_set_equals_a_recompute(db: RetroDB, tmp_path: Path) -> None:
+    NeighbourSet.compute(db, "rr", k=2, exact=True, rerank="overlap", fetch=3)
+    add_mixed_docs(db, tmp_path)
+    delete_docs(db, ["doc05.txt"])
+    ns = NeighbourSet.refresh(db, "rr")
+    assert (ns.info.rerank, ns.info.fetch, ns.info.refreshed_from) == ("overlap", 3, 1)
+    assert set(ns.info.searched) == {s.meta.name for s in db.segments}  # every row, in full
+    full = NeighbourSet.compute(db, "check", k=2, exact=True, rerank="overlap", fetch=3)
+    assert_same_sets(ns, full)
+
+
+def test_cli_neighbours_rerank(db: RetroDB, tmp_path: Path) -> None:
+    from retrodb_cli.main import app
+
+    runner = CliRunner()
+
+    def run(*args: object, code: int = 0):
+        res = runner.invoke(app, [str(a) for a in args])
+        assert res.exit_code == code, res.output
+        return res
+
+    args = ("neighbours", db.path, "rr", "-k", "2", "--exact", "--rerank", "overlap")
+    out = json.loads(run(*args, "--fetch", "3", "--json").output)
+    assert (out["rerank"], out["fetch"], out["k"]) == ("overlap", 3, 2)
+    assert "k=2 of 6 by overlap" in run(*args, "--fetch", "3").stdout
+    out = json.loads(run("neighbours", db.path, "plain", "--json", "-q").output)
+    assert (out["rerank"], out["fetch"]) == ("none", 1)
+    listed = {
+        s["name"]: s for s in json.loads(run("neighbours", db.path, "--list", "--json").output)
+    }
+    assert listed["rr"]["rerank"] == "overlap" and listed["plain"]["rerank"] == "none"
+    assert "fetch" in run("neighbours", db.path, "x", "--fetch", "2", code=1).stderr
+    RetroDB.open(db.path).add([write_docs(tmp_path / "more", random_docs(1, seed=3, prefix="m"))])
+    err = run("neighbours", db.path, "rr", "--refresh", "--fetch", "2", code=1).stderr
+    assert "recompute without --refresh" in err
+    res = run("neighbours", db.path, "rr", "--refresh", "--rerank", "overlap")
+    assert "every row re-ranked again" in res.stdout
+    out = json.loads(run("neighbours", db.path, "rr", "--json").output)  # recomputed: dense
+    assert (out["rerank"], out["fetch"]) == ("none", 1)

@@ -219,3 +219,10 @@ def test_ray_neighbour_set_equals_the_local_one(
     assert (np.asarray(ray_set.keys) == np.asarray(local.keys)).all()
     assert np.allclose(np.asarray(ray_set.distances), np.asarray(local.distances))
     assert ray_set.info.segments == local.info.segments
+    # a re-ranked set too: the searcher actors re-rank like the local searcher
+    local_rr = NeighbourSet.compute(db, "local-rr", k=2, rerank="overlap", fetch=3, batch_size=8)
+    ray_rr = NeighbourSet.compute(
+        db, "ray-rr", k=2, rerank="overlap", fetch=3, batch_size=8, engine=ENGINE
+    )
+    assert ray_rr.info.rerank == "overlap" and ray_rr.info.fetch == 3
+    assert (np.asarray(ray_rr.keys) == np.asarray(local_rr.keys)).all()

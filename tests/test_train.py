@@ -27,7 +27,7 @@ from retrodb import RetroDB
 from retrodb.errors import BadInputError, MismatchError, NotFoundError
 from retrodb.neighbours import NeighbourSet
 from retrodb_model.checkpoint import load_model, read_checkpoint
-from retrodb_model.config import RetroConfig
+from retrodb_model.config import RetroConfig, default_lr
 from retrodb_model.data import RetroDataset
 from retrodb_model.model import RetroModel
 from retrodb_model.threads import RULE, default_threads
@@ -90,6 +90,16 @@ def test_lr_schedule_warms_up_then_decays_to_min() -> None:
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(x >= y for x, y in zip(lrs[9:], lrs[10:], strict=False))
     assert lr_at(100, a) == pytest.approx(0.1)
+
+
+def test_default_lr_scales_with_width_and_is_recorded(tiny_db: RetroDB, tmp_path: Path) -> None:
+    assert default_lr(64) == pytest.approx(3e-3) and default_lr(32) == pytest.approx(3e-3)
+    assert default_lr(384) == pytest.approx(1.02e-3, rel=0.01)
+    assert default_lr(896) == pytest.approx(6.2e-4, rel=0.01)
+    out = tmp_path / "run"
+    train(args_for(tiny_db, out, lr=None, steps=2))
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["train"]["lr"] == pytest.approx(default_lr(saved["model"]["dim"]))
 
 
 @pytest.mark.slow
@@ -170,14 +180,20 @@ def test_retrofit_trains_only_cca_and_encoder(
 ) -> None:
     base, _ = plain_run
     out = tmp_path / "retrofit"
-    state = train(args_for(tiny_db, out, retrofit=str(base), steps=4, lr=1e-2))
+    # the retrieval modules' fields may be chosen (not the default gate here); others not
+    choice = {"cca_overlap_gate": "run", "dim": 999}
+    state = train(args_for(tiny_db, out, retrofit=str(base), steps=4, lr=1e-2, model=choice))
     assert 0 < state["trainable_fraction"] < 1
+    _, ck = load_model(out)
+    assert ck.config.cca_null and ck.config.cca_overlap_gate == "run"
+    assert ck.config.dim == 64
+    assert ck.config.enc_input == "norm" and ck.config.cca_position_bias
     before, _ = load_model(base)
     after, _ = load_model(out)
     ids = {id(p) for mod in after.retrieval_modules() for p in mod.parameters()}
     retrieval = {n for n, p in after.named_parameters() if id(p) in ids}
     sb, sa = before.state_dict(), after.state_dict()
-    changed = {n for n in sa if not torch.equal(sa[n], sb[n])}
+    changed = {n for n in sa if n not in sb or not torch.equal(sa[n], sb[n])}
     assert changed and changed <= retrieval, sorted(changed - retrieval)[:5]
     assert any(n.startswith("encoder.") for n in changed)
     assert any(".cca." in n for n in changed)

@@ -8,8 +8,12 @@ the documents: their chunks may retrieve their own document (their own continuat
 among them), so a model trained on the set sees neighbours worth copying as well as
 neighbours that are not, and learns when to trust them.
 
+``rerank="overlap"`` searches ``fetch * k`` dense candidates under the same rules and
+keeps the k that share the longest token run with the row's chunk (:mod:`retrodb.rerank`).
+
 A refresh searches only the segments added since the set's generation and merges the top
-k; rows that lost a neighbour to a deletion are searched again in full.
+k; rows that lost a neighbour to a deletion are searched again in full. A re-ranked top k
+does not merge by distance, so every row of a re-ranked set is searched again in full.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from .. import corpus as corpus_mod
 from ..chunking import chunk_documents
 from ..errors import BadInputError
 from ..progress import ProgressFn, no_progress
+from ..rerank import check_rerank, padded, rerank_candidates, resolve_fetch
 from ..search import Exclusion, check_k, merge_top
 from ..split import split_value
 from .store import (
@@ -74,6 +79,15 @@ class Rows:
     @property
     def source(self) -> Literal["db", "inputs"]:
         return "db" if self.chunk_keys is not None else "inputs"
+
+    def query_tokens(self, db: RetroDB, rows: np.ndarray) -> np.ndarray:
+        """The tokens ``[len(rows), m]`` of ``rows``, padding as -1 (for re-ranking)."""
+        if self.chunk_keys is not None:
+            toks, lengths = db.chunks(self.chunk_keys[rows])
+        else:
+            assert self.tokens is not None and self.lengths is not None
+            toks, lengths = self.tokens[rows], self.lengths[rows]
+        return padded(toks, db.keymap.masks(lengths))
 
     @classmethod
     def of_database(cls, db: RetroDB) -> Rows:
@@ -144,6 +158,8 @@ class SearchEngine(Protocol):
         self_share: float,
         batch_size: int,
         progress: ProgressFn,
+        rerank: str = "none",
+        fetch: int = 1,
     ) -> tuple[np.ndarray, np.ndarray]:
         """``Searcher(db, rows, ...).run`` over every row and segment: keys, distances."""
         ...
@@ -170,7 +186,8 @@ class KeyRanges:
 
 
 class Searcher:
-    """Batched, filtered search for the rows of a set."""
+    """Batched, filtered search for the rows of a set; with ``rerank="overlap"``, the k of
+    ``fetch * k`` candidates that share the longest token run with the row's chunk."""
 
     def __init__(
         self,
@@ -181,8 +198,12 @@ class Searcher:
         k: int,
         exact: bool,
         self_share: float = 0.0,
+        rerank: str = "none",
+        fetch: int = 1,
     ) -> None:
+        check_rerank(rerank)
         self.db, self.rows, self.k, self.exact = db, rows, k, exact
+        self.rerank, self.fetch = rerank, fetch
         km = db.keymap
         self.excluded = km.doc_table(exclude)
         # Per row, the database document it may not retrieve (-2: none).
@@ -230,14 +251,21 @@ class Searcher:
                 skip_starts=None if skip is None else skip.starts,
                 skip_stops=None if skip is None else skip.stops,
             )
+            reranked = self.rerank == "overlap"
             res = self.db.search_vectors(
                 self.vectors(batch),
-                self.k,
+                self.k * self.fetch if reranked else self.k,
                 exact=self.exact,
                 exclusion=exclusion,
                 segments=segments,
             )
-            keys[a:b], dist[a:b] = res.keys, res.distances
+            if reranked:
+                query = self.rows.query_tokens(self.db, batch)
+                keys[a:b], dist[a:b] = rerank_candidates(
+                    self.db, query, res.keys, res.distances, self.k
+                )
+            else:
+                keys[a:b], dist[a:b] = res.keys, res.distances
             progress("neighbours", done + b, total)
         return keys, dist
 
@@ -252,6 +280,8 @@ def _info(
     exact: bool,
     inputs: tuple[str, ...],
     self_share: float,
+    rerank: str,
+    fetch: int,
     refreshed_from: int | None = None,
     searched: tuple[str, ...] | None = None,
 ) -> NeighbourSetInfo:
@@ -275,6 +305,8 @@ def _info(
         refreshed_from=refreshed_from,
         searched=tuple(s.name for s in segs) if searched is None else searched,
         self_share=self_share,
+        rerank=rerank,
+        fetch=fetch,
     )
 
 
@@ -287,6 +319,8 @@ def compute(
     exclude_docs: Iterable[str] = (),
     exact: bool = False,
     self_share: float = 0.0,
+    rerank: str = "none",
+    fetch: int | None = None,
     batch_size: int = DEFAULT_BATCH,
     errors: corpus_mod.Errors = "strict",
     stdin: BinaryIO | None = None,
@@ -300,10 +334,13 @@ def compute(
     whose stored index vectors are reused (nothing is re-encoded). ``exclude_docs``:
     document ids never returned as neighbours. ``exact``: brute-force search.
     ``self_share``: the share of documents (stable hash of the id) whose chunks may
-    retrieve their own document; 0 is the paper's rule for every document. ``engine``:
-    search elsewhere (e.g. ``RayEngine``); the set is committed here."""
+    retrieve their own document; 0 is the paper's rule for every document. ``rerank``:
+    ``"overlap"`` keeps the k of ``fetch * k`` dense candidates (default 4 per neighbour,
+    same rules) that share the longest token run with the row's chunk; ``"none"`` the dense
+    top k. ``engine``: search elsewhere (e.g. ``RayEngine``); the set is committed here."""
     check_name(name)
     k = check_k(k)
+    fetch = resolve_fetch(rerank, fetch)
     if batch_size <= 0:
         raise BadInputError(f"batch_size must be positive, got {batch_size}")
     self_share_mask([], self_share)  # validates the share
@@ -316,7 +353,16 @@ def compute(
         if rows.n == 0:
             raise BadInputError("no chunks to compute neighbours for (all documents deleted)")
         if engine is None:
-            search = Searcher(db, rows, exclude=exclude, k=k, exact=exact, self_share=self_share)
+            search = Searcher(
+                db,
+                rows,
+                exclude=exclude,
+                k=k,
+                exact=exact,
+                self_share=self_share,
+                rerank=rerank,
+                fetch=fetch,
+            )
             keys, dist = search.run(
                 np.arange(rows.n), list(range(len(db.segments))), batch_size, progress
             )
@@ -330,6 +376,8 @@ def compute(
                 self_share=self_share,
                 batch_size=batch_size,
                 progress=progress,
+                rerank=rerank,
+                fetch=fetch,
             )
         info = _info(
             db,
@@ -340,6 +388,8 @@ def compute(
             exact=exact,
             inputs=tuple(str(p) for p in inputs or ()),
             self_share=float(self_share),
+            rerank=rerank,
+            fetch=fetch,
         )
         return write_version(db, info, rows, keys, dist)
 
@@ -370,7 +420,8 @@ def refresh(
     Only the segments added since are searched, and their top k merged with the stored
     top k. Neighbours from documents deleted since are dropped, and the rows that lost one
     are searched again in full. For a set of the database's own documents, rows of new
-    documents are added and rows of deleted ones removed. With exact search the result
+    documents are added and rows of deleted ones removed. A re-ranked set is searched
+    again in full (its top k does not merge by distance). With exact search the result
     equals a full recompute."""
     with set_lock(db, name):
         old = NeighbourSet.open(db, name, allow_stale=True)
@@ -391,11 +442,22 @@ def refresh(
         seg, _ = db.locate(keys)
         gone = (keys >= 0) & ((seg < 0) | db.deleted_mask(keys))
         full = ~found | gone.any(axis=1)
+        if i.rerank != "none":
+            full[:] = True  # a re-ranked top k does not merge with new candidates by distance
         covered = KeyRanges(i.segments)
         spans = [(s.meta.first_key, _span(s.meta)) for s in db.segments]
         new_segments = [si for si, (a, n) in enumerate(spans) if covered.count(a, n) < n]
         partial = any(covered.count(*spans[si]) > 0 for si in new_segments)
-        search = Searcher(db, rows, exclude=i.exclude, k=i.k, exact=exact, self_share=i.self_share)
+        search = Searcher(
+            db,
+            rows,
+            exclude=i.exclude,
+            k=i.k,
+            exact=exact,
+            self_share=i.self_share,
+            rerank=i.rerank,
+            fetch=i.fetch,
+        )
         todo_full = np.nonzero(full)[0]
         todo_new = np.nonzero(~full)[0] if new_segments else np.zeros(0, np.int64)
         total = todo_full.size + todo_new.size
@@ -416,6 +478,10 @@ def refresh(
             keys[todo_new], dist[todo_new] = merge_top(
                 [keys[todo_new], kn], [dist[todo_new], dn], i.k
             )
+        # a re-ranked set searched every segment (None: all of them)
+        searched = (
+            None if i.rerank != "none" else tuple(db.segments[s].meta.name for s in new_segments)
+        )
         info = _info(
             db,
             name,
@@ -425,8 +491,10 @@ def refresh(
             exact=exact,
             inputs=i.inputs,
             self_share=i.self_share,
+            rerank=i.rerank,
+            fetch=i.fetch,
             refreshed_from=i.generation,
-            searched=tuple(db.segments[s].meta.name for s in new_segments),
+            searched=searched,
         )
         return write_version(db, info, rows, keys, dist)
 
@@ -449,6 +517,8 @@ class UpdateReport:
         i = self.info
         if self.how == "current":
             how = "already current"
+        elif self.how == "refreshed" and i.rerank != "none":
+            how = f"refreshed from generation {i.refreshed_from}, every row re-ranked again"
         elif self.how == "refreshed":
             how = (
                 f"refreshed from generation {i.refreshed_from}, "
@@ -457,7 +527,8 @@ class UpdateReport:
         else:
             how = f"{i.rows / max(self.seconds, 1e-9):,.0f} chunks/s"
         rows, docs = corpus_mod.plural(i.rows, "chunk"), corpus_mod.plural(i.documents, "document")
-        return f"neighbours {i.name}: {rows} of {docs}, k={i.k}, generation {i.generation} ({how})"
+        k = f"k={i.k}" if i.rerank == "none" else f"k={i.k} of {i.k * i.fetch} by {i.rerank}"
+        return f"neighbours {i.name}: {rows} of {docs}, {k}, generation {i.generation} ({how})"
 
 
 def update(
@@ -470,14 +541,17 @@ def update(
     exclude_docs: Sequence[str] = (),
     exact: bool = False,
     self_share: float | None = None,
+    rerank: str | None = None,
+    fetch: int | None = None,
     batch_size: int = DEFAULT_BATCH,
     progress: ProgressFn = no_progress,
     engine: SearchEngine | None = None,
 ) -> UpdateReport:
     """What `retrodb neighbours DB NAME` does: compute the set, or with ``refresh_only``
-    bring an existing one up to date (its inputs, exclusions, k, search mode and self
-    share are kept; asking to change them is refused). ``engine``: compute elsewhere (a
-    refresh always runs here)."""
+    bring an existing one up to date (its inputs, exclusions, k, search mode, self share
+    and re-ranking are kept; asking to change them is refused). ``rerank`` (default
+    ``none``) and ``fetch``: see :func:`compute`. ``engine``: compute elsewhere (a refresh
+    always runs here)."""
     t0 = time.perf_counter()
     if refresh_only:
         if engine is not None:
@@ -495,6 +569,13 @@ def update(
             raise BadInputError(
                 f"set {name!r} has k={old.info.k}; recompute without --refresh to change k"
             )
+        if (rerank is not None and rerank != old.info.rerank) or (
+            fetch is not None and fetch != old.info.fetch
+        ):
+            raise BadInputError(
+                f"set {name!r} has rerank={old.info.rerank} (fetch {old.info.fetch}); "
+                "recompute without --refresh to change them"
+            )
         was_current = not old.is_stale(db)
         ns = refresh(db, name, batch_size=batch_size, progress=progress)
         how: Literal["computed", "refreshed", "current"] = "current" if was_current else "refreshed"
@@ -507,6 +588,8 @@ def update(
             exclude_docs=exclude_docs,
             exact=exact,
             self_share=self_share or 0.0,
+            rerank=rerank or "none",
+            fetch=fetch,
             batch_size=batch_size,
             progress=progress,
             engine=engine,

@@ -7,7 +7,7 @@ A set lives in ``DB/neighbours/<name>/`` (see docs/neighbours.md)::
     <version>/              a Zarr v3 group of raw single-chunk arrays + neighbours.json
       neighbours.json       generation, segments searched, k, fingerprints, source, excludes
       keys [n, k] int64     nearest keys, best first, -1 = none
-      distances [n, k] f32  cosine distances, inf where the key is -1
+      distances [n, k] f32  cosine distances, inf where the key is -1 (sorted unless re-ranked)
       continuations [n, k]  int64 key of each neighbour's continuation, -1 at a document end
       doc [n] int32         row -> document of this set (docs/ids)
       docs/ids, docs/first_row, docs/num_rows
@@ -122,6 +122,12 @@ class NeighbourSetInfo:
     """The segments searched to make this version (all of them for a full compute)."""
     self_share: float = 0.0
     """The share of documents whose neighbours may come from the document itself."""
+    rerank: str = "none"
+    """How the k neighbours were chosen: ``none`` (the dense top k) or ``overlap`` (the k
+    of ``fetch * k`` dense candidates sharing the longest token run with the row's chunk;
+    the distances are then not sorted). Sets written before it was recorded: ``none``."""
+    fetch: int = 1
+    """Dense candidates searched per kept neighbour (1 without re-ranking)."""
     format_version: int = SET_FORMAT_VERSION
 
     def to_dict(self, *, current_generation: int | None = None) -> dict[str, Any]:
@@ -142,6 +148,8 @@ class NeighbourSetInfo:
             "refreshed_from": self.refreshed_from,
             "segments": [s.name for s in self.segments],
             "self_share": self.self_share,
+            "rerank": self.rerank,
+            "fetch": self.fetch,
         }
 
     def to_json(self) -> str:
