@@ -44,8 +44,10 @@ def token_identity_share(
             break
         x = x + block.attn(block.norm_attn(x), rot, causal=True)
         x = x + block.ff(block.norm_ff(x))
-    encoded, _, _ = model._encode_new_chunks(x, tokens, retrieved, None, None)  # (B, n, k*r, E)
-    assert encoded is not None
+    # the encoder itself, on the neighbours as given (the overlap gate's "shift" would move
+    # their tokens before encoding, and this measures what the encoder does with them)
+    states = x.reshape(batch, chunks, m, -1)  # (B, n, m, D)
+    encoded = model.encoder(model.wte(retrieved), None, states)  # (B, n, k*r, E)
     model.train(was_training)
     out = encoded.reshape(-1, encoded.shape[-1]).double()  # (P, E)
     tok = retrieved.reshape(-1)

@@ -5,7 +5,7 @@
 # Budget knobs (environment): STEPS (default 300), SEQ_LEN (256), BATCH (4), DTYPE (bf16),
 # MAX_TOKENS (2048 scored tokens per evaluated document).
 # The recipe (README): neighbours with --self-share 0.25 (SELF_SHARE), then `retrodb train`
-# with the model's defaults (RMSNorm encoder input, CCA null key and aligned overlap gate,
+# with the model's defaults (RMSNorm encoder input, CCA null key and shift overlap gate,
 # learning rate by width: 1e-3 for the small preset).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -104,18 +104,19 @@ evals retro
 evals retrofit
 
 # 4b. What each lever does (ABLATIONS=0 skips): the recipe without the self-share (the
-#     paper's rule), without the null key and overlap gate, and with the "shift" gate
-#     (each neighbour aligned on its longest common run first); same steps and data order.
+#     paper's rule), with the "aligned" gate instead of "shift" (neighbours not shifted
+#     onto their longest common run), and without the null key and overlap gate; same
+#     steps and data order.
 if [ "${ABLATIONS:-1}" = 1 ]; then
   [ -e "$W/db.pristine/neighbours/paper/CURRENT" ] ||
     "$RETRODB" neighbours "$W/db.pristine" paper -k 2 --quiet
   "$RETRODB" train "$W/db.pristine" --neighbours paper "${TRAIN[@]}" --preset small --out "$W/retro-paper" >> "$W/train-retro-paper.log" 2>&1 &
   "$RETRODB" train "$W/db.pristine" --neighbours train "${TRAIN[@]}" --preset small --out "$W/retro-nogate" \
     --model cca_null=false --model cca_overlap_gate=none >> "$W/train-retro-nogate.log" 2>&1 &
-  "$RETRODB" train "$W/db.pristine" --neighbours train "${TRAIN[@]}" --preset small --out "$W/retro-shift" \
-    --model cca_overlap_gate=shift >> "$W/train-retro-shift.log" 2>&1 &
+  "$RETRODB" train "$W/db.pristine" --neighbours train "${TRAIN[@]}" --preset small --out "$W/retro-aligned" \
+    --model cca_overlap_gate=aligned >> "$W/train-retro-aligned.log" 2>&1 &
   wait
-  for run in retro-paper retro-nogate retro-shift; do
+  for run in retro-paper retro-aligned retro-nogate; do
     ev "$W/eval-$run-heldout.json" "$W/$run" "$W/db.pristine" "$W/heldout" --exclude-self &
     ev "$W/eval-$run-new-before.json" "$W/$run" "$W/db.pristine" "$W/new" &
     wait
@@ -123,9 +124,11 @@ if [ "${ABLATIONS:-1}" = 1 ]; then
   done
 fi
 
-# 5. One prompt, greedy, from the database with the added documents (and the RETRO-fit
-#    before the add).
-PROMPT=${PROMPT:-"SQLite is a C library that provides a lightweight disk-based database that doesn't require a separate server process and allows accessing the database using a nonstandard variant of the SQL query language."}
+# 5. One prompt, greedy: the first lines of a new document (sqlite3.rst.txt), so that
+#    after `retrodb add` its first chunk retrieves itself and the text that follows is in
+#    the neighbours' continuation; from the database with the added documents (and the
+#    RETRO-fit before the add).
+PROMPT=${PROMPT:-$(head -n 12 "$W/new/sqlite3.rst.txt")}
 gen() { local out=$1; shift; [ -f "$out" ] || "$RETRODB" generate "$@" "$PROMPT" -n 96 -t 0 --threads 1 > "$out" 2>&1; }
 gen "$W/gen-retrieval.txt" "$W/retro" "$W/db.added" --show-neighbours
 gen "$W/gen-no-retrieval.txt" "$W/retro" "$W/db.added" --no-retrieval
