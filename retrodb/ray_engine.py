@@ -65,7 +65,7 @@ from .storage import ENCODER_DIR, SEGMENTS, TOKENIZER_FILE, SegmentMeta, Storage
 
 if TYPE_CHECKING:
     from .db import RetroDB
-    from .neighbours.compute import Rows
+    from .neighbours.compute import Rows, SearchRules
     from .tokenizer import Tokenizer
 
 #: How to install the engine.
@@ -320,18 +320,13 @@ class RayEngine:
         self,
         db: RetroDB,
         rows: Rows,
+        rules: SearchRules,
         *,
-        exclude: Sequence[str],
-        k: int,
-        exact: bool,
-        self_share: float,
         batch_size: int,
         progress: ProgressFn = no_progress,
-        rerank: str = "none",
-        fetch: int = 1,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The top ``k`` of every row (re-ranked as ``rerank`` says), computed by searcher
-        actors (see the module docstring)."""
+        """The top ``rules.k`` of every row (re-ranked as ``rules.rerank`` says), computed by
+        searcher actors (see the module docstring)."""
         with self.session() as workers:
             ray = _ray()
             from ray.util import ActorPool
@@ -341,21 +336,11 @@ class RayEngine:
             rows_ref = [ray.put(rows)]
             actor = _searcher_class(ray).options(num_cpus=self.actor_cpus)
             actors = [
-                actor.remote(
-                    str(db.path.absolute()),
-                    db.generation,
-                    tuple(exclude),
-                    k,
-                    exact,
-                    self_share,
-                    rerank,
-                    fetch,
-                )
-                for _ in range(workers)
+                actor.remote(str(db.path.absolute()), db.generation, rules) for _ in range(workers)
             ]
             blocks = search_blocks(rows.n, batch_size, workers)
-            keys = np.full((rows.n, k), -1, np.int64)
-            dist = np.full((rows.n, k), np.inf, np.float32)
+            keys = np.full((rows.n, rules.k), -1, np.int64)
+            dist = np.full((rows.n, rules.k), np.inf, np.float32)
             progress("neighbours", 0, rows.n)
             try:
                 results = ActorPool(actors).map(
@@ -494,17 +479,7 @@ class _SearcherActor:
     """A searcher: the database opened once (every index mapped), and on its first block
     a :class:`~retrodb.neighbours.compute.Searcher` for the rows of the set."""
 
-    def __init__(
-        self,
-        path: str,
-        generation: int,
-        exclude: tuple[str, ...],
-        k: int,
-        exact: bool,
-        self_share: float,
-        rerank: str = "none",
-        fetch: int = 1,
-    ) -> None:
+    def __init__(self, path: str, generation: int, rules: SearchRules) -> None:
         from .db import RetroDB
 
         db = RetroDB.open(path, threads=1)
@@ -512,8 +487,7 @@ class _SearcherActor:
             db._load(db.storage.read_manifest(f"{generation:06d}.json"))
         _ = db.indexes  # map every segment's index now, once
         self.db = db
-        self.exclude, self.k, self.exact, self.self_share = exclude, k, exact, self_share
-        self.rerank, self.fetch = rerank, fetch
+        self.rules = rules
         self.search: Any = None
 
     def run(
@@ -527,16 +501,7 @@ class _SearcherActor:
         kill_hook("search")
         if self.search is None:
             rows: Rows = ray.get(rows_ref[0])
-            self.search = Searcher(
-                self.db,
-                rows,
-                exclude=self.exclude,
-                k=self.k,
-                exact=self.exact,
-                self_share=self.self_share,
-                rerank=self.rerank,
-                fetch=self.fetch,
-            )
+            self.search = Searcher(self.db, rows, self.rules)
         segments = list(range(len(self.db.segments)))
         keys, dist = self.search.run(np.arange(start, stop), segments, batch_size, no_progress)
         return keys, dist, _node()

@@ -50,6 +50,7 @@ from retrodb import corpus as corpus_mod
 from retrodb.db import RetroDB
 from retrodb.errors import BadInputError
 from retrodb.progress import ProgressFn, no_progress
+from retrodb.rerank import longest_run
 from retrodb.tokenizer import Tokenizer
 from retrodb_model.config import RetroConfig
 from retrodb_model.model import IGNORE_INDEX, RetroModel
@@ -81,20 +82,11 @@ def token_byte_lengths(tok: Tokenizer) -> np.ndarray:
 
 
 def longest_common_run(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Length of the longest common contiguous run between ``a [..., n]`` and each row of
-    ``b [..., K, r]``, maximised over the K rows: ``[...]`` int64. Entries < 0 never match
-    (use distinct negative values for padding on the two sides)."""
-    a = np.asarray(a)
-    b = np.asarray(b)
-    eq = (a[..., None, :, None] == b[..., :, None, :]) & (a[..., None, :, None] >= 0)
-    run = np.zeros(eq.shape[:-2] + (eq.shape[-1] + 1,), dtype=np.int64)  # (..., K, r+1)
-    best = np.zeros(eq.shape[:-2], dtype=np.int64)  # (..., K)
-    for i in range(eq.shape[-2]):
-        nxt = np.zeros_like(run)
-        nxt[..., 1:] = (run[..., :-1] + 1) * eq[..., i, :]
-        run = nxt
-        best = np.maximum(best, run.max(axis=-1))
-    return best.max(axis=-1) if best.shape[-1] else np.zeros(best.shape[:-1], np.int64)
+    """Length of the longest common contiguous run between each row of ``a [n, m]`` and the
+    rows of ``b [n, K, r]``, maximised over the K rows: ``[n]`` int64. Entries < 0 never
+    match (:func:`retrodb.rerank.longest_run`, the measure re-ranking uses)."""
+    runs = longest_run(a, b)  # (n, K)
+    return runs.max(axis=-1) if runs.shape[-1] else np.zeros(runs.shape[:-1], np.int64)
 
 
 @dataclass(frozen=True)

@@ -143,6 +143,31 @@ class Rows:
         )
 
 
+@dataclass(frozen=True)
+class SearchRules:
+    """What a set's rows may retrieve and how the k are chosen: recorded in the set's
+    description, given to every :class:`Searcher` (local or on a worker)."""
+
+    k: int
+    exclude: tuple[str, ...] = ()
+    exact: bool = False
+    self_share: float = 0.0
+    rerank: str = "none"
+    fetch: int = 1
+
+    @classmethod
+    def of(cls, info: NeighbourSetInfo, *, exact: bool | None = None) -> SearchRules:
+        """The rules a set was computed with (``exact`` overridden when given)."""
+        return cls(
+            k=info.k,
+            exclude=tuple(info.exclude),
+            exact=info.exact if exact is None else exact,
+            self_share=info.self_share,
+            rerank=info.rerank,
+            fetch=info.fetch,
+        )
+
+
 class SearchEngine(Protocol):
     """Computes the top k of every row of a set somewhere other than this process (see
     :class:`retrodb.ray_engine.RayEngine`), with the same :class:`Searcher` and batches."""
@@ -151,17 +176,12 @@ class SearchEngine(Protocol):
         self,
         db: RetroDB,
         rows: Rows,
+        rules: SearchRules,
         *,
-        exclude: Sequence[str],
-        k: int,
-        exact: bool,
-        self_share: float,
         batch_size: int,
         progress: ProgressFn,
-        rerank: str = "none",
-        fetch: int = 1,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """``Searcher(db, rows, ...).run`` over every row and segment: keys, distances."""
+        """``Searcher(db, rows, rules).run`` over every row and segment: keys, distances."""
         ...
 
 
@@ -189,29 +209,18 @@ class Searcher:
     """Batched, filtered search for the rows of a set; with ``rerank="overlap"``, the k of
     ``fetch * k`` candidates that share the longest token run with the row's chunk."""
 
-    def __init__(
-        self,
-        db: RetroDB,
-        rows: Rows,
-        *,
-        exclude: Sequence[str],
-        k: int,
-        exact: bool,
-        self_share: float = 0.0,
-        rerank: str = "none",
-        fetch: int = 1,
-    ) -> None:
-        check_rerank(rerank)
-        self.db, self.rows, self.k, self.exact = db, rows, k, exact
-        self.rerank, self.fetch = rerank, fetch
+    def __init__(self, db: RetroDB, rows: Rows, rules: SearchRules) -> None:
+        check_rerank(rules.rerank)
+        self.db, self.rows, self.rules = db, rows, rules
+        self.k = rules.k
         km = db.keymap
-        self.excluded = km.doc_table(exclude)
+        self.excluded = km.doc_table(rules.exclude)
         # Per row, the database document it may not retrieve (-2: none).
         per_doc = np.array(
             [n if n >= 0 else -2 for n in map(km.doc_number, rows.doc_ids)], dtype=np.int64
         ).reshape(-1)
-        if self_share > 0:
-            per_doc[self_share_mask(rows.doc_ids, self_share)] = -2
+        if rules.self_share > 0:
+            per_doc[self_share_mask(rows.doc_ids, rules.self_share)] = -2
         self.own_doc = per_doc[rows.doc] if rows.n else per_doc
 
     def vectors(self, rows: np.ndarray) -> np.ndarray:
@@ -251,11 +260,11 @@ class Searcher:
                 skip_starts=None if skip is None else skip.starts,
                 skip_stops=None if skip is None else skip.stops,
             )
-            reranked = self.rerank == "overlap"
+            reranked = self.rules.rerank == "overlap"
             res = self.db.search_vectors(
                 self.vectors(batch),
-                self.k * self.fetch if reranked else self.k,
-                exact=self.exact,
+                self.k * self.rules.fetch if reranked else self.k,
+                exact=self.rules.exact,
                 exclusion=exclusion,
                 segments=segments,
             )
@@ -274,14 +283,9 @@ def _info(
     db: RetroDB,
     name: str,
     rows: Rows,
+    rules: SearchRules,
     *,
-    k: int,
-    exclude: tuple[str, ...],
-    exact: bool,
     inputs: tuple[str, ...],
-    self_share: float,
-    rerank: str,
-    fetch: int,
     refreshed_from: int | None = None,
     searched: tuple[str, ...] | None = None,
 ) -> NeighbourSetInfo:
@@ -289,24 +293,24 @@ def _info(
     return NeighbourSetInfo(
         name=name,
         version="",  # set by write_version
-        k=k,
+        k=rules.k,
         generation=db.generation,
         source=rows.source,
         inputs=inputs,
         segments=segs,
-        exclude=exclude,
+        exclude=rules.exclude,
         tokenizer_fingerprint=db.manifest.tokenizer["fingerprint"],
         encoder_fingerprint=db.manifest.encoder["fingerprint"],
         chunk_size=db.chunk_size,
         dim=db.dim,
         rows=rows.n,
         documents=len(rows.doc_ids),
-        exact=exact,
+        exact=rules.exact,
         refreshed_from=refreshed_from,
         searched=tuple(s.name for s in segs) if searched is None else searched,
-        self_share=self_share,
-        rerank=rerank,
-        fetch=fetch,
+        self_share=float(rules.self_share),
+        rerank=rules.rerank,
+        fetch=rules.fetch,
     )
 
 
@@ -344,7 +348,14 @@ def compute(
     if batch_size <= 0:
         raise BadInputError(f"batch_size must be positive, got {batch_size}")
     self_share_mask([], self_share)  # validates the share
-    exclude = tuple(dict.fromkeys(exclude_docs))
+    rules = SearchRules(
+        k=k,
+        exclude=tuple(dict.fromkeys(exclude_docs)),
+        exact=exact,
+        self_share=float(self_share),
+        rerank=rerank,
+        fetch=fetch,
+    )
     with set_lock(db, name):
         if inputs:
             rows = Rows.of_inputs(db, inputs, errors=errors, stdin=stdin, progress=progress)
@@ -353,44 +364,14 @@ def compute(
         if rows.n == 0:
             raise BadInputError("no chunks to compute neighbours for (all documents deleted)")
         if engine is None:
-            search = Searcher(
-                db,
-                rows,
-                exclude=exclude,
-                k=k,
-                exact=exact,
-                self_share=self_share,
-                rerank=rerank,
-                fetch=fetch,
-            )
-            keys, dist = search.run(
+            keys, dist = Searcher(db, rows, rules).run(
                 np.arange(rows.n), list(range(len(db.segments))), batch_size, progress
             )
         else:
             keys, dist = engine.neighbours(
-                db,
-                rows,
-                exclude=exclude,
-                k=k,
-                exact=exact,
-                self_share=self_share,
-                batch_size=batch_size,
-                progress=progress,
-                rerank=rerank,
-                fetch=fetch,
+                db, rows, rules, batch_size=batch_size, progress=progress
             )
-        info = _info(
-            db,
-            name,
-            rows,
-            k=k,
-            exclude=exclude,
-            exact=exact,
-            inputs=tuple(str(p) for p in inputs or ()),
-            self_share=float(self_share),
-            rerank=rerank,
-            fetch=fetch,
-        )
+        info = _info(db, name, rows, rules, inputs=tuple(str(p) for p in inputs or ()))
         return write_version(db, info, rows, keys, dist)
 
 
@@ -430,7 +411,7 @@ def refresh(
         if old.info.generation > db.generation:
             old.check(db)  # raises: the database object is older than the set
         i = old.info
-        exact = i.exact if exact is None else exact
+        rules = SearchRules.of(i, exact=exact)
         rows, prev, found = _carry_over(db, old)
         if rows.n == 0:
             raise BadInputError("no chunks left to compute neighbours for")
@@ -448,16 +429,7 @@ def refresh(
         spans = [(s.meta.first_key, _span(s.meta)) for s in db.segments]
         new_segments = [si for si, (a, n) in enumerate(spans) if covered.count(a, n) < n]
         partial = any(covered.count(*spans[si]) > 0 for si in new_segments)
-        search = Searcher(
-            db,
-            rows,
-            exclude=i.exclude,
-            k=i.k,
-            exact=exact,
-            self_share=i.self_share,
-            rerank=i.rerank,
-            fetch=i.fetch,
-        )
+        search = Searcher(db, rows, rules)
         todo_full = np.nonzero(full)[0]
         todo_new = np.nonzero(~full)[0] if new_segments else np.zeros(0, np.int64)
         total = todo_full.size + todo_new.size
@@ -483,18 +455,7 @@ def refresh(
             None if i.rerank != "none" else tuple(db.segments[s].meta.name for s in new_segments)
         )
         info = _info(
-            db,
-            name,
-            rows,
-            k=i.k,
-            exclude=i.exclude,
-            exact=exact,
-            inputs=i.inputs,
-            self_share=i.self_share,
-            rerank=i.rerank,
-            fetch=i.fetch,
-            refreshed_from=i.generation,
-            searched=searched,
+            db, name, rows, rules, inputs=i.inputs, refreshed_from=i.generation, searched=searched
         )
         return write_version(db, info, rows, keys, dist)
 
@@ -612,6 +573,7 @@ __all__ = [
     "UpdateReport",
     "compute",
     "refresh",
+    "SearchRules",
     "self_share_mask",
     "update",
 ]
