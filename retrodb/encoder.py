@@ -132,7 +132,8 @@ def prepare_encoder(
     - a Hugging Face BERT checkpoint directory (``config.json``, ``model.safetensors`` or
       ``pytorch_model.bin``, and ``tokenizer.json`` or ``vocab.txt``): exported to ONNX;
     - an encoder directory (``encoder.json`` + ``model.onnx``): copied; its settings must
-      equal ``config``'s (else MismatchError);
+      equal ``config``'s (else MismatchError), except that an fp32 one is quantized when
+      ``config.quantize == "int8"``;
     - an ``.onnx`` file with ``tokenizer.json`` beside it: copied.
 
     With ``config.quantize == "int8"`` a fp32 model is quantized (dynamic, per channel).
@@ -258,21 +259,44 @@ def _from_onnx(src: Path, out: Path, config: EncoderConfig) -> None:
 
 
 def _copy_encoder_dir(src: Path, out: Path, config: EncoderConfig) -> None:
-    """Copy an existing encoder directory, after checking it matches ``config``."""
+    """Copy an existing encoder directory, after checking it matches ``config``; an fp32
+    one asked for ``quantize="int8"`` is quantized instead (no export needed: the same
+    model as exporting the checkpoint with int8)."""
     for name in ENCODER_FILES:
         if not (src / name).is_file():
             raise NotFoundError(f"{src / name}: missing from the encoder directory")
     meta = _read_json(src / _META, what="encoder settings")
     wanted: dict[str, object] = {"max_length": config.max_length, "normalize": config.normalize}
-    wanted["quantize"] = config.quantize
+    quantizing = config.quantize == "int8" and meta.get("quantize") == "none"
+    if not quantizing:
+        wanted["quantize"] = config.quantize
     differ = [f"{k}={meta.get(k)!r} (asked {v!r})" for k, v in wanted.items() if meta.get(k) != v]
     if differ:
         raise MismatchError(
             f"{src}: the encoder directory was prepared with {', '.join(differ)}; "
             f"use the same encoder settings"
         )
-    for name in ENCODER_FILES:
-        shutil.copyfile(src / name, out / name)
+    if not quantizing:
+        for name in ENCODER_FILES:
+            shutil.copyfile(src / name, out / name)
+        return
+    from . import export
+
+    shutil.copyfile(src / _TOKENIZER, out / _TOKENIZER)
+    export.quantize_int8(src / _MODEL, out / _MODEL)
+    try:
+        _write_meta(
+            out,
+            config,
+            dim=int(meta["dim"]),
+            input_names=list(meta["input_names"]),
+            output_name=str(meta["output_name"]),
+            pooling_in_graph=bool(meta["pooling_in_graph"]),
+            do_lower_case=bool(meta["do_lower_case"]),
+            source=str(meta["source"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptError(f"{src / _META}: incomplete encoder settings ({exc})") from exc
 
 
 def _write_tokenizer(src: Path, dest: Path) -> bool:

@@ -10,7 +10,8 @@ between their validation and their commit; see docs/scale.md)::
     Ray Data:  shards --flat_map: read, tokenize, chunk (tasks)--> parts      [materialized]
     driver:    chunk counts per shard -> first key of each shard (a prefix sum)
     Ray Data:  parts --map_batches: encode (a pool of encoder actors)--> encoded parts
-               --groupby(shard).map_groups: write one sealed segment (tasks)--> manifest entries
+               --groupby(shard) (sort shuffle).map_groups: write one sealed segment (tasks)-->
+               manifest entries
     driver:    writer commits ONE generation listing every segment (build: temp dir + rename;
                add: under the writer lock, manifest N+1)
 
@@ -175,7 +176,7 @@ class RayEngine:
                 raise EngineError(f"cannot start or reach {where}: {_first_line(exc)}") from exc
             started = True
         try:
-            with _quiet_ray_data():
+            with _data_context():
                 yield self._workers(ray)
         finally:
             if started:
@@ -293,7 +294,7 @@ class RayEngine:
             num_cpus=self.actor_cpus,
             num_gpus=1 if self.gpu else 0,
         )
-        written = encoded.groupby("shard").map_groups(
+        written = encoded.groupby("shard", num_partitions=len(shards)).map_groups(
             _write_group,
             fn_kwargs={
                 "root": root,
@@ -640,16 +641,25 @@ def _quiet_logger(name: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _quiet_ray_data() -> Iterator[None]:
-    """No Ray Data progress bars or per-dataset log lines (the library never prints)."""
-    ctx = _ray_data().DataContext.get_current()
-    bars = ctx.enable_progress_bars
+def _data_context() -> Iterator[None]:
+    """Ray Data settings for the run, restored at the end (the caller may use Ray Data too):
+
+    - no progress bars or per-dataset log lines (the library never prints);
+    - the sort-based, pull-based shuffle for the groupby that hands each shard's parts to
+      its writer. It runs as tasks on the workers Ray already has; the default hash
+      shuffle starts aggregator actors (new processes) for every run, which took a small
+      ``add`` on 2 CPUs from 4.8 s to 9.7 s.
+    """
+    rd = _ray_data()
+    ctx = rd.DataContext.get_current()
+    bars, strategy = ctx.enable_progress_bars, ctx.shuffle_strategy
     ctx.enable_progress_bars = False
+    ctx.shuffle_strategy = rd.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     try:
         with _quiet_logger("ray.data"):
             yield
     finally:
-        ctx.enable_progress_bars = bars
+        ctx.enable_progress_bars, ctx.shuffle_strategy = bars, strategy
 
 
 __all__ = ["RAY_INSTALL", "RayEngine", "search_blocks"]

@@ -95,3 +95,14 @@ ASYNCIO = {
 @pytest.fixture
 def more_dir(tmp_path: Path) -> Path:
     return write_corpus(tmp_path / "more", ASYNCIO)
+
+
+#: Modules that wait longest on other processes (a Ray cluster, ONNX exports, kill -9
+#: children). They start first, so that under pytest-xdist the other workers fill that time
+#: with the rest rather than idling at the end.
+START_FIRST = ("test_ray_engine.py", "test_export.py", "test_reliability.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(START_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable otherwise

@@ -4,6 +4,7 @@ BertModel) works, bad sources fail cleanly."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 
 from retrodb.config import EncoderConfig
 from retrodb.encoder import Encoder, prepare_encoder
-from retrodb.errors import BadInputError, NotFoundError
+from retrodb.errors import BadInputError, MismatchError, NotFoundError
 from retrodb.export import attention_heads, convert_fp16
 
 from .encoder_fixtures import make_tiny_bert
@@ -73,6 +74,50 @@ def test_int8_stays_close_to_fp32(
     record_property("int8_cosine_mean", float(cos.mean()))
     # Measured: mean 0.987, min 0.977 (the empty string; short texts suffer most).
     assert cos.mean() >= 0.98 and cos.min() >= 0.97
+
+
+def test_int8_from_a_checkpoint_equals_int8_from_its_fp32_encoder_directory(
+    tiny_bert_checkpoint: Path,
+    tiny_encoder_dir: Path,
+    tiny_encoder: Encoder,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Quantizing an fp32 encoder directory gives the encoder that exporting its checkpoint
+    with int8 gives. The export itself is tested above (and made the tiny encoder): here
+    it is replaced by a copy of its result, so that only what follows it runs."""
+    from retrodb import export
+
+    meta = json.loads((tiny_encoder_dir / "encoder.json").read_text())
+
+    def exported(checkpoint: Path, out: Path, **_: object) -> dict[str, object]:
+        assert checkpoint == tiny_bert_checkpoint
+        shutil.copyfile(tiny_encoder_dir / "model.onnx", out)
+        names = ("dim", "input_names", "output_name")
+        return {**{k: meta[k] for k in names}, "max_position_embeddings": 512}
+
+    monkeypatch.setattr(export, "export_bert_onnx", exported)
+    int8 = EncoderConfig(quantize="int8")
+    prepare_encoder(tiny_bert_checkpoint, tmp_path / "exported", config=int8)
+    prepare_encoder(tiny_encoder_dir, tmp_path / "quantized", config=int8)
+    a, b = Encoder.open(tmp_path / "exported"), Encoder.open(tmp_path / "quantized")
+    assert a.quantize == b.quantize == "int8" and a.fingerprint == b.fingerprint
+    assert a.settings == b.settings
+    assert (tmp_path / "exported" / "model.onnx").read_bytes() == (
+        tmp_path / "quantized" / "model.onnx"
+    ).read_bytes()
+    assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == sorted(
+        ("encoder.json", "model.onnx", "tokenizer.json")
+    )  # the fp32 export is not kept
+    assert _cosines(b.encode(TEXTS[1:]), tiny_encoder.encode(TEXTS[1:])).min() > 0.9
+    # an int8 directory is never "de-quantized", and other settings must still match
+    with pytest.raises(MismatchError, match="quantize='int8'"):
+        prepare_encoder(tmp_path / "quantized", tmp_path / "back", config=EncoderConfig())
+    with pytest.raises(MismatchError, match="max_length"):
+        prepare_encoder(
+            tiny_encoder_dir, tmp_path / "e3", config=EncoderConfig(max_length=64, quantize="int8")
+        )
+    assert not (tmp_path / "back").exists() and not (tmp_path / "e3").exists()
 
 
 def test_exported_onnx_as_source(

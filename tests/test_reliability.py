@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from .conftest import copy_db
 from .crash_harness import (
     READER_CHILD,
     ROOT,
+    ForkServer,
     check_after_trial,
     child_env,
     live_ids,
@@ -56,6 +58,13 @@ def db_path(pristine: Path, tmp_path: Path) -> Path:
     return copy_db(pristine, tmp_path / "db")
 
 
+@pytest.fixture(scope="module")
+def forks() -> Iterator[ForkServer]:
+    """Child processes for the kill and damage tests, forked from one that imported retrodb."""
+    with ForkServer() as server:
+        yield server
+
+
 @pytest.fixture(autouse=True)
 def _disarm():
     yield
@@ -65,13 +74,15 @@ def _disarm():
 # ---------------------------------------------------------------- kill -9
 
 
-def _kill_trials(db: Path, work: Path, plans: list[tuple[str | None, float | None]]) -> dict:
+def _kill_trials(
+    db: Path, work: Path, plans: list[tuple[str | None, float | None]], forks: ForkServer
+) -> dict:
     """Run one ``add`` per plan (failpoint, or delay before SIGKILL); check after each."""
     _, ids = live_ids(db)
     stats = {"trials": 0, "killed": 0, "committed": 0, "generations": set(), "problems": []}
     for trial, (fp, delay) in enumerate(plans, start=1):
         batch, new = write_batch(work, trial)
-        out = run_add(db, [batch], failpoint=fp, kill_after=delay)
+        out = run_add(db, [batch], failpoint=fp, kill_after=delay, forks=forks)
         assert out.killed or out.returncode == 0, out.output
         gen, committed, problems = check_after_trial(db, ids, new)
         stats["problems"] += [f"trial {trial} ({fp or delay}): {p}" for p in problems]
@@ -88,10 +99,10 @@ def _kill_trials(db: Path, work: Path, plans: list[tuple[str | None, float | Non
 
 @pytest.mark.slow  # child processes
 def test_kill_at_every_failpoint_leaves_old_or_new_generation(
-    db_path: Path, tmp_path: Path
+    db_path: Path, tmp_path: Path, forks: ForkServer
 ) -> None:
     plans: list[tuple[str | None, float | None]] = [(f"{n}:kill", None) for n in failpoints.NAMES]
-    stats = _kill_trials(db_path, tmp_path / "batches", plans)
+    stats = _kill_trials(db_path, tmp_path / "batches", plans, forks)
     assert stats["problems"] == []
     assert stats["killed"] == len(failpoints.NAMES)  # every point is on the add path
     # Only a kill after the CURRENT swap commits; everything before it leaves the old generation.
@@ -102,7 +113,7 @@ def test_kill_at_every_failpoint_leaves_old_or_new_generation(
 
 
 @pytest.mark.slow  # child processes
-def test_kill_at_random_moments(db_path: Path, tmp_path: Path) -> None:
+def test_kill_at_random_moments(db_path: Path, tmp_path: Path, forks: ForkServer) -> None:
     # Deterministic "random moments": the n-th time the writer reaches a point it passes
     # many times (every row block, every fsync of every file); an n past the last hit lets
     # the add finish. benchmarks/soak.py kills at random wall-clock moments instead.
@@ -111,7 +122,7 @@ def test_kill_at_random_moments(db_path: Path, tmp_path: Path) -> None:
         (f"{rng.choice(['fsync', 'array_write', 'during_encode'])}:kill:{rng.randint(1, 30)}", None)
         for _ in range(8)
     ]
-    stats = _kill_trials(db_path, tmp_path / "batches", plans)
+    stats = _kill_trials(db_path, tmp_path / "batches", plans, forks)
     assert stats["problems"] == [] and stats["trials"] == 8
     db = RetroDB.open(db_path)
     batch, new = write_batch(tmp_path / "after", 99)
@@ -367,23 +378,16 @@ def _damage(path: Path, mode: str) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.slow  # a child process per case
+@pytest.mark.slow  # a child process (a fork) per case
 @pytest.mark.parametrize(("what", "mode"), CASES, ids=[f"{f}-{m}" for f, m in CASES])
 def test_damaged_file_is_a_typed_error_never_a_crash(
-    pristine: Path, tmp_path: Path, what: str, mode: str
+    pristine: Path, tmp_path: Path, forks: ForkServer, what: str, mode: str
 ) -> None:
     db = tmp_path / "db"
     shutil.copytree(pristine, db)
     target = _target(db, what)
     _damage(target, mode)
-    proc = subprocess.run(
-        [sys.executable, "-c", CHECK_CHILD, str(db)],
-        capture_output=True,
-        text=True,
-        env=child_env(),
-        cwd=ROOT,
-        timeout=120,
-    )
+    proc = forks.run(CHECK_CHILD, [str(db)])
     assert proc.returncode >= 0, (
         f"killed by signal {signal.Signals(-proc.returncode).name}: {proc.stderr}"
     )

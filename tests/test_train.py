@@ -107,8 +107,10 @@ def test_tiny_model_overfits_a_tiny_corpus(tmp_path: Path, tiny_encoder_dir: Pat
     corpus = write_corpus(tmp_path / "corpus", TOPICS, repeat=3)
     db = RetroDB.build(tmp_path / "db", [corpus], config=SMALL, encoder=tiny_encoder_dir)
     NeighbourSet.compute(db, "train", k=2, exact=True)
-    args = args_for(db, tmp_path / "run", steps=200, log_every=20, eval_every=0, val_fraction=0.0)
-    hist = train(args)["history"]
+    args = args_for(
+        db, tmp_path / "run", steps=120, lr=5e-3, log_every=10, eval_every=0, val_fraction=0.0
+    )
+    hist = train(args)["history"]  # measured: bpb 3.92 -> 0.08 (200 steps at 3e-3: 0.025)
     first, last = hist[0]["bpb"], hist[-1]["bpb"]
     assert last < 0.2 and last < 0.1 * first, (first, last)
     assert all(np.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in hist)
