@@ -416,7 +416,8 @@ class SegmentIndex:
             index.view(str(path))
         except Exception as exc:  # usearch raises RuntimeError with its own message
             raise CorruptError(f"{path}: cannot map index ({exc})") from exc
-        index.expansion_search = config.expansion_search
+        # usearch's setter is declared apart from its property, which mypy reads as read-only
+        index.expansion_search = config.expansion_search  # type: ignore[misc]
         side = SideList.open(path, index, config)
         return cls(path=path, index=index, first_key=first_key, size=count, side=side)
 

@@ -116,10 +116,7 @@ def write_corpus_segment(
         stop = min(n, start + ENCODE_WINDOW)
         rows = [r[:k] for r, k in zip(tokens[start:stop], lengths[start:stop], strict=True)]
         vectors = encode_ids(
-            tokenizer,
-            encoder,
-            rows,
-            progress=lambda _s, done, _t, start=start: progress("encode", start + done, n),
+            tokenizer, encoder, rows, progress=_offset(progress, "encode", start, n)
         )
         writer.add_vectors(np.arange(first_key + start, first_key + stop), vectors)
         progress("index", stop, n)
@@ -129,3 +126,12 @@ def write_corpus_segment(
 
 
 __all__ = ["ENCODE_WINDOW", "encode_ids", "open_encoder", "write_corpus_segment"]
+
+
+def _offset(progress: ProgressFn, stage: str, start: int, total: int) -> ProgressFn:
+    """``progress`` for one window of ``stage``: the window's counts from ``start`` on."""
+
+    def report(_stage: str, done: int, _total: int) -> None:
+        progress(stage, start + done, total)
+
+    return report

@@ -366,7 +366,7 @@ def read_strings(array_dir: Path) -> list[str]:
     """Read a small string array (document ids) through zarr."""
     try:
         arr = zarr.open_array(str(array_dir), mode="r", zarr_format=3)
-        return [str(s) for s in arr[...].tolist()]
+        return [str(s) for s in np.asarray(arr[...]).tolist()]
     except Exception as exc:  # zarr raises many types on damaged metadata or chunks
         raise CorruptError(f"{array_dir}: cannot read string array ({exc})") from exc
 

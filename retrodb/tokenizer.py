@@ -188,7 +188,7 @@ class Tokenizer:
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         return str(self._sp.Decode([int(i) for i in ids]))
 
-    def decode_many(self, rows: Sequence[Sequence[int]]) -> list[str]:
+    def decode_many(self, rows: Sequence[Sequence[int] | np.ndarray]) -> list[str]:
         return [str(s) for s in self._sp.Decode([[int(i) for i in r] for r in rows])]
 
     def id_to_piece(self, i: int) -> str:
@@ -229,6 +229,7 @@ class PieceTokenizer:
         out = self.tok.encode(["\n" + p if cont else p for p, cont in pieces])
         for i, (_, cont) in enumerate(pieces):
             if cont:
+                assert self.newline is not None, "pieces of a document need a newline piece"
                 ids = out[i]
                 out[i] = ids[ids.index(self.newline) + 1 :]
         return out
