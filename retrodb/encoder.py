@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import importlib.metadata
@@ -172,9 +173,17 @@ def prepare_encoder(
 
 
 def _from_checkpoint(src: Path, out: Path, config: EncoderConfig) -> None:
-    """Export a Hugging Face BERT checkpoint directory into ``out``."""
+    """Export a Hugging Face BERT checkpoint directory into ``out``; for int8, an fp32
+    encoder directory is exported first and then quantized like any other."""
     from . import export
 
+    if config.quantize == "int8":
+        fp32 = out / ".fp32"
+        fp32.mkdir()
+        _from_checkpoint(src, fp32, dataclasses.replace(config, quantize="none"))
+        _copy_encoder_dir(fp32, out, config)
+        shutil.rmtree(fp32)
+        return
     for name in ("config.json",):
         if not (src / name).is_file():
             raise BadInputError(f"{src}: not a BERT checkpoint ({name} is missing)")
@@ -195,11 +204,7 @@ def _from_checkpoint(src: Path, out: Path, config: EncoderConfig) -> None:
         )
     do_lower_case = _write_tokenizer(src, out / _TOKENIZER)
 
-    fp32 = out / ("model.fp32.onnx" if config.quantize == "int8" else _MODEL)
-    info = export.export_bert_onnx(src, fp32)
-    if config.quantize == "int8":
-        export.quantize_int8(fp32, out / _MODEL)
-        fp32.unlink()
+    info = export.export_bert_onnx(src, out / _MODEL)
     _write_meta(
         out,
         config,
@@ -284,19 +289,11 @@ def _copy_encoder_dir(src: Path, out: Path, config: EncoderConfig) -> None:
 
     shutil.copyfile(src / _TOKENIZER, out / _TOKENIZER)
     export.quantize_int8(src / _MODEL, out / _MODEL)
-    try:
-        _write_meta(
-            out,
-            config,
-            dim=int(meta["dim"]),
-            input_names=list(meta["input_names"]),
-            output_name=str(meta["output_name"]),
-            pooling_in_graph=bool(meta["pooling_in_graph"]),
-            do_lower_case=bool(meta["do_lower_case"]),
-            source=str(meta["source"]),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CorruptError(f"{src / _META}: incomplete encoder settings ({exc})") from exc
+    kept = ("dim", "input_names", "output_name", "pooling_in_graph", "do_lower_case", "source")
+    missing = [k for k in kept if k not in meta]
+    if missing:
+        raise CorruptError(f"{src / _META}: incomplete encoder settings (no {', '.join(missing)})")
+    _write_meta(out, config, **{k: meta[k] for k in kept})
 
 
 def _write_tokenizer(src: Path, dest: Path) -> bool:

@@ -125,9 +125,6 @@ def write_corpus_segment(
     return writer.seal(corpus.ids, table, first_key=first_key)
 
 
-__all__ = ["ENCODE_WINDOW", "encode_ids", "open_encoder", "write_corpus_segment"]
-
-
 def _offset(progress: ProgressFn, stage: str, start: int, total: int) -> ProgressFn:
     """``progress`` for one window of ``stage``: the window's counts from ``start`` on."""
 
@@ -135,3 +132,6 @@ def _offset(progress: ProgressFn, stage: str, start: int, total: int) -> Progres
         progress(stage, start + done, total)
 
     return report
+
+
+__all__ = ["ENCODE_WINDOW", "encode_ids", "open_encoder", "write_corpus_segment"]

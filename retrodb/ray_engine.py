@@ -294,7 +294,7 @@ class RayEngine:
             num_cpus=self.actor_cpus,
             num_gpus=1 if self.gpu else 0,
         )
-        written = encoded.groupby("shard", num_partitions=len(shards)).map_groups(
+        written = encoded.groupby("shard").map_groups(
             _write_group,
             fn_kwargs={
                 "root": root,
