@@ -4,8 +4,9 @@ the local build of the same input, in one run.
     .venv/bin/python benchmarks/bench_ray.py [--kb 250] [--workers 1 2] [--rounds 2]
 
 The tokenizer is trained and the encoder exported once beforehand (not timed), then each
-build is timed with them given. Each Ray build starts a local Ray of N CPUs (timed apart:
-"start"), builds with N encoder actors whose ONNX Runtime threads add up to the machine's
+build is timed with them given. Each Ray build starts a local Ray of N CPUs with the
+options the engine gives its own (``local_ray_options``; with ``--default-worker-limit``
+also without them; timed apart: "start"), builds with N encoder actors whose ONNX Runtime threads add up to the machine's
 cores (so every run encodes on all cores), and stops Ray ("stop"). On a 2-core machine no
 speed-up is expected: the figures show what Ray costs next to encoding. The engines run
 interleaved for ``--rounds`` rounds (the machine is shared: its load drifts); each figure
@@ -28,7 +29,7 @@ from common import Timer, machine, pydocs
 from retrodb import DBConfig, EncoderConfig, RetroDB, TokenizerConfig
 from retrodb.corpus import scan
 from retrodb.encoder import prepare_encoder
-from retrodb.ray_engine import RayEngine
+from retrodb.ray_engine import RayEngine, local_ray_options
 from retrodb.tokenizer import Tokenizer
 
 
@@ -45,6 +46,12 @@ def main() -> None:
     ap.add_argument("--quantize", default="int8", choices=["none", "int8"])
     ap.add_argument("--vocab-size", type=int, default=8000)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument(
+        "--default-worker-limit",
+        action="store_true",
+        help="also build on a local Ray with Ray's default num_workers_soft_limit (the "
+        "engine's local_ray_options raise it), interleaved with the others",
+    )
     args = ap.parse_args()
 
     src = pydocs("library")
@@ -93,22 +100,27 @@ def main() -> None:
     for r in range(args.rounds):
         chunks, s = build("local", None)
         times.setdefault("local", []).append((s, 0.0, 0.0))
+        variants = [("", True)] + (
+            [(", Ray's default worker limit", False)] if args.default_worker_limit else []
+        )
         for w in args.workers:
-            with Timer() as t_start:
-                ray.init(
-                    address="local",
-                    num_cpus=w,
-                    include_dashboard=False,
-                    log_to_driver=False,
-                    logging_level=logging.WARNING,
-                )
-            engine = RayEngine(workers=w, threads=max(1, cores // w))
-            n, s = build(f"ray{w}", engine)
-            assert n == chunks
-            with Timer() as t_stop:
-                ray.shutdown()
-            name = f"ray, {w} worker{'s' if w > 1 else ''}"
-            times.setdefault(name, []).append((s, t_start.s, t_stop.s))
+            for label, ours in variants:
+                with Timer() as t_start:
+                    ray.init(
+                        address="local",
+                        num_cpus=w,
+                        include_dashboard=False,
+                        log_to_driver=False,
+                        logging_level=logging.WARNING,
+                        **(local_ray_options(w) if ours else {}),
+                    )
+                engine = RayEngine(workers=w, threads=max(1, cores // w))
+                n, s = build(f"ray{w}", engine)
+                assert n == chunks
+                with Timer() as t_stop:
+                    ray.shutdown()
+                name = f"ray, {w} worker{'s' if w > 1 else ''}{label}"
+                times.setdefault(name, []).append((s, t_start.s, t_stop.s))
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1][0]:.1f} s" for k, v in times.items()))
     print(f"load after: {load()}")
     rows = [

@@ -118,7 +118,12 @@ FetchOpt = Annotated[
 
 
 ThreadsOpt = Annotated[
-    int | None, typer.Option("--threads", help="Encoder threads (default: all cores).", min=1)
+    int | None,
+    typer.Option(
+        "--threads",
+        help="Encoder threads (default: $RETRODB_THREADS, else all cores this process may use).",
+        min=1,
+    ),
 ]
 DeviceOpt = Annotated[
     str,

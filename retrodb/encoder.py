@@ -62,6 +62,7 @@ from .errors import (
 )
 from .fsutil import FileInfo, share_file
 from .progress import ProgressFn, no_progress
+from .threads import encoder_threads
 
 #: The files of an encoder directory.
 ENCODER_FILES = ("model.onnx", "tokenizer.json", "encoder.json")
@@ -419,7 +420,7 @@ def _session(model: Path | bytes, *, threads: int | None, device_id: int | None 
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    options.intra_op_num_threads = encoder_threads(threads)
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only; the library does not print
@@ -700,6 +701,8 @@ class Encoder:
         self._inputs = [i.name for i in session.get_inputs()]
         self._output = session.get_outputs()[0].name
         self.providers = list(session.get_providers())
+        #: ONNX Runtime's intra-op threads for this session.
+        self.threads = int(session.get_session_options().intra_op_num_threads)
         # On a GPU, tokenizing the next batch on a thread overlaps the device's work.
         self._prefetch = kind == "cuda"
         self._gpu = None if kind == "cpu" else int(device.partition(":")[2] or 0)
@@ -716,7 +719,8 @@ class Encoder:
     ) -> Encoder:
         """Open the encoder directory ``directory``.
 
-        ``threads``: ONNX Runtime intra-op threads (default: all cores). ``device``:
+        ``threads``: ONNX Runtime intra-op threads (default:
+        :func:`~retrodb.threads.encoder_threads`: ``$RETRODB_THREADS``, else all cores). ``device``:
         ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (see :func:`resolve_device`; the
         choice is in ``.device`` and ``.device_note``). On CUDA the model runs in fp16
         (:func:`fp16_model`, cached under ``cache``, default :func:`cache_dir`); an int8

@@ -33,7 +33,6 @@ import functools
 import importlib.util
 import json
 import logging
-import os
 import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -63,6 +62,7 @@ from .shards import (
     write_shard,
 )
 from .storage import ENCODER_DIR, SEGMENTS, TOKENIZER_FILE, SegmentMeta, Storage
+from .threads import available_cores
 
 if TYPE_CHECKING:
     from .db import RetroDB
@@ -169,8 +169,8 @@ class RayEngine:
                     if self.address:
                         ray.init(address=self.address, **opts)
                     else:
-                        cpus = self.workers or os.cpu_count() or 1
-                        ray.init(address="local", num_cpus=cpus, **opts)
+                        cpus = self.workers or available_cores()
+                        ray.init(address="local", num_cpus=cpus, **opts, **local_ray_options(cpus))
             except Exception as exc:  # ray raises ConnectionError, RuntimeError, ValueError
                 where = f"the Ray cluster at {self.address}" if self.address else "a local Ray"
                 raise EngineError(f"cannot start or reach {where}: {_first_line(exc)}") from exc
@@ -361,6 +361,19 @@ class RayEngine:
                 for a in actors:
                     ray.kill(a)
             return keys, dist
+
+
+def local_ray_options(cpus: int) -> dict[str, Any]:
+    """``ray.init`` options for a local Ray of ``cpus`` CPUs that runs retrodb's stages.
+
+    Ray keeps at most ``num_workers_soft_limit`` idle worker processes and kills those above
+    it after a second idle; by default the limit is the CPUs not held by actors, so while
+    the encoder actors run, the task workers that tokenized are killed and the write stage
+    starts new ones (each a new process that imports retrodb). A limit that leaves room for
+    a task worker per CPU beside the actors (``cpus`` encoder or searcher actors and the
+    progress tally) keeps them: on 2 CPUs the Ray tests started 4-5 task workers instead of
+    10-13 (docs/scale.md)."""
+    return {"_system_config": {"num_workers_soft_limit": 2 * cpus + 2}}
 
 
 def search_blocks(n: int, batch_size: int, actors: int) -> list[tuple[int, int]]:
@@ -662,4 +675,4 @@ def _data_context() -> Iterator[None]:
         ctx.enable_progress_bars, ctx.shuffle_strategy = bars, strategy
 
 
-__all__ = ["RAY_INSTALL", "RayEngine", "search_blocks"]
+__all__ = ["RAY_INSTALL", "RayEngine", "local_ray_options", "search_blocks"]

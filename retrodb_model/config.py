@@ -429,9 +429,9 @@ class TrainArgs:
     dtype: str = "fp32"
     """fp32, or bf16 (CPU/GPU autocast for forward and loss; weights stay fp32)."""
     threads: int | None = None
-    """torch threads per process (default: the cores this process may use (CPU affinity
-    and cgroup quota) minus the 1-minute load average, rounded, divided among the local
-    processes; at least 1)."""
+    """torch threads per process (default: $RETRODB_THREADS when set, else the cores this
+    process may use (CPU affinity and cgroup quota) minus the 1-minute load average,
+    rounded, divided among the local processes; at least 1)."""
     workers: int = 0
     """DataLoader worker processes that fetch batches (0: the training process does; a
     batch is a memory-mapped gather of well under a millisecond)."""

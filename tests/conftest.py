@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from retrodb.threads import THREADS_ENV, available_cores
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -51,6 +53,15 @@ def copy_db(pristine: Path, dest: Path) -> Path:
     """A private copy of a database that a module built once (tests may write to it)."""
     shutil.copytree(pristine, dest)
     return dest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist each worker gets its share of the cores for the encoder's threads
+    (``RETRODB_THREADS``, inherited by the processes it starts), unless the caller set it:
+    workers that each start a thread per core spin against each other."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers and THREADS_ENV not in os.environ:
+        os.environ[THREADS_ENV] = str(max(1, available_cores() // int(workers)))
 
 
 @pytest.fixture(scope="session", autouse=True)

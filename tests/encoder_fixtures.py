@@ -2,7 +2,7 @@
 
 - ``minilm_checkpoint``: the bundled all-MiniLM-L6-v2 checkpoint directory (read only).
 - ``minilm_encoder_dir`` / ``minilm_encoder``: it exported to an fp32 encoder directory
-  (default EncoderConfig), and that directory opened with 2 threads.
+  (default EncoderConfig), and that directory opened (default threads).
 - ``minilm_int8_encoder_dir``: that directory quantized (``quantize="int8"``).
 - ``tiny_bert_checkpoint``: a random BertModel (2 layers, hidden 32, 2 heads, intermediate
   64, seed 0) saved with ``save_pretrained``, with MiniLM's WordPiece files beside it.
@@ -118,7 +118,7 @@ def minilm_encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def minilm_encoder(minilm_encoder_dir: Path) -> Encoder:
-    return Encoder.open(minilm_encoder_dir, threads=2)
+    return Encoder.open(minilm_encoder_dir)
 
 
 @pytest.fixture(scope="session")
@@ -157,4 +157,4 @@ def tiny_encoder_dir(
 
 @pytest.fixture(scope="session")
 def tiny_encoder(tiny_encoder_dir: Path) -> Encoder:
-    return Encoder.open(tiny_encoder_dir, threads=2)
+    return Encoder.open(tiny_encoder_dir)

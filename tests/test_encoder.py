@@ -27,6 +27,7 @@ from retrodb.encoder import (
     resolve_device,
 )
 from retrodb.errors import BadInputError, CorruptError, MismatchError, NotFoundError, RetroDBError
+from retrodb.threads import THREADS_ENV, available_cores, cgroup_quota, encoder_threads
 
 TEXTS = [
     "To open a file in Python, call open() with a path and a mode.",
@@ -305,6 +306,32 @@ def test_cuda_messages(monkeypatch: pytest.MonkeyPatch, fresh_cuda_check: None) 
     monkeypatch.setattr(encoder_mod, "_cuda_probe", lambda index: True)
     assert resolve_device("auto") == ("cuda:0", "auto: a CUDA GPU is present")
     assert resolve_device("cuda:2") == ("cuda:2", "asked for")
+
+
+def test_threads_come_from_the_argument_then_the_environment_then_the_cores(
+    tiny_encoder_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    assert Encoder.open(tiny_encoder_dir).threads == available_cores()
+    monkeypatch.setenv(THREADS_ENV, "3")
+    assert Encoder.open(tiny_encoder_dir).threads == 3
+    assert Encoder.open(tiny_encoder_dir, threads=1).threads == 1
+    for bad in ("0", "-2", "many", "1.5"):
+        monkeypatch.setenv(THREADS_ENV, bad)
+        with pytest.raises(BadInputError, match=f"{THREADS_ENV}='{bad}'"):
+            Encoder.open(tiny_encoder_dir)
+    monkeypatch.setenv(THREADS_ENV, " ")
+    assert encoder_threads() == available_cores()
+
+
+@pytest.mark.parametrize(
+    ("text", "cpus"),
+    [("max 100000", None), ("150000 100000", 1), ("400000 100000", 4), ("50000 100000", 1)],
+)
+def test_a_cgroup_quota_caps_the_cores(tmp_path: Path, text: str, cpus: int | None) -> None:
+    (tmp_path / "cpu.max").write_text(text + "\n")
+    assert cgroup_quota(tmp_path / "cpu.max") == cpus
+    assert cgroup_quota(tmp_path / "absent") is None
 
 
 def test_batch_size_default_and_override(tiny_encoder_dir: Path) -> None:

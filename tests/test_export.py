@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +60,7 @@ def test_onnx_matches_pytorch(minilm_encoder: Encoder, minilm_checkpoint: Path) 
 def test_int8_stays_close_to_fp32(
     minilm_encoder: Encoder, minilm_int8_encoder_dir: Path, record_property
 ) -> None:
-    int8 = Encoder.open(minilm_int8_encoder_dir, threads=2)
+    int8 = Encoder.open(minilm_int8_encoder_dir)
     assert int8.quantize == "int8" and int8.dim == minilm_encoder.dim
     assert int8.fingerprint != minilm_encoder.fingerprint
     size8 = (minilm_int8_encoder_dir / "model.onnx").stat().st_size
@@ -138,37 +135,42 @@ def test_exported_onnx_as_source(
     np.testing.assert_allclose(enc.encode(TEXTS), tiny_encoder.encode(TEXTS), atol=1e-6)
 
 
+def _plain_bert_graph(pooled: Path, out: Path) -> None:
+    """The BERT of a pooled encoder graph as a plain BertModel export looks: inputs
+    ``input_ids`` and ``attention_mask`` (token types all zero), one output
+    ``last_hidden_state`` [b, t, d], dynamic axes; no pooling."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(pooled))
+    last = [n for n in model.graph.node if n.op_type == "LayerNormalization"][-1].output[0]
+    onnx.utils.extract_model(
+        str(pooled), str(out), ["input_ids", "attention_mask", "token_type_ids"], [last]
+    )
+    plain = onnx.load(str(out))
+    graph = plain.graph
+    graph.input.remove(next(i for i in graph.input if i.name == "token_type_ids"))
+    zeros = helper.make_node("Sub", ["input_ids", "input_ids"], ["token_type_ids"])
+    graph.node.insert(0, zeros)
+    graph.node.append(helper.make_node("Identity", [last], ["last_hidden_state"]))
+    dim = int(model.graph.output[0].type.tensor_type.shape.dim[1].dim_value or 32)
+    del graph.output[:]
+    graph.output.append(
+        helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["b", "t", dim])
+    )
+    onnx.checker.check_model(plain)
+    onnx.save(plain, str(out))
+
+
 def test_plain_bertmodel_onnx_is_pooled_in_numpy(
-    tiny_bert_checkpoint: Path, tiny_encoder: Encoder, tmp_path: Path
+    tiny_encoder_dir: Path, tiny_encoder: Encoder, tmp_path: Path
 ) -> None:
-    """A plain BertModel export (``last_hidden_state`` first, dynamic axes) is pooled here."""
+    """A plain BertModel export (``last_hidden_state`` first, dynamic axes) is pooled here:
+    the tiny encoder's BERT without its pooling gives the tiny encoder's keys."""
     onnx_path = tmp_path / "plain" / "bert.onnx"
     onnx_path.parent.mkdir()
-    script = textwrap.dedent(
-        f"""
-        import torch
-        from transformers import AutoModel
-        m = AutoModel.from_pretrained(
-            {str(tiny_bert_checkpoint)!r}, local_files_only=True, attn_implementation="eager"
-        ).eval()
-        class Plain(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.bert = m
-            def forward(self, input_ids, attention_mask):
-                return self.bert(input_ids=input_ids, attention_mask=attention_mask)[0]
-        ids = torch.tensor([[101, 7592, 102]])
-        names = ["input_ids", "attention_mask"]
-        axes = {{n: {{0: "b", 1: "t"}} for n in [*names, "last_hidden_state"]}}
-        torch.onnx.export(
-            Plain().eval(), (ids, torch.ones_like(ids)), {str(onnx_path)!r}, input_names=names,
-            output_names=["last_hidden_state"], dynamic_axes=axes, opset_version=17,
-            dynamo=False,
-        )
-        """
-    )
-    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
-    shutil.copyfile(tiny_bert_checkpoint / "tokenizer.json", onnx_path.parent / "tokenizer.json")
+    _plain_bert_graph(tiny_encoder_dir / "model.onnx", onnx_path)
+    shutil.copyfile(tiny_encoder_dir / "tokenizer.json", onnx_path.parent / "tokenizer.json")
     prepare_encoder(onnx_path, tmp_path / "enc", config=EncoderConfig())
     enc = Encoder.open(tmp_path / "enc", threads=1)
     assert enc.dim == 32 and not enc.pooling_in_graph

@@ -24,7 +24,7 @@ ray = pytest.importorskip("ray")
 
 from retrodb import ChunkConfig, DBConfig, MismatchError, RetroDB, TokenizerConfig  # noqa: E402
 from retrodb.neighbours import NeighbourSet  # noqa: E402
-from retrodb.ray_engine import RayEngine  # noqa: E402
+from retrodb.ray_engine import RayEngine, local_ray_options  # noqa: E402
 from retrodb.shards import KILL_DIR_ENV  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -59,7 +59,8 @@ def kill_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def ray_address(kill_dir: Path) -> Iterator[str]:
-    """One local Ray for the module (the engine uses it: it is already connected)."""
+    """One local Ray for the module, started as the engine starts one (the engine uses it:
+    it is already connected)."""
     old = os.environ.get(KILL_DIR_ENV)
     os.environ[KILL_DIR_ENV] = str(kill_dir)  # workers inherit it from the raylet
     ray.init(
@@ -68,6 +69,7 @@ def ray_address(kill_dir: Path) -> Iterator[str]:
         include_dashboard=False,
         log_to_driver=False,
         logging_level=logging.WARNING,
+        **local_ray_options(2),
     )
     try:
         yield ray.get_runtime_context().gcs_address

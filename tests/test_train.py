@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 from retrodb import RetroDB
 from retrodb.errors import BadInputError, MismatchError, NotFoundError
 from retrodb.neighbours import NeighbourSet
+from retrodb.threads import THREADS_ENV
 from retrodb_model.checkpoint import load_model, read_checkpoint
 from retrodb_model.config import RetroConfig, default_lr
 from retrodb_model.data import RetroDataset
@@ -351,7 +352,8 @@ def test_model_overrides_parse_key_value_and_json() -> None:
             parse(bad)
 
 
-def test_default_threads_count_the_free_cores() -> None:
+def test_default_threads_count_the_free_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(THREADS_ENV, raising=False)
     assert default_threads(cores=2, load=0.0) == 2  # an idle 2-core machine
     assert default_threads(cores=2, load=0.4) == 2
     assert default_threads(cores=2, load=0.6) == 1  # one core already busy
@@ -360,6 +362,12 @@ def test_default_threads_count_the_free_cores() -> None:
     assert default_threads(2, cores=16, load=3.0) == 6  # torchrun: 2 local processes
     assert default_threads(4, cores=2, load=0.0) == 1
     assert 1 <= default_threads() <= (os.cpu_count() or 1)
+    monkeypatch.setenv(THREADS_ENV, "3")  # what the user says wins, per process
+    assert default_threads(cores=2, load=9.3) == 3
+    assert default_threads(2, cores=16, load=0.0) == 3
+    monkeypatch.setenv(THREADS_ENV, "two")
+    with pytest.raises(BadInputError, match=THREADS_ENV):
+        default_threads()
 
 
 def test_config_for_database_fits_its_chunks_vocabulary_and_k(tiny_db: RetroDB) -> None:
