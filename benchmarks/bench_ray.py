@@ -4,19 +4,18 @@ the local build of the same input, in one run.
     .venv/bin/python benchmarks/bench_ray.py [--kb 250] [--workers 1 2] [--rounds 2]
 
 The tokenizer is trained and the encoder exported once beforehand (not timed), then each
-build is timed with them given. Each Ray build starts a local Ray of N CPUs with the
-options the engine gives its own (``local_ray_options``; with ``--default-worker-limit``
-also without them; timed apart: "start"), builds with N encoder actors whose ONNX Runtime threads add up to the machine's
-cores (so every run encodes on all cores), and stops Ray ("stop"). On a 2-core machine no
-speed-up is expected: the figures show what Ray costs next to encoding. The engines run
-interleaved for ``--rounds`` rounds (the machine is shared: its load drifts); each figure
-is the median over the rounds.
+build is timed with them given. Each Ray build starts a local Ray of N CPUs as the
+engine starts one (``local_ray_options``; with ``--default-worker-limit`` also without its
+worker limit; timed apart: "start"), builds with N encoder actors whose ONNX Runtime
+threads add up to the machine's cores (so every run encodes on all cores), and stops Ray
+("stop"). On a 2-core machine no speed-up is expected: the figures show what Ray costs
+next to encoding. The engines run interleaved for ``--rounds`` rounds (the machine is
+shared: its load drifts); each figure is the median over the rounds.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shutil
 import subprocess
@@ -105,15 +104,11 @@ def main() -> None:
         )
         for w in args.workers:
             for label, ours in variants:
+                options = local_ray_options(w)
+                if not ours:
+                    del options["_system_config"]
                 with Timer() as t_start:
-                    ray.init(
-                        address="local",
-                        num_cpus=w,
-                        include_dashboard=False,
-                        log_to_driver=False,
-                        logging_level=logging.WARNING,
-                        **(local_ray_options(w) if ours else {}),
-                    )
+                    ray.init(**options)
                 engine = RayEngine(workers=w, threads=max(1, cores // w))
                 n, s = build(f"ray{w}", engine)
                 assert n == chunks

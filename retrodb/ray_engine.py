@@ -77,6 +77,12 @@ POLL_SECONDS = 0.5
 BLOCKS_PER_ACTOR = 4
 #: A retrodb error in the text of a worker's traceback.
 _WORKER_ERROR = re.compile(r"^retrodb\.errors\.(\w+): (.+)$", re.MULTILINE)
+#: ``ray.init`` options of every driver: the library never prints, nor lets Ray print.
+_QUIET_DRIVER: dict[str, Any] = {
+    "include_dashboard": False,
+    "log_to_driver": False,
+    "logging_level": logging.WARNING,
+}
 #: Ray's logger that warns on every start that token authentication is on (the default).
 _AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 
@@ -159,18 +165,12 @@ class RayEngine:
         ray = _ray()
         started = False
         if not ray.is_initialized():
-            opts: dict[str, Any] = {
-                "include_dashboard": False,
-                "log_to_driver": False,
-                "logging_level": logging.WARNING,
-            }
             try:
                 with _quiet_logger(_AUTH_LOGGER):
                     if self.address:
-                        ray.init(address=self.address, **opts)
+                        ray.init(address=self.address, **_QUIET_DRIVER)
                     else:
-                        cpus = self.workers or available_cores()
-                        ray.init(address="local", num_cpus=cpus, **opts, **local_ray_options(cpus))
+                        ray.init(**local_ray_options(self.workers or available_cores()))
             except Exception as exc:  # ray raises ConnectionError, RuntimeError, ValueError
                 where = f"the Ray cluster at {self.address}" if self.address else "a local Ray"
                 raise EngineError(f"cannot start or reach {where}: {_first_line(exc)}") from exc
@@ -364,7 +364,8 @@ class RayEngine:
 
 
 def local_ray_options(cpus: int) -> dict[str, Any]:
-    """``ray.init`` options for a local Ray of ``cpus`` CPUs that runs retrodb's stages.
+    """``ray.init`` options that start a local Ray of ``cpus`` CPUs as the engine does: no
+    dashboard, no worker output on this process, and room for idle workers.
 
     Ray keeps at most ``num_workers_soft_limit`` idle worker processes and kills those above
     it after a second idle; by default the limit is the CPUs not held by actors, so while
@@ -373,7 +374,12 @@ def local_ray_options(cpus: int) -> dict[str, Any]:
     a task worker per CPU beside the actors (``cpus`` encoder or searcher actors and the
     progress tally) keeps them: on 2 CPUs the Ray tests started 4-5 task workers instead of
     10-13 (docs/scale.md)."""
-    return {"_system_config": {"num_workers_soft_limit": 2 * cpus + 2}}
+    return {
+        "address": "local",
+        "num_cpus": cpus,
+        **_QUIET_DRIVER,
+        "_system_config": {"num_workers_soft_limit": 2 * cpus + 2},
+    }
 
 
 def search_blocks(n: int, batch_size: int, actors: int) -> list[tuple[int, int]]:

@@ -135,7 +135,7 @@ def test_exported_onnx_as_source(
     np.testing.assert_allclose(enc.encode(TEXTS), tiny_encoder.encode(TEXTS), atol=1e-6)
 
 
-def _plain_bert_graph(pooled: Path, out: Path) -> None:
+def _plain_bert_graph(pooled: Path, out: Path, dim: int) -> None:
     """The BERT of a pooled encoder graph as a plain BertModel export looks: inputs
     ``input_ids`` and ``attention_mask`` (token types all zero), one output
     ``last_hidden_state`` [b, t, d], dynamic axes; no pooling."""
@@ -153,7 +153,6 @@ def _plain_bert_graph(pooled: Path, out: Path) -> None:
     zeros = helper.make_node("Sub", ["input_ids", "input_ids"], ["token_type_ids"])
     graph.node.insert(0, zeros)
     graph.node.append(helper.make_node("Identity", [last], ["last_hidden_state"]))
-    dim = int(model.graph.output[0].type.tensor_type.shape.dim[1].dim_value or 32)
     del graph.output[:]
     graph.output.append(
         helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["b", "t", dim])
@@ -169,7 +168,7 @@ def test_plain_bertmodel_onnx_is_pooled_in_numpy(
     the tiny encoder's BERT without its pooling gives the tiny encoder's keys."""
     onnx_path = tmp_path / "plain" / "bert.onnx"
     onnx_path.parent.mkdir()
-    _plain_bert_graph(tiny_encoder_dir / "model.onnx", onnx_path)
+    _plain_bert_graph(tiny_encoder_dir / "model.onnx", onnx_path, tiny_encoder.dim)
     shutil.copyfile(tiny_encoder_dir / "tokenizer.json", onnx_path.parent / "tokenizer.json")
     prepare_encoder(onnx_path, tmp_path / "enc", config=EncoderConfig())
     enc = Encoder.open(tmp_path / "enc", threads=1)

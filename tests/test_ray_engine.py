@@ -9,7 +9,6 @@ exit (and leaves ``fired-<point>``), so every kill happens once, at a known plac
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -63,14 +62,7 @@ def ray_address(kill_dir: Path) -> Iterator[str]:
     it is already connected)."""
     old = os.environ.get(KILL_DIR_ENV)
     os.environ[KILL_DIR_ENV] = str(kill_dir)  # workers inherit it from the raylet
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level=logging.WARNING,
-        **local_ray_options(2),
-    )
+    ray.init(**local_ray_options(2))
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
