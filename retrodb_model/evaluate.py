@@ -36,6 +36,7 @@ import json
 import math
 import re
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -518,11 +519,18 @@ def evaluate_checkpoint(
 
 def plot_alpha(result: dict[str, Any], path: str | Path, *, title: str = "") -> Path | None:
     """A PNG of bpb(alpha) with retrieval on, shuffled and off (matplotlib, Agg); None
-    without alpha."""
+    without alpha, or without matplotlib (the ``plot`` extra), which a warning names."""
     table = result.get("bpb_alpha")
     if not table:
         return None
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        warnings.warn(
+            f"no plot at {path}: matplotlib is not installed (pip install 'retrodb[plot]')",
+            stacklevel=2,
+        )
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

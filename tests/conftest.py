@@ -108,10 +108,10 @@ def more_dir(tmp_path: Path) -> Path:
     return write_corpus(tmp_path / "more", ASYNCIO)
 
 
-#: Modules that wait longest on other processes (a Ray cluster, ONNX exports, kill -9
+#: Modules that wait longest on other processes (pip, a Ray cluster, ONNX exports, kill -9
 #: children). They start first, so that under pytest-xdist the other workers fill that time
 #: with the rest rather than idling at the end.
-START_FIRST = ("test_ray_engine.py", "test_export.py", "test_reliability.py")
+START_FIRST = ("test_install.py", "test_ray_engine.py", "test_export.py", "test_reliability.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from retrodb_cli.main import app
 from typer.testing import CliRunner
 
 from retrodb import (
@@ -30,6 +29,7 @@ from retrodb import (
 )
 from retrodb.corpus import scan
 from retrodb.tokenizer import Tokenizer
+from retrodb_cli.main import app
 
 from .conftest import TOPICS, write_corpus
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 from pathlib import Path
 
 import pytest
-from retrodb_cli.main import app
 from typer.testing import CliRunner
+
+from retrodb_cli.common import PlainProgress
+from retrodb_cli.main import app
 
 from .conftest import TOPICS, copy_db, write_corpus
 
@@ -50,6 +53,7 @@ def built(pristine: Path, tmp_path: Path) -> Path:
 
 def test_every_command_has_help() -> None:
     import typer.main
+
     from retrodb_cli.main import app
 
     group = typer.main.get_command(app)
@@ -115,6 +119,39 @@ def test_progress_bars_unless_quiet(
     )
     assert "encode" in res.stderr and "chunks/s" in res.stderr
     assert "built" in res.stdout
+
+
+def test_version() -> None:
+    import retrodb
+
+    assert run("--version").output == f"retrodb {retrodb.__version__}\n"
+    assert retrodb.__version__ == importlib.metadata.version("retrodb")
+
+
+def test_plain_progress_lines_where_stderr_is_no_terminal() -> None:
+    """A stage's first call, then a line per interval of the (injected) clock, and its end;
+    a stage that never reaches its total is closed by close()."""
+    now, lines = [0.0], []
+    plain = PlainProgress(lines.append, interval=30.0, clock=lambda: now[0])
+    plain("encode", 0, 1000)
+    for t, done in ((10, 100), (29.9, 290), (30, 300), (45, 450), (61, 610)):
+        now[0] = t
+        plain("encode", done, 1000)
+    now[0] = 80.0
+    plain("encode", 1000, 1000)
+    plain("encode", 1000, 1000)  # the end is said once
+    plain("tokenize", 5, 0)  # total unknown
+    now[0] = 90.0
+    plain("tokenize", 9, 0)
+    plain.close()
+    assert lines == [
+        "encode: 0/1,000 chunks, 0%, 0 s",
+        "encode: 300/1,000 chunks, 30%, 10 chunks/s, 30 s",
+        "encode: 610/1,000 chunks, 61%, 10 chunks/s, 61 s",
+        "encode: 1,000/1,000 chunks, 100%, 12 chunks/s, 80 s",
+        "tokenize: 5 docs, 0 s",
+        "tokenize: 9 docs, 0.9 docs/s, 10 s",
+    ]
 
 
 def test_errors_are_one_clear_line(tmp_path: Path, built: Path, corpus_dir: Path) -> None:

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from retrodb_cli.main import app
 from typer.testing import CliRunner
 
 from retrodb import BadInputError, ChunkConfig, DBConfig, RetroDB, TokenizerConfig
 from retrodb.encoder import Encoder
 from retrodb.search import Exclusion
+from retrodb_cli.main import app
 
 from .conftest import ASYNCIO, TOPICS, copy_db, write_corpus
 

@@ -5,17 +5,18 @@ recompute, one retrieval per completed chunk, and the CLI commands."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from retrodb_cli.main import app
 from typer.testing import CliRunner
 
 from retrodb import RetroDB
 from retrodb.errors import BadInputError
 from retrodb.neighbours import NeighbourSet
+from retrodb_cli.main import app
 from retrodb_model import generate as generate_mod
 from retrodb_model.config import RetroConfig
 from retrodb_model.evaluate import (
@@ -23,6 +24,7 @@ from retrodb_model.evaluate import (
     derangement,
     evaluate,
     longest_common_run,
+    plot_alpha,
     read_documents,
     token_byte_lengths,
 )
@@ -308,3 +310,15 @@ def test_live_retrieval_reranks_the_dense_candidates(db: RetroDB) -> None:
     assert res.rerank == "overlap" and np.isfinite(res.bpb["retrieval"])
     with pytest.raises(BadInputError, match="rerank"):
         LiveRetriever(db, 2, rerank="bm25")
+
+
+def test_plot_without_matplotlib_is_skipped_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """matplotlib is the `plot` extra: without it the JSON is still written, and the missing
+    plot is named in a warning, not an ImportError."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    table = {"alpha": [0, 50], "retrieval": [1.0, 1.1], "fraction": [0.5, 1.0]}
+    with pytest.warns(UserWarning, match=r"retrodb\[plot\]"):
+        assert plot_alpha({"bpb_alpha": table}, tmp_path / "a.png") is None
+    assert not (tmp_path / "a.png").exists()

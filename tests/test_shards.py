@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from retrodb_cli.main import app
 from typer.testing import CliRunner
 
 from retrodb import ChunkConfig, DBConfig, RetroDB, TokenizerConfig
@@ -29,6 +28,7 @@ from retrodb.shards import (
     write_shard,
 )
 from retrodb.storage import Storage
+from retrodb_cli.main import app
 
 SMALL = DBConfig(chunk=ChunkConfig(chunk_size=16), tokenizer=TokenizerConfig(vocab_size=400))
 

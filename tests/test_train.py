@@ -18,8 +18,6 @@ import numpy as np
 import pytest
 import torch
 import typer
-from retrodb_cli import model as cli_model
-from retrodb_cli.main import app
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -27,6 +25,8 @@ from retrodb import RetroDB
 from retrodb.errors import BadInputError, MismatchError, NotFoundError
 from retrodb.neighbours import NeighbourSet
 from retrodb.threads import THREADS_ENV
+from retrodb_cli import model as cli_model
+from retrodb_cli.main import app
 from retrodb_model.checkpoint import load_model, read_checkpoint
 from retrodb_model.config import RetroConfig, default_lr
 from retrodb_model.data import RetroDataset

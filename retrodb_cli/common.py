@@ -8,9 +8,11 @@ go to stderr (or, for `verify`, stdout), and the exit status is unchanged."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from enum import StrEnum
 from pathlib import Path
@@ -28,7 +30,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from typer.core import TyperCommand, TyperOption
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from retrodb.corpus import UNSUPPORTED, Skipped, describe_skipped
 from retrodb.db import RetroDB
@@ -53,9 +55,10 @@ UNITS = {
 }
 
 
-class Command(TyperCommand):
-    """Every retrodb command: help that names arguments as the usage line of a Unix tool
-    does (`DB`, not `{db}`) and shows no `<bool>` type after flags, which take no value."""
+class _PlainFlags:
+    """Help that shows no `<bool>` type after flags, which take no value."""
+
+    params: list[Any]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -65,10 +68,19 @@ class Command(TyperCommand):
 
     # typer's own (vendored) click types the context; Any keeps this file off its internals
     def get_help_option(self, ctx: Any) -> TyperOption | None:
-        option = super().get_help_option(ctx)
+        option = super().get_help_option(ctx)  # type: ignore[misc]
         if option is not None:
             option.metavar = ""
         return option
+
+
+class Group(_PlainFlags, TyperGroup):
+    """The `retrodb` command itself (its --version and --help)."""
+
+
+class Command(_PlainFlags, TyperCommand):
+    """Every retrodb command: help that names arguments as the usage line of a Unix tool
+    does (`DB`, not `{db}`) and shows no `<bool>` type after flags, which take no value."""
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []
@@ -235,11 +247,80 @@ class _Rate(TextColumn):
         return Text(f"{speed:,.0f} {unit}/s" if speed else "", style="cyan")
 
 
+@dataclasses.dataclass
+class _Stage:
+    start: float
+    printed: float  # when its last line was written
+    done: int = 0
+    total: int = 0
+    finished: bool = False
+
+
+class PlainProgress:
+    """Progress as plain lines, for a stderr that is not a terminal (a CI log, ``2>&1 |
+    tee``), where bars would print nothing until the end: a line when a stage starts, one
+    every ``interval`` seconds while it runs, and one when it ends (``done == total``, or at
+    the end of the command), each with the stage, done/total and the rate."""
+
+    def __init__(
+        self,
+        write: Callable[[str], None],
+        *,
+        interval: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._write, self._interval, self._clock = write, interval, clock
+        self._stages: dict[str, _Stage] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        now = self._clock()
+        st = self._stages.get(stage)
+        first = st is None
+        if st is None:
+            st = self._stages[stage] = _Stage(start=now, printed=now)
+        elif st.finished:
+            return
+        st.done, st.total = done, total
+        st.finished = bool(total) and done >= total
+        if first or st.finished or now - st.printed >= self._interval:
+            self._line(stage, st, now)
+
+    def close(self) -> None:
+        """The last figures of every stage that did not reach its total."""
+        now = self._clock()
+        for stage, st in self._stages.items():
+            if not st.finished:
+                st.finished = True
+                self._line(stage, st, now)
+
+    def _line(self, stage: str, st: _Stage, now: float) -> None:
+        st.printed = now
+        unit, elapsed = UNITS.get(stage, "items"), now - st.start
+        if st.total:
+            parts = [f"{stage}: {st.done:,}/{st.total:,} {unit}"]
+            parts.append(f"{100 * st.done / st.total:.0f}%")
+        else:
+            parts = [f"{stage}: {st.done:,} {unit}"]
+        if elapsed > 0:
+            rate = st.done / elapsed
+            parts.append(f"{rate:,.{0 if rate >= 10 else 1}f} {unit}/s")
+        parts.append(f"{elapsed:.0f} s")
+        self._write(", ".join(parts))
+
+
 @contextlib.contextmanager
 def progress_bars(quiet: bool) -> Iterator[Callable[[str, int, int], None]]:
-    """Yield a ``progress(stage, done, total)`` callback drawing one bar per stage."""
+    """Yield a ``progress(stage, done, total)`` callback drawing one bar per stage, or
+    writing plain lines (PlainProgress) where stderr is not a terminal."""
     if quiet:
         yield lambda stage, done, total: None
+        return
+    if not err_console.is_terminal:
+        plain = PlainProgress(lambda line: print(line, file=sys.stderr, flush=True))
+        try:
+            yield plain
+        finally:
+            plain.close()
         return
     bars = Progress(
         TextColumn("{task.description:>10}"),

@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from retrodb import __version__
 from retrodb.config import ChunkConfig, DBConfig, EncoderConfig, TokenizerConfig
 from retrodb.corpus import plural, read_id_file
 from retrodb.db import RetroDB
@@ -22,6 +23,7 @@ from .common import (
     Command,
     DeviceOpt,
     FetchOpt,
+    Group,
     QuietOpt,
     Rerank,
     RerankOpt,
@@ -37,11 +39,33 @@ from .engine import Engine, EngineOpt, RayAddressOpt, WorkersOpt, make_engine
 
 app = typer.Typer(
     name="retrodb",
+    cls=Group,
     help="An on-disk, memory-mapped RETRO retrieval database.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"retrodb {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print the version and exit.",
+        ),
+    ] = False,
+) -> None:
+    """An on-disk, memory-mapped RETRO retrieval database."""
 
 
 class Quantize(StrEnum):
