@@ -79,7 +79,7 @@ def main() -> None:
     from benchmarks.common import machine
     from retrodb import ChunkConfig, DBConfig, RetroDB, TokenizerConfig
     from retrodb.config import EncoderConfig
-    from retrodb.encoder import prepare_encoder
+    from retrodb.encoder_prepare import prepare_encoder
     from tests.encoder_fixtures import make_tiny_bert
 
     work = Path(tempfile.mkdtemp(prefix="retrodb-mem-"))

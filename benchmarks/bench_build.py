@@ -21,7 +21,8 @@ from common import Timer, machine, pydocs
 
 from retrodb import DBConfig, EncoderConfig, RetroDB
 from retrodb.corpus import scan
-from retrodb.encoder import Encoder, prepare_encoder
+from retrodb.encoder import Encoder
+from retrodb.encoder_prepare import prepare_encoder
 from retrodb.tokenizer import Tokenizer
 
 

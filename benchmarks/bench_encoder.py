@@ -18,7 +18,8 @@ import numpy as np
 import onnxruntime  # noqa: F401  (load before usearch, which retrodb imports)
 
 from retrodb.config import EncoderConfig
-from retrodb.encoder import Encoder, prepare_encoder
+from retrodb.encoder import Encoder
+from retrodb.encoder_prepare import prepare_encoder
 
 
 def stdlib_texts(n: int, *, words: int = 26) -> list[str]:

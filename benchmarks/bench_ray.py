@@ -27,7 +27,7 @@ from common import Timer, machine, pydocs
 
 from retrodb import DBConfig, EncoderConfig, RetroDB, TokenizerConfig
 from retrodb.corpus import scan
-from retrodb.encoder import prepare_encoder
+from retrodb.encoder_prepare import prepare_encoder
 from retrodb.ray_engine import RayEngine, local_ray_options
 from retrodb.tokenizer import Tokenizer
 

@@ -48,18 +48,21 @@ def say(line: str = "") -> None:
     print(line, flush=True)
 
 
-def import_encoder() -> types.ModuleType:
-    """retrodb.encoder; without running retrodb/__init__.py when its imports are missing."""
+def import_encoder() -> tuple[types.ModuleType, types.ModuleType]:
+    """retrodb.encoder and retrodb.encoder_prepare; without running retrodb/__init__.py when
+    its imports are missing."""
+    names = ("retrodb.encoder", "retrodb.encoder_prepare")
     try:
-        return importlib.import_module("retrodb.encoder")
+        run, prepare = (importlib.import_module(n) for n in names)
     except ImportError as e:
-        say(f"(retrodb imports {e.name!r}, absent here: loading retrodb.encoder on its own)")
+        say(f"(retrodb imports {e.name!r}, absent here: loading the encoder modules on their own)")
         for name in [m for m in sys.modules if m == "retrodb" or m.startswith("retrodb.")]:
             del sys.modules[name]
         package = types.ModuleType("retrodb")
         package.__path__ = [str(ROOT / "retrodb")]
         sys.modules["retrodb"] = package
-        return importlib.import_module("retrodb.encoder")
+        run, prepare = (importlib.import_module(n) for n in names)
+    return run, prepare
 
 
 def stdlib_texts(n: int, *, words: int) -> list[str]:
@@ -109,7 +112,7 @@ def environment(cpu_only: bool) -> None:
 
 def check_encoder(args: argparse.Namespace) -> bool:
     """Part 1 and 2; returns whether the keys agree (cosine >= 0.999 for every chunk)."""
-    enc_mod = import_encoder()
+    enc_mod, prepare_mod = import_encoder()
     Encoder = enc_mod.Encoder
     say("\n== encoder: all-MiniLM-L6-v2, CPU fp32 vs CUDA fp16 ==")
     if args.encoder_dir:
@@ -118,7 +121,7 @@ def check_encoder(args: argparse.Namespace) -> bool:
         enc_dir = Path(tempfile.mkdtemp(prefix="retrodb-gpu-check-")) / "minilm"
         from retrodb.config import EncoderConfig
 
-        t, _ = timed(enc_mod.prepare_encoder, None, enc_dir, config=EncoderConfig())
+        t, _ = timed(prepare_mod.prepare_encoder, None, enc_dir, config=EncoderConfig())
         say(f"exported the bundled MiniLM to ONNX in {t:.1f} s")
     n_total = max(args.n_gpu, args.n_cpu, args.n_agree)
     texts = stdlib_texts(n_total, words=args.words)

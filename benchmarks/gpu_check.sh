@@ -57,7 +57,7 @@ if [[ $mode == bundle ]]; then
   "$py" -c "
 import sys; from pathlib import Path
 from retrodb.config import EncoderConfig
-from retrodb.encoder import prepare_encoder
+from retrodb.encoder_prepare import prepare_encoder
 prepare_encoder(None, Path(sys.argv[1]), config=EncoderConfig())" "$work/encoder"
   tar -cf "$work/bundle.tar" -C "$work" --exclude bundle.tar .
   rm -f "$dir"/bundle.tar.part-*

@@ -45,7 +45,7 @@ def main() -> int:
     from benchmarks.common import machine
     from retrodb import ChunkConfig, DBConfig, RetroDB, TokenizerConfig, failpoints
     from retrodb.config import EncoderConfig
-    from retrodb.encoder import prepare_encoder
+    from retrodb.encoder_prepare import prepare_encoder
     from tests.crash_harness import (
         READER_CHILD,
         check_after_trial,

@@ -123,7 +123,8 @@ class Corpus:
     """What holds no document, with the reason, in the order met."""
     bytes: int = 0
     errors: Errors = "strict"
-    _tempfiles: list[Path] = field(default_factory=list)
+    spooled: list[Path] = field(default_factory=list)
+    """Temporary files holding inputs read from stdin (removed by :meth:`cleanup`)."""
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -180,9 +181,9 @@ class Corpus:
         yield decoder.decode(b"", final=True)
 
     def cleanup(self) -> None:
-        for p in self._tempfiles:
+        for p in self.spooled:
             p.unlink(missing_ok=True)
-        self._tempfiles.clear()
+        self.spooled.clear()
 
 
 def scan(
@@ -208,7 +209,7 @@ def scan(
             with os.fdopen(fd, "wb") as out:
                 shutil.copyfileobj(src, out)
             tmp = Path(name)
-            corpus._tempfiles.append(tmp)
+            corpus.spooled.append(tmp)
             _scan_jsonl(tmp, corpus, seen, label="<stdin>", name="<stdin>")
             continue
         path = Path(inp)

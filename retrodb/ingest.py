@@ -14,8 +14,9 @@ its queries see the same detokenization, BERT special tokens, truncation and poo
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -70,23 +71,50 @@ def _document_ids(corpus: corpus_mod.Corpus, pt: PieceTokenizer) -> Iterator[tup
         yield i, pt.tok.encode([text])[0]
 
 
-def write_corpus_segment(
-    storage: Storage,
-    corpus: corpus_mod.Corpus,
-    tokenizer: Tokenizer,
-    encoder: Encoder,
-    config: DBConfig,
-    *,
-    first_key: int,
-    generation: int,
-    progress: ProgressFn = no_progress,
-) -> SegmentMeta:
-    """Tokenize, chunk, encode and index ``corpus`` into a new sealed segment whose first
-    key is ``first_key``; returns its manifest entry (the caller commits it)."""
+@dataclass(frozen=True)
+class SegmentJob:
+    """What a build or an add asks of a :class:`SegmentEngine`: the documents of
+    ``corpus`` as sealed, uncommitted segments of ``storage``, in input order, with
+    contiguous keys from ``first_key``. The tokenizer and the encoder are the files of
+    ``storage``; the caller commits the segments as ``generation``."""
+
+    storage: Storage
+    corpus: corpus_mod.Corpus
+    tokenizer: Tokenizer
+    config: DBConfig
+    first_key: int
+    generation: int
+    progress: ProgressFn = no_progress
+
+
+class SegmentEngine(Protocol):
+    """Writes the segments of a :class:`SegmentJob`: :class:`LocalEngine` in this process,
+    or :class:`retrodb.ray_engine.RayEngine` on a Ray cluster."""
+
+    def write_segments(self, job: SegmentJob) -> tuple[SegmentMeta, ...]:
+        """The job's segments' manifest entries, in key order."""
+        ...
+
+
+@dataclass(frozen=True)
+class LocalEngine:
+    """One segment, written in this process with ``encoder`` (:func:`write_corpus_segment`)."""
+
+    encoder: Encoder
+
+    def write_segments(self, job: SegmentJob) -> tuple[SegmentMeta, ...]:
+        return (write_corpus_segment(job, self.encoder),)
+
+
+def write_corpus_segment(job: SegmentJob, encoder: Encoder) -> SegmentMeta:
+    """Tokenize, chunk, encode and index the job's corpus into a new sealed segment whose
+    first key is ``job.first_key``; returns its manifest entry (the caller commits it)."""
+    storage, corpus, tokenizer, config = job.storage, job.corpus, job.tokenizer, job.config
+    first_key, progress = job.first_key, job.progress
     m = config.chunk.chunk_size
     writer = SegmentWriter(
         storage,
-        generation=generation,
+        generation=job.generation,
         chunk_size=m,
         token_dtype=tokenizer.token_dtype,
         dim=encoder.dim,
@@ -134,4 +162,12 @@ def _offset(progress: ProgressFn, stage: str, start: int, total: int) -> Progres
     return report
 
 
-__all__ = ["ENCODE_WINDOW", "encode_ids", "open_encoder", "write_corpus_segment"]
+__all__ = [
+    "ENCODE_WINDOW",
+    "LocalEngine",
+    "SegmentEngine",
+    "SegmentJob",
+    "encode_ids",
+    "open_encoder",
+    "write_corpus_segment",
+]

@@ -65,9 +65,10 @@ from .storage import ENCODER_DIR, SEGMENTS, TOKENIZER_FILE, SegmentMeta, Storage
 from .threads import available_cores
 
 if TYPE_CHECKING:
-    from .db import RetroDB
-    from .neighbours.compute import Rows, SearchRules
-    from .tokenizer import Tokenizer
+    from .ingest import SegmentJob
+    from .neighbours.compute import SearchRules
+    from .neighbours.store import Rows
+    from .snapshot import Snapshot
 
 #: How to install the engine.
 RAY_INSTALL = "pip install 'retrodb[ray]'"
@@ -134,7 +135,7 @@ class RayEngine:
     """Chunk rows per unit of encoding work (default :data:`~retrodb.shards.PART_ROWS`)."""
 
     def __post_init__(self) -> None:
-        from .encoder import parse_device
+        from .encoder_device import parse_device
 
         if self.workers is not None and self.workers < 1:
             raise BadInputError(f"workers must be at least 1, got {self.workers}")
@@ -195,20 +196,11 @@ class RayEngine:
 
     # ------------------------------------------------------------ build and add
 
-    def write_segments(
-        self,
-        storage: Storage,
-        corpus: corpus_mod.Corpus,
-        tokenizer: Tokenizer,
-        config: DBConfig,
-        *,
-        first_key: int,
-        generation: int,
-        progress: ProgressFn = no_progress,
-    ) -> tuple[SegmentMeta, ...]:
-        """Write ``corpus`` as sealed, uncommitted segments of ``storage`` (one per shard)
-        with contiguous keys from ``first_key``; see the module docstring."""
-        if corpus._tempfiles:
+    def write_segments(self, job: SegmentJob) -> tuple[SegmentMeta, ...]:
+        """Write the job's corpus as sealed, uncommitted segments (one per shard) with
+        contiguous keys from ``job.first_key``; see the module docstring."""
+        storage, corpus = job.storage, job.corpus
+        if corpus.spooled:
             raise BadInputError(
                 "--engine ray reads the inputs on its workers: give files or folders, not '-'"
             )
@@ -224,14 +216,14 @@ class RayEngine:
             return self._build(
                 storage,
                 shards,
-                tokenizer.fingerprint,
-                config,
+                job.tokenizer.fingerprint,
+                job.config,
                 corpus.errors,
                 workers=workers,
                 dim=dim,
-                first_key=first_key,
-                generation=generation,
-                progress=progress,
+                first_key=job.first_key,
+                generation=job.generation,
+                progress=job.progress,
             )
 
     def _build(
@@ -319,7 +311,7 @@ class RayEngine:
 
     def neighbours(
         self,
-        db: RetroDB,
+        snap: Snapshot,
         rows: Rows,
         rules: SearchRules,
         *,
@@ -337,7 +329,8 @@ class RayEngine:
             rows_ref = [ray.put(rows)]
             actor = _searcher_class(ray).options(num_cpus=self.actor_cpus)
             actors = [
-                actor.remote(str(db.path.absolute()), db.generation, rules) for _ in range(workers)
+                actor.remote(str(snap.path.absolute()), snap.generation, rules)
+                for _ in range(workers)
             ]
             blocks = search_blocks(rows.n, batch_size, workers)
             keys = np.full((rows.n, rules.k), -1, np.int64)
@@ -500,13 +493,12 @@ class _SearcherActor:
     a :class:`~retrodb.neighbours.compute.Searcher` for the rows of the set."""
 
     def __init__(self, path: str, generation: int, rules: SearchRules) -> None:
-        from .db import RetroDB
+        from .snapshot import Snapshot
 
-        db = RetroDB.open(path, threads=1)
-        if db.generation != generation:  # a writer committed since the driver opened it
-            db._load(db.storage.read_manifest(f"{generation:06d}.json"))
-        _ = db.indexes  # map every segment's index now, once
-        self.db = db
+        # the driver's generation, also when a writer has committed since it opened it
+        snap = Snapshot.open(path, threads=1).at_generation(generation)
+        _ = snap.indexes  # map every segment's index now, once
+        self.snap = snap
         self.rules = rules
         self.search: Any = None
 
@@ -521,8 +513,8 @@ class _SearcherActor:
         kill_hook("search")
         if self.search is None:
             rows: Rows = ray.get(rows_ref[0])
-            self.search = Searcher(self.db, rows, self.rules)
-        segments = list(range(len(self.db.segments)))
+            self.search = Searcher(self.snap, rows, self.rules)
+        segments = list(range(len(self.snap.segments)))
         keys, dist = self.search.run(np.arange(start, stop), segments, batch_size, no_progress)
         return keys, dist, _node()
 

@@ -21,7 +21,7 @@ from .errors import BadInputError
 from .search import SearchResult, check_k
 
 if TYPE_CHECKING:
-    from .db import RetroDB
+    from .snapshot import Snapshot
 
 Rerank = Literal["none", "overlap"]
 RERANKS: tuple[str, ...] = ("none", "overlap")
@@ -78,9 +78,15 @@ def rerank_keys(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Keep the k best of dense candidates ``keys, dist [n, c]`` (best first, -1 = none)
     by overlap of their tokens ``cand_tokens [n, c, m]`` (negative = padding) with
-    ``query [n, m]``: ``(keys [n, k], dist [n, k])``."""
+    ``query [n, m]``: ``(keys [n, k], dist [n, k])``; fewer than k candidates give -1 / inf
+    padding."""
     order = overlap_order(query, cand_tokens, keys >= 0, min_run=min_run)[:, :k]
-    return np.take_along_axis(keys, order, axis=1), np.take_along_axis(dist, order, axis=1)
+    keys, dist = np.take_along_axis(keys, order, axis=1), np.take_along_axis(dist, order, axis=1)
+    if keys.shape[1] < k:
+        pad = ((0, 0), (0, k - keys.shape[1]))
+        keys = np.pad(keys, pad, constant_values=-1)
+        dist = np.pad(dist, pad, constant_values=np.inf)
+    return keys, dist
 
 
 def check_rerank(rerank: str) -> None:
@@ -111,34 +117,14 @@ def padded(tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(mask, np.asarray(tokens, dtype=np.int64), -1)
 
 
-def candidate_tokens(db: RetroDB, keys: np.ndarray) -> np.ndarray:
+def candidate_tokens(snap: Snapshot, keys: np.ndarray) -> np.ndarray:
     """The chunk tokens ``[..., m]`` of ``keys [...]`` with padding (and key -1) as -1."""
-    toks, lengths = db.chunks(keys)
-    return padded(toks, db.keymap.masks(lengths))
-
-
-def rerank_candidates(
-    db: RetroDB,
-    query: np.ndarray,
-    keys: np.ndarray,
-    dist: np.ndarray,
-    k: int,
-    *,
-    min_run: int = DEFAULT_MIN_RUN,
-) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`rerank_keys` of dense candidates ``keys, dist [n, c]`` of ``db``, their tokens
-    read from the database; ``query [n, *]`` token rows, -1 = padding. Fewer than k
-    candidates give -1 / inf padding."""
-    keys, dist = rerank_keys(query, keys, dist, candidate_tokens(db, keys), k, min_run=min_run)
-    if keys.shape[1] < k:
-        pad = ((0, 0), (0, k - keys.shape[1]))
-        keys = np.pad(keys, pad, constant_values=-1)
-        dist = np.pad(dist, pad, constant_values=np.inf)
-    return keys, dist
+    toks, lengths = snap.chunks(keys)
+    return padded(toks, snap.keymap.masks(lengths))
 
 
 def rerank_search(
-    db: RetroDB,
+    snap: Snapshot,
     queries: str | Sequence[str],
     k: int,
     *,
@@ -146,20 +132,20 @@ def rerank_search(
     exact: bool = False,
     min_run: int = DEFAULT_MIN_RUN,
 ) -> SearchResult:
-    """``db.search`` of query texts, re-ranked: ``fetch * k`` dense candidates, the k that
+    """``snap.search`` of query texts, re-ranked: ``fetch * k`` dense candidates, the k that
     share the longest token run with the query's tokens kept (distances stay the dense
     ones, so they are no longer sorted)."""
     k = check_k(k)
     fetch = resolve_fetch("overlap", fetch)
     texts = [queries] if isinstance(queries, str) else list(queries)
-    dense = db.search(texts, k=k * fetch, exact=exact)  # also refuses empty texts
-    tok = db.tokenizer
-    assert tok is not None  # RetroDB refuses to open without one
+    dense = snap.search(texts, k=k * fetch, exact=exact)  # also refuses empty texts
+    tok = snap.tokenizer
     ids = tok.encode(texts)
     query = np.full((len(ids), max((len(t) for t in ids), default=1)), -1, dtype=np.int64)
     for i, t in enumerate(ids):
         query[i, : len(t)] = t
-    keys, dist = rerank_candidates(db, query, dense.keys, dense.distances, k, min_run=min_run)
+    cands = candidate_tokens(snap, dense.keys)
+    keys, dist = rerank_keys(query, dense.keys, dense.distances, cands, k, min_run=min_run)
     return SearchResult(keys=keys, distances=dist)
 
 
@@ -173,7 +159,6 @@ __all__ = [
     "longest_run",
     "overlap_order",
     "padded",
-    "rerank_candidates",
     "rerank_keys",
     "rerank_search",
     "resolve_fetch",

@@ -23,7 +23,7 @@ from .storage import ENCODER_DIR, TOKENIZER_FILE
 from .tokenizer import fingerprint
 
 if TYPE_CHECKING:
-    from .db import RetroDB
+    from .snapshot import Snapshot
 
 
 @dataclass(slots=True)
@@ -51,13 +51,13 @@ class VerifyReport:
         return getattr(self, key)
 
 
-def _committed_files(db: RetroDB) -> list[tuple[Path, int, str]]:
-    m = db.manifest
+def _committed_files(snap: Snapshot) -> list[tuple[Path, int, str]]:
+    m = snap.manifest
     files: list[tuple[Path, int, str]] = []
     for s in m.segments:
-        d = db.storage.segment_dir(s.name)
+        d = snap.storage.segment_dir(s.name)
         files += [(d / rel, fi.size, fi.sha256) for rel, fi in s.files.items()]
-    enc_dir = db.path / ENCODER_DIR
+    enc_dir = snap.path / ENCODER_DIR
     files += [
         (enc_dir / rel, int(fi["size"]), str(fi["sha256"]))
         for rel, fi in m.encoder.get("files", {}).items()
@@ -95,12 +95,14 @@ def _check_segment(s: Segment) -> list[str]:
 
 
 def verify(
-    db: RetroDB, *, repair: bool = False, progress: ProgressFn = no_progress
+    snap: Snapshot, *, repair: bool = False, progress: ProgressFn = no_progress
 ) -> VerifyReport:
-    """Check the committed generation of ``db``; ``repair`` removes leftovers (under the
-    writer lock). Committed data is never changed."""
-    m = db.manifest
-    files = _committed_files(db)
+    """Check every committed file against the sizes and checksums in the manifest, open
+    every array and index, and list what an interrupted writer left behind. ``repair``
+    removes those leftovers (under the writer lock); committed data is never changed."""
+    m = snap.manifest
+    latest = snap  # the generation whose kept segments are reported (newer after repair)
+    files = _committed_files(snap)
     total = len(files) + 2
     problems: list[str] = []
     progress("verify", 0, total)
@@ -109,7 +111,7 @@ def verify(
         if problem:
             problems.append(problem)
         progress("verify", i + 1, total)
-    tok = db.path / TOKENIZER_FILE
+    tok = snap.path / TOKENIZER_FILE
     if not tok.is_file():
         problems.append(f"{tok}: missing")
     elif fingerprint(tok.read_bytes()) != m.tokenizer["fingerprint"]:
@@ -117,21 +119,21 @@ def verify(
     unreachable = side = 0
     if not problems:
         try:
-            for s in db.keymap.segments:
+            for s in snap.keymap.segments:
                 problems += _check_segment(s)
-            for ix in db.indexes:
+            for ix in snap.indexes:
                 lost = ix.unreachable(progress=progress)
-                unreachable += int((~db.keymap.deleted(lost)).sum())
+                unreachable += int((~snap.keymap.deleted(lost)).sum())
                 side += int(ix.side_keys.size)
         except CorruptError as exc:
             problems.append(str(exc))
     progress("verify", total, total)
-    leftovers = db.storage.leftovers(m)
+    leftovers = snap.storage.leftovers(m)
     removed: list[str] = []
     if repair and leftovers:
-        with db.storage.writer_lock():
-            db._load(db.storage.read_manifest())
-            removed = [str(p) for p in db.storage.remove_leftovers(db.manifest)]
+        with snap.storage.writer_lock():
+            latest = snap.latest()
+            removed = [str(p) for p in snap.storage.remove_leftovers(latest.manifest)]
             leftovers = []
     return VerifyReport(
         ok=not problems,
@@ -140,7 +142,9 @@ def verify(
         problems=problems,
         leftovers=[str(p) for p in leftovers],
         removed=removed,
-        retained=sorted(str(db.storage.segment_dir(n)) for n in db.storage.retained(db.manifest)),
+        retained=sorted(
+            str(snap.storage.segment_dir(n)) for n in snap.storage.retained(latest.manifest)
+        ),
         unreachable=unreachable,
         side_list=side,
     )

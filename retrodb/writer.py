@@ -18,14 +18,14 @@ import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO
 
 from . import corpus as corpus_mod
 from .config import FORMAT_VERSION, DBConfig
 from .corpus import Skipped
 from .errors import BadInputError, MismatchError, NotFoundError, RetroDBError, WriteError
 from .fsutil import file_table, fsync_path, fsync_tree
-from .ingest import open_encoder, write_corpus_segment
+from .ingest import LocalEngine, SegmentEngine, SegmentJob, open_encoder
 from .progress import ProgressFn, no_progress
 from .segment import SegmentWriter, merge_segments
 from .storage import (
@@ -40,8 +40,8 @@ from .storage import (
 from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-    from .db import RetroDB
     from .encoder import Encoder
+    from .snapshot import Snapshot
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,61 +125,21 @@ def next_manifest(
 # ---------------------------------------------------------------- engines
 
 
-class SegmentEngine(Protocol):
-    """Writes the new segments of a build or an add somewhere other than this process (see
-    :class:`retrodb.ray_engine.RayEngine`). Without one, build and add write one segment
-    here (:func:`~retrodb.ingest.write_corpus_segment`)."""
-
-    def write_segments(
-        self,
-        storage: Storage,
-        corpus: corpus_mod.Corpus,
-        tokenizer: Tokenizer,
-        config: DBConfig,
-        *,
-        first_key: int,
-        generation: int,
-        progress: ProgressFn,
-    ) -> tuple[SegmentMeta, ...]:
-        """Sealed, uncommitted segments of ``storage`` holding ``corpus``'s documents in
-        input order, with contiguous keys from ``first_key`` in that order. The tokenizer
-        and the encoder are the files of ``storage``."""
-        ...
-
-
-def _engine_segments(
-    engine: SegmentEngine,
-    storage: Storage,
-    corpus: corpus_mod.Corpus,
-    tokenizer: Tokenizer,
-    config: DBConfig,
-    *,
-    first_key: int,
-    generation: int,
-    progress: ProgressFn,
-) -> tuple[SegmentMeta, ...]:
-    """``engine.write_segments``, refusing segments that do not hold the corpus's documents
-    with contiguous keys from ``first_key`` (nothing is committed then)."""
-    metas = engine.write_segments(
-        storage,
-        corpus,
-        tokenizer,
-        config,
-        first_key=first_key,
-        generation=generation,
-        progress=progress,
-    )
-    at = first_key
+def _engine_segments(engine: SegmentEngine, job: SegmentJob) -> tuple[SegmentMeta, ...]:
+    """``engine.write_segments(job)``, refusing segments that do not hold the corpus's
+    documents with contiguous keys from ``job.first_key`` (nothing is committed then)."""
+    metas = engine.write_segments(job)
+    at = job.first_key
     for meta in metas:
         if meta.first_key != at or meta.explicit_keys:
             raise RetroDBError(
-                f"{storage.segment_dir(meta.name)}: first key {meta.first_key}, expected {at}"
+                f"{job.storage.segment_dir(meta.name)}: first key {meta.first_key}, expected {at}"
             )
         at += meta.chunks
-    if sum(m.documents for m in metas) != len(corpus):
+    if sum(m.documents for m in metas) != len(job.corpus):
         raise RetroDBError(
-            f"{storage.root}: the new segments hold {sum(m.documents for m in metas)} "
-            f"documents, expected {len(corpus)}"
+            f"{job.storage.root}: the new segments hold {sum(m.documents for m in metas)} "
+            f"documents, expected {len(job.corpus)}"
         )
     return tuple(metas)
 
@@ -188,11 +148,10 @@ def _engine_segments(
 
 
 @contextlib.contextmanager
-def _locked(db: RetroDB) -> Iterator[Manifest]:
-    """The writer lock, with ``db`` moved to the latest committed generation."""
-    with db.storage.writer_lock():
-        db._load(db.storage.read_manifest())
-        yield db.manifest
+def _locked(snap: Snapshot) -> Iterator[Snapshot]:
+    """The writer lock, and the latest committed generation under it."""
+    with snap.storage.writer_lock():
+        yield snap.latest()
 
 
 def _cleanup(storage: Storage) -> None:
@@ -233,11 +192,13 @@ def _writing(storage: Storage, generation: int) -> Iterator[None]:
         ) from exc
 
 
-def _commit(db: RetroDB, manifest: Manifest) -> None:
-    """Commit ``manifest``, move ``db`` to it, and free what is no longer referenced."""
-    db.storage.commit(manifest)
-    db._load(manifest)
-    _cleanup(db.storage)
+def _commit(snap: Snapshot, manifest: Manifest) -> Snapshot:
+    """Commit ``manifest`` (the generation after ``snap``'s), free what is no longer
+    referenced, and return its snapshot."""
+    snap.storage.commit(manifest)
+    new = snap.at(manifest)
+    _cleanup(snap.storage)
+    return new
 
 
 # ---------------------------------------------------------------- build and add
@@ -260,10 +221,12 @@ def build(
     """Build a new database at ``path``: everything is written to a temporary directory
     beside it and renamed into place at the end, so a failed build leaves nothing behind.
     The encoder's files are hard links into the shared store where the filesystem allows
-    (:func:`~retrodb.encoder.share_encoder`). Returns the encoder it used (already loaded;
+    (:func:`~retrodb.encoder_files.share_encoder`). Returns the encoder it used (already loaded;
     with an ``engine``, a CPU session opened only to read the encoder's fingerprint and
     dimension) and what was built."""
-    from .encoder import parse_device, prepare_encoder, share_encoder
+    from .encoder_device import parse_device
+    from .encoder_files import share_encoder
+    from .encoder_prepare import prepare_encoder
 
     check_not_in_use(path)
     parse_device(device)
@@ -313,16 +276,8 @@ def build(
             next_key=0,
             format_version=FORMAT_VERSION,
         )
-        if engine is None:
-            metas: tuple[SegmentMeta, ...] = (
-                write_corpus_segment(
-                    store, corpus, tok, enc, config, first_key=0, generation=1, progress=progress
-                ),
-            )
-        else:
-            metas = _engine_segments(
-                engine, store, corpus, tok, config, first_key=0, generation=1, progress=progress
-            )
+        job = SegmentJob(store, corpus, tok, config, first_key=0, generation=1, progress=progress)
+        metas = _engine_segments(engine or LocalEngine(enc), job)
         fsync_tree(tmp)
         manifest = next_manifest(first, segments=metas, next_key=sum(m.chunks for m in metas))
         store.commit(manifest)
@@ -347,22 +302,22 @@ def build(
     )
 
 
-def _refuse_duplicates(db: RetroDB, ids: Sequence[str]) -> None:
-    existing = db.keymap.doc_index()
+def _refuse_duplicates(snap: Snapshot, ids: Sequence[str]) -> None:
+    existing = snap.keymap.doc_index()
     dups = [i for i in ids if i in existing]
     if not dups:
         return
     more = f" (and {len(dups) - 1} more)" if len(dups) > 1 else ""
-    if dups[0] in db.keymap.tombstones:
+    if dups[0] in snap.keymap.tombstones:
         raise BadInputError(
             f"document id {dups[0]!r} was deleted but is still stored{more}; run "
-            f"`retrodb compact {db.path}` before adding it again"
+            f"`retrodb compact {snap.path}` before adding it again"
         )
     raise BadInputError(f"document id {dups[0]!r} is already in the database{more}")
 
 
 def add(
-    db: RetroDB,
+    snap: Snapshot,
     inputs: Sequence[str | Path],
     *,
     errors: corpus_mod.Errors = "strict",
@@ -371,60 +326,49 @@ def add(
     tokenizer: str | Path | None = None,
     encoder: str | Path | None = None,
     engine: SegmentEngine | None = None,
-) -> AddResult:
-    """Add documents as one new segment (or, with an ``engine``, as the segments it writes)
-    and commit a new generation (see RetroDB.add)."""
-    with _locked(db) as m:
-        assert db.tokenizer is not None
+) -> tuple[Snapshot, AddResult]:
+    """Add documents as a new segment and commit a new generation.
+
+    Nothing stored is re-encoded and no model is retrained. ``tokenizer``/``encoder``,
+    when given, must be the ones the database was built with (a guard for scripts).
+    Every input is validated before anything is written. ``engine``: where the segments
+    are written, as for :meth:`RetroDB.build` (it may write several segments, committed
+    together). Returns the committed generation's snapshot and what was added."""
+    with _locked(snap) as cur:
+        m = cur.manifest
         if (
             tokenizer is not None
-            and Tokenizer.load(tokenizer).fingerprint != db.tokenizer.fingerprint
+            and Tokenizer.load(tokenizer).fingerprint != cur.tokenizer.fingerprint
         ):
-            raise MismatchError(
-                f"{tokenizer}: tokenizer does not match the database's ({db.path / TOKENIZER_FILE})"
-            )
+            ours = cur.path / TOKENIZER_FILE
+            raise MismatchError(f"{tokenizer}: tokenizer does not match the database's ({ours})")
         if encoder is not None:
-            db.check_encoder_matches(Path(encoder))
+            cur.check_encoder_matches(Path(encoder))
         corpus = corpus_mod.scan(inputs, errors=errors, stdin=stdin)
         try:
-            _refuse_duplicates(db, corpus.ids)
-            enc = db.encoder if engine is None else None
-            db.storage.remove_leftovers(m)
+            _refuse_duplicates(cur, corpus.ids)
+            engine = engine or LocalEngine(cur.encoder)  # an encoder error writes nothing
+            cur.storage.remove_leftovers(m)
             gen = m.generation + 1
-            with _writing(db.storage, gen):
-                if enc is not None:
-                    metas: tuple[SegmentMeta, ...] = (
-                        write_corpus_segment(
-                            db.storage,
-                            corpus,
-                            db.tokenizer,
-                            enc,
-                            db.config,
-                            first_key=m.next_key,
-                            generation=gen,
-                            progress=progress,
-                        ),
-                    )
-                else:
-                    assert engine is not None
-                    metas = _engine_segments(
-                        engine,
-                        db.storage,
-                        corpus,
-                        db.tokenizer,
-                        db.config,
-                        first_key=m.next_key,
-                        generation=gen,
-                        progress=progress,
-                    )
+            with _writing(cur.storage, gen):
+                job = SegmentJob(
+                    cur.storage,
+                    corpus,
+                    cur.tokenizer,
+                    cur.config,
+                    first_key=m.next_key,
+                    generation=gen,
+                    progress=progress,
+                )
+                metas = _engine_segments(engine, job)
                 chunks = sum(s.chunks for s in metas)
                 manifest = next_manifest(
                     m, segments=(*m.segments, *metas), next_key=m.next_key + chunks
                 )
-                _commit(db, manifest)
+                new = _commit(cur, manifest)
         finally:
             corpus.cleanup()
-        return AddResult(
+        return new, AddResult(
             generation=manifest.generation,
             documents=sum(s.documents for s in metas),
             chunks=chunks,
@@ -439,42 +383,54 @@ def add(
 # ---------------------------------------------------------------- delete and compact
 
 
-def delete(db: RetroDB, doc_ids: Sequence[str]) -> DeleteResult:
-    """Tombstone documents in a new generation (see RetroDB.delete)."""
+def delete(snap: Snapshot, doc_ids: Sequence[str]) -> tuple[Snapshot, DeleteResult]:
+    """Delete documents: a new generation whose manifest lists them as tombstones.
+
+    Their chunks disappear from every search, neighbour set and continuation lookup at
+    once; compaction drops their rows from disk later. Unknown or already deleted ids are
+    refused (nothing is written)."""
     if isinstance(doc_ids, str):
         raise BadInputError("doc_ids must be a sequence of document ids, not one string")
     wanted = list(dict.fromkeys(str(i) for i in doc_ids))
     if not wanted:
         raise BadInputError("no document ids given")
-    with _locked(db) as m:
-        index = db.keymap.doc_index()
+    with _locked(snap) as cur:
+        m = cur.manifest
+        index = cur.keymap.doc_index()
         unknown = [i for i in wanted if i not in index]
         if unknown:
             shown = ", ".join(repr(i) for i in unknown[:5])
             more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
             raise BadInputError(f"unknown document id(s): {shown}{more}")
-        gone = [i for i in wanted if i in db.keymap.tombstones]
+        gone = [i for i in wanted if i in cur.keymap.tombstones]
         if gone:
             raise BadInputError(f"document id {gone[0]!r} is already deleted")
-        db.storage.remove_leftovers(m)
+        cur.storage.remove_leftovers(m)
         gen = m.generation + 1
-        with _writing(db.storage, gen):
+        with _writing(cur.storage, gen):
             manifest = next_manifest(
                 m, segments=m.segments, next_key=m.next_key, tombstones=(*m.tombstones, *wanted)
             )
-            _commit(db, manifest)
-        return DeleteResult(
+            new = _commit(cur, manifest)
+        return new, DeleteResult(
             generation=manifest.generation, deleted=len(wanted), tombstones=len(manifest.tombstones)
         )
 
 
 def compact(
-    db: RetroDB, *, force: bool = False, progress: ProgressFn = no_progress
-) -> CompactResult:
-    """Merge every segment into one, without deleted rows (see RetroDB.compact)."""
-    with _locked(db) as m:
+    snap: Snapshot, *, force: bool = False, progress: ProgressFn = no_progress
+) -> tuple[Snapshot, CompactResult]:
+    """Merge every segment into one new segment without the rows of deleted documents.
+
+    No chunk is encoded again (the vectors are read back from the old indexes) and no
+    live key changes. The merged-away segments stay on disk for one more generation, for
+    readers that opened the previous one; the writer after that removes them. With
+    nothing to merge or drop it does nothing, unless ``force`` (which rebuilds the
+    index, e.g. to give an index written before side lists one)."""
+    with _locked(snap) as cur:
+        m = cur.manifest
         if not force and len(m.segments) <= 1 and not m.tombstones:
-            return CompactResult(
+            return cur, CompactResult(
                 generation=m.generation,
                 changed=False,
                 segments_before=len(m.segments),
@@ -483,22 +439,22 @@ def compact(
                 chunks_dropped=0,
                 segment=m.segments[0].name if m.segments else None,
             )
-        db.storage.remove_leftovers(m)
+        cur.storage.remove_leftovers(m)
         gen = m.generation + 1
-        with _writing(db.storage, gen):
+        with _writing(cur.storage, gen):
             writer = SegmentWriter(
-                db.storage,
+                cur.storage,
                 generation=gen,
-                chunk_size=db.chunk_size,
-                token_dtype=db.token_dtype,
-                dim=db.dim,
-                index=db.config.index,
+                chunk_size=cur.chunk_size,
+                token_dtype=cur.token_dtype,
+                dim=cur.dim,
+                index=cur.config.index,
                 explicit_keys=True,
             )
-            indexes = db.indexes
+            indexes = cur.indexes
             meta = merge_segments(
                 writer,
-                db.keymap.segments,
+                cur.keymap.segments,
                 lambda si, keys: indexes[si].vectors(keys),
                 dead=set(m.tombstones),
                 progress=progress,
@@ -506,8 +462,8 @@ def compact(
             manifest = next_manifest(
                 m, segments=(meta,) if meta is not None else (), next_key=m.next_key, tombstones=()
             )
-            _commit(db, manifest)
-        return CompactResult(
+            new = _commit(cur, manifest)
+        return new, CompactResult(
             generation=manifest.generation,
             changed=True,
             segments_before=len(m.segments),

@@ -1,5 +1,7 @@
-"""Shared CLI plumbing: error reporting and progress bars. The library never prints;
-this is where its callbacks become bars and its errors become one clear line.
+"""Shared CLI plumbing: error reporting, progress bars, and the arguments and options
+that several commands share (each defined once here, or in engine.py for where the work
+runs). The library never prints; this is where its callbacks become bars and its errors
+become one clear line.
 
 ``--quiet`` means the same in every command that has it: no progress bars and no
 summary line on success. Errors, damage found by `verify`, skipped inputs and notes still
@@ -92,6 +94,34 @@ class Command(_PlainFlags, TyperCommand):
         return pieces
 
 
+DBArg = Annotated[Path, typer.Argument(help="Path of the database directory.")]
+InputsArg = Annotated[
+    list[str],
+    typer.Argument(
+        help="Folders (read recursively: .txt, .md, .rst and JSONL .jsonl/.ndjson files, any "
+        "case, optionally .gz; other files are skipped and listed), files given by name (read "
+        "whatever their extension; JSONL has a 'text' field and an optional 'id'), or '-' "
+        "for JSONL on stdin."
+    ),
+]
+
+
+class OnError(StrEnum):
+    """What reading invalid UTF-8 does (retrodb.corpus)."""
+
+    strict = "strict"
+    replace = "replace"  # type: ignore[assignment]  # a member, where str has a method
+
+
+ErrorsOpt = Annotated[
+    OnError,
+    typer.Option(
+        "--errors", help="Invalid UTF-8: refuse the input (strict) or substitute U+FFFD (replace)."
+    ),
+]
+ExactOpt = Annotated[bool, typer.Option("--exact", help="Exact search instead of HNSW (slow).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+ResultJsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 QuietOpt = Annotated[
     bool,
     typer.Option(
@@ -150,7 +180,7 @@ DeviceOpt = Annotated[
 
 def say_device(db: RetroDB, device: str, quiet: bool) -> None:
     """Say where the encoder ran (stderr), unless quiet or it is the default CPU."""
-    enc = db._encoder
+    enc = db.open_encoder
     if quiet or enc is None or (device == "cpu" and enc.device == "cpu"):
         return
     err_console.print(

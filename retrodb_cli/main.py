@@ -21,9 +21,15 @@ from . import model as model_commands
 from . import neighbours as neighbour_commands
 from .common import (
     Command,
+    DBArg,
     DeviceOpt,
+    ErrorsOpt,
+    ExactOpt,
     FetchOpt,
     Group,
+    InputsArg,
+    JsonOpt,
+    OnError,
     QuietOpt,
     Rerank,
     RerankOpt,
@@ -71,29 +77,6 @@ def _main(
 class Quantize(StrEnum):
     none = "none"
     int8 = "int8"
-
-
-class OnError(StrEnum):
-    strict = "strict"
-    replace = "replace"
-
-
-DBArg = Annotated[Path, typer.Argument(help="Path of the database directory.")]
-InputsArg = Annotated[
-    list[str],
-    typer.Argument(
-        help="Folders (read recursively: .txt, .md, .rst and JSONL .jsonl/.ndjson files, any "
-        "case, optionally .gz; other files are skipped and listed), files given by name (read "
-        "whatever their extension; JSONL has a 'text' field and an optional 'id'), or '-' "
-        "for JSONL on stdin."
-    ),
-]
-ErrorsOpt = Annotated[
-    OnError,
-    typer.Option(
-        "--errors", help="Invalid UTF-8: refuse the input (strict) or substitute U+FFFD (replace)."
-    ),
-]
 
 
 @app.command(cls=Command)
@@ -234,9 +217,7 @@ def query(
     as_json: Annotated[
         bool, typer.Option("--json", help="One JSON object per query per line.")
     ] = False,
-    exact: Annotated[
-        bool, typer.Option("--exact", help="Exact search instead of HNSW (slow).")
-    ] = False,
+    exact: ExactOpt = False,
     rerank: RerankOpt = Rerank.none,
     fetch: FetchOpt = None,
     threads: ThreadsOpt = None,
@@ -278,10 +259,7 @@ def _indent(text: str, dim: bool = False) -> str:
 
 @app.command(cls=Command)
 @handle_errors
-def info(
-    db: DBArg,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-) -> None:
+def info(db: DBArg, as_json: JsonOpt = False) -> None:
     """Documents, chunks (live and stored), tokens, segments, generation, configuration,
     the tokenizer's training settings, fingerprints and sizes."""
     d = RetroDB.open(db).info()
@@ -347,7 +325,7 @@ def verify(
     repair: Annotated[
         bool, typer.Option("--repair", help="Remove what an interrupted writer left behind.")
     ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Check every committed file (sizes, checksums, arrays, indexes). Exit 1 on damage.

@@ -1,38 +1,40 @@
 """`retrodb train`, `retrodb evaluate`, `retrodb generate`: the RETRO model over a database.
 
 Each command opens the database, calls one library function and prints. The options of
-`train` are made from the `TrainArgs` dataclass: one option per field, its docstring as the
-help and its default as the default, so no field is missing and no default can drift."""
+`train` are made from the `TrainArgs` dataclass, and those of `evaluate` that say how it
+scores from `EvalArgs` (:mod:`retrodb_model.options`): one option per field, its docstring
+as the help and its default as the default, so no field is missing and no default can
+drift. This module only maps them to typer."""
 
 from __future__ import annotations
 
-import ast
 import dataclasses
+import functools
 import inspect
 import json
-import math
 import os
 import sys
-import textwrap
-import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any
 
 import typer
 
 from retrodb.corpus import plural
 from retrodb.db import RetroDB
-from retrodb.errors import BadInputError
+from retrodb_model.config import EvalArgs, TrainArgs
+from retrodb_model.options import Option, eval_options, from_options, train_options
 from retrodb_model.threads import RULE as THREADS_RULE
 from retrodb_model.threads import default_threads
 
 from .common import (
     Command,
+    DBArg,
     FetchOpt,
     QuietOpt,
     Rerank,
     RerankOpt,
+    ResultJsonOpt,
     err_console,
     fail,
     handle_errors,
@@ -40,11 +42,13 @@ from .common import (
 )
 
 DirArg = Annotated[Path, typer.Argument(help="The checkpoint directory (from `retrodb train`).")]
-DBArg = Annotated[Path, typer.Argument(help="Path of the database directory.")]
 ThreadsOpt = Annotated[
     int | None,
     typer.Option("--threads", help=f"torch and encoder threads ({THREADS_RULE}).", min=1),
 ]
+#: Options made from a dataclass field that are the CLI's shared ones (same flags and help
+#: in every command that has them).
+SHARED: dict[str, Any] = {"rerank": RerankOpt, "fetch": FetchOpt}
 
 
 def _fmt(x: Any, spec: str = ".4f") -> str:
@@ -60,110 +64,54 @@ def _set_threads(threads: int | None) -> int:
     return n
 
 
-# ---------------------------------------------------------------- train
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring written under each field of a dataclass, by field name, with its
-    lines joined (fields without one are absent)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
-    for node, after in zip(body, body[1:], strict=False):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(after, ast.Expr)
-            and isinstance(after.value, ast.Constant)
-            and isinstance(after.value.value, str)
-        ):
-            text = " ".join(inspect.cleandoc(after.value.value).split())
-            docs[node.target.id] = text.replace("``", "`")
-    return docs
-
-
-#: Option names where they are not `--field-name`, and help beyond the field docstring.
-_NAMES: dict[str, tuple[str, ...]] = {
-    "neighbours": ("--neighbours", "-n"),
-    "out": ("--out", "-o"),
-    "batch_size": ("--batch-size", "-b"),
-    "k": ("-k",),
-}
-_MORE_HELP = {
-    "model": "Repeat KEY=VALUE (VALUE read as JSON when it parses, e.g. dropout=0.1), or "
-    "give one JSON object.",
-}
-_METAVARS = {"model": "KEY=VALUE"}
-
-
-def _option_type(hint: Any) -> Any:
-    """The command-line type of a TrainArgs field of type ``hint``."""
-    if get_origin(hint) is dict:
-        return list[str] | None  # --model KEY=VALUE, repeatable
-    if get_origin(hint) in (Union, types.UnionType):  # X | None
-        (inner,) = [a for a in get_args(hint) if a is not type(None)]
-        return inner | None
-    return hint
-
-
-def _train_parameters() -> list[inspect.Parameter]:
-    """One typer parameter per TrainArgs field: `db` the argument, the rest options."""
-    from retrodb_model.config import TrainArgs  # no torch: the CLI starts fast
-
-    docs, hints = field_docs(TrainArgs), get_type_hints(TrainArgs)
-    params = []
-    for f in dataclasses.fields(TrainArgs):
-        text = " ".join(x for x in (docs.get(f.name, ""), _MORE_HELP.get(f.name, "")) if x)
-        kind = _option_type(hints[f.name])
-        if f.name == "db":
-            info: Any = typer.Argument(help=text, show_default=False)
-            kind = Path
-        else:
-            names = _NAMES.get(f.name, ("--" + f.name.replace("_", "-"),))
-            info = typer.Option(
-                *names,
-                help=text,
-                show_default=f.name != "model",
-                metavar=_METAVARS.get(f.name),
-            )
-        default: Any = inspect.Parameter.empty
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = None
-        params.append(
-            inspect.Parameter(
-                f.name,
-                inspect.Parameter.KEYWORD_ONLY,
-                annotation=Annotated[kind, info],
-                default=default,
-            )
+def _parameter(option: Option) -> inspect.Parameter:
+    """The typer parameter of ``option``: the shared one of its name (:data:`SHARED`), or
+    an Argument or Option with its flags, help, type and default."""
+    if option.name in SHARED:
+        annotation = SHARED[option.name]
+    elif option.argument:
+        info: Any = typer.Argument(help=option.help, show_default=False)
+        annotation = Annotated[option.type, info]
+    else:
+        info = typer.Option(
+            *option.flags,
+            help=option.help,
+            show_default=option.show_default,
+            metavar=option.metavar,
+            min=option.min,
         )
-    return params
+        annotation = Annotated[option.type, info]
+    default = option.default
+    if default is dataclasses.MISSING:
+        default = inspect.Parameter.empty
+    return inspect.Parameter(
+        option.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default
+    )
 
 
-def parse_model_overrides(values: list[str] | None) -> dict[str, Any]:
-    """`--model` values: KEY=VALUE pairs (VALUE as JSON when it parses, else a string),
-    or JSON objects; later keys win."""
-    out: dict[str, Any] = {}
-    for value in values or []:
-        if value.lstrip().startswith("{"):
-            try:
-                obj = json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise BadInputError(f"--model {value!r} is not valid JSON: {exc.msg}") from None
-            if not isinstance(obj, dict):
-                raise BadInputError("--model must be KEY=VALUE or a JSON object")
-            out.update(obj)
-            continue
-        key, sep, raw = value.partition("=")
-        if not sep or not key.strip():
-            raise BadInputError(f"--model {value!r}: expected KEY=VALUE, e.g. dropout=0.1")
-        try:
-            out[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key.strip()] = raw
-    return out
+def with_options(
+    fn: Callable[..., None], options: Sequence[Option], *, before: str | None = None
+) -> Callable[..., None]:
+    """``fn`` as typer sees it: its own parameters, and one per option inserted before the
+    parameter ``before`` (default: after them); ``fn`` takes the options' values in its
+    ``**options``."""
+    own = [
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+        for p in inspect.signature(fn, eval_str=True).parameters.values()
+        if p.kind is not inspect.Parameter.VAR_KEYWORD
+    ]
+    at = len(own) if before is None else [p.name for p in own].index(before)
+
+    @functools.wraps(fn)
+    def command(**values: Any) -> None:
+        fn(**values)
+
+    params = [*own[:at], *map(_parameter, options), *own[at:]]
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    return command
+
+
+# ---------------------------------------------------------------- train
 
 
 def _print_record(record: dict[str, Any]) -> None:
@@ -187,13 +135,11 @@ def _train(**options: Any) -> None:
 
     Ctrl-C saves the last completed step (one process); `--resume` continues it exactly.
     """
-    from retrodb_model.train import TrainArgs, TrainingInterrupted
+    from retrodb_model.train import TrainingInterrupted
     from retrodb_model.train import train as run
 
-    options["db"] = str(options["db"])
-    options["model"] = parse_model_overrides(options["model"])
+    args = from_options(TrainArgs, options)
     try:
-        args = TrainArgs(**options)
         state = run(args, log=_print_record)
     except TrainingInterrupted as exc:
         err_console.print(exc.message, highlight=False, soft_wrap=True)
@@ -210,17 +156,6 @@ def _train(**options: Any) -> None:
         )
 
 
-def make_train_command() -> Callable[..., None]:
-    """`_train` with a signature made from TrainArgs, for typer."""
-
-    def train(**options: Any) -> None:
-        _train(**options)
-
-    train.__doc__ = _train.__doc__
-    train.__signature__ = inspect.Signature(_train_parameters())  # type: ignore[attr-defined]
-    return train
-
-
 # ---------------------------------------------------------------- evaluate
 
 
@@ -230,7 +165,7 @@ def evaluate(
     inputs: Annotated[
         list[str], typer.Argument(help="Held-out documents: folders, files, .jsonl.")
     ],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    as_json: ResultJsonOpt = False,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -240,68 +175,27 @@ def evaluate(
             "(default: DIR/evaluation.json).",
         ),
     ] = None,
-    k: Annotated[
-        int | None,
-        typer.Option("-k", help="Neighbours per chunk (default: the training k).", min=1),
-    ] = None,
-    seq_len: Annotated[
-        int | None, typer.Option("--seq-len", help="Window length (default: the training one).")
-    ] = None,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", "-b", help="Windows per forward pass.", min=1)
-    ] = 4,
-    no_retrieval: Annotated[
-        bool, typer.Option("--no-retrieval", help="Only evaluate without retrieval (no search).")
-    ] = False,
-    exclude_self: Annotated[
-        bool,
-        typer.Option(
-            "--exclude-self",
-            help="Never retrieve from a database document with the evaluated document's id.",
-        ),
-    ] = False,
-    max_tokens: Annotated[
-        int | None,
-        typer.Option("--max-tokens", help="Score only the first N tokens of each document.", min=1),
-    ] = None,
-    rerank: RerankOpt = Rerank.none,
-    fetch: FetchOpt = None,
-    shuffle_seed: Annotated[
-        int, typer.Option("--shuffle-seed", help="Seed of the shuffled neighbours.")
-    ] = 0,
     threads: ThreadsOpt = None,
     quiet: QuietOpt = False,
+    **options: Any,
 ) -> None:
     """Bits per byte of held-out documents with retrieval on, with shuffled neighbours
     (each chunk gets another chunk's) and off, and bpb(alpha)."""
     from retrodb_model.evaluate import evaluate_checkpoint
 
+    args = from_options(EvalArgs, options)
     rdb = RetroDB.open(db, threads=_set_threads(threads))
     with progress_bars(quiet or as_json) as progress:
-        res = evaluate_checkpoint(
-            directory,
-            rdb,
-            inputs,
-            seq_len=seq_len,
-            k=k,
-            batch_size=batch_size,
-            retrieval=not no_retrieval,
-            exclude_self=exclude_self,
-            max_tokens=max_tokens,
-            rerank=rerank.value,
-            fetch=fetch,
-            shuffle_seed=shuffle_seed,
-            progress=progress,
-        )
+        res = evaluate_checkpoint(directory, rdb, inputs, args, progress=progress)
     written = res.save(out if out is not None else Path(directory) / "evaluation.json")
     if as_json:
         typer.echo(json.dumps(res.to_dict(), indent=1))
         return
     if quiet:
         return
-    excluded = ", own documents excluded" if exclude_self else ""
-    if rerank is not Rerank.none:
-        excluded += f", re-ranked by {rerank.value}"
+    excluded = ", own documents excluded" if args.exclude_self else ""
+    if args.rerank != "none":
+        excluded += f", re-ranked by {args.rerank}"
     typer.echo(
         f"{plural(res.documents, 'document')}, {plural(res.tokens, 'token')}, "
         f"{plural(res.bytes, 'byte')} "
@@ -353,7 +247,7 @@ def generate(
     no_cache: Annotated[
         bool, typer.Option("--no-cache", help="Recompute every step (slow; for checking).")
     ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    as_json: ResultJsonOpt = False,
     threads: ThreadsOpt = None,
 ) -> None:
     """Continue PROMPT, retrieving k neighbours after every completed chunk. The text
@@ -366,10 +260,6 @@ def generate(
         prompt = sys.stdin.read()
     rdb = RetroDB.open(db, threads=_set_threads(threads))
     model, _ = load_model(directory, db=rdb)
-    assert rdb.tokenizer is not None  # RetroDB refuses to open without one
-    if not as_json:
-        head = rdb.tokenizer.decode(rdb.tokenizer.encode([prompt])[0])
-        typer.echo(printable(head), nl=False)
 
     def echo(text: str) -> None:
         if text:
@@ -388,20 +278,11 @@ def generate(
         use_cache=not no_cache,
         rerank=rerank.value,
         fetch=fetch,
+        on_prompt=None if as_json else echo,
         on_text=None if as_json else echo,
     )
     if as_json:
-        per_s = None if math.isnan(res.tokens_per_s) else res.tokens_per_s
-        record = {
-            "prompt": res.prompt,
-            "text": res.text,
-            "tokens": len(res.tokens),
-            "seconds": res.seconds,
-            "retrieval_seconds": res.retrieval_seconds,
-            "tokens_per_s": per_s,
-            "retrievals": [dataclasses.asdict(r) for r in res.retrievals],
-        }
-        typer.echo(json.dumps(record, indent=1))
+        typer.echo(json.dumps(res.to_dict(), indent=1))
         return
     typer.echo("")
     if show_neighbours:
@@ -425,6 +306,8 @@ def generate(
 
 def register(app: typer.Typer) -> None:
     """Add `train`, `evaluate` and `generate` to ``app``."""
-    app.command(name="train", cls=Command)(handle_errors(make_train_command()))
-    app.command(name="evaluate", cls=Command)(handle_errors(evaluate))
+    train = with_options(_train, train_options())
+    app.command(name="train", cls=Command)(handle_errors(train))
+    evaluate_command = with_options(evaluate, eval_options(), before="threads")
+    app.command(name="evaluate", cls=Command)(handle_errors(evaluate_command))
     app.command(name="generate", cls=Command)(handle_errors(generate))

@@ -14,8 +14,11 @@ from retrodb.neighbours import list_sets, read_id_file, update
 
 from .common import (
     Command,
+    DBArg,
     DeviceOpt,
+    ExactOpt,
     FetchOpt,
+    JsonOpt,
     QuietOpt,
     Rerank,
     RerankOpt,
@@ -29,7 +32,7 @@ from .engine import Engine, EngineOpt, RayAddressOpt, WorkersOpt, make_engine
 
 
 def neighbours(
-    db: Annotated[Path, typer.Argument(help="Path of the database directory.")],
+    db: DBArg,
     name: Annotated[
         str | None,
         typer.Argument(help="Name of the neighbour set (stored under DB/neighbours/NAME)."),
@@ -61,9 +64,7 @@ def neighbours(
             "added since and merge the top k.",
         ),
     ] = False,
-    exact: Annotated[
-        bool, typer.Option("--exact", help="Exact search instead of HNSW (slow).")
-    ] = False,
+    exact: ExactOpt = False,
     self_share: Annotated[
         float | None,
         typer.Option(
@@ -82,7 +83,7 @@ def neighbours(
     list_: Annotated[
         bool, typer.Option("--list", help="List the database's neighbour sets and exit.")
     ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOpt = False,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
     engine: EngineOpt = Engine.local,

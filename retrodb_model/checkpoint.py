@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from retrodb.db import RetroDB
-from retrodb.encoder import same_fingerprint
+from retrodb.encoder_files import same_fingerprint
 from retrodb.errors import CorruptError, MismatchError, NotFoundError
 from retrodb.fsutil import fsync_path, write_file_atomic
 from retrodb_model.config import RetroConfig

@@ -1,9 +1,11 @@
-"""Configuration of the RETRO model (Borgeaud et al., 2022) and of a training run.
+"""Configuration of the RETRO model (Borgeaud et al., 2022), of a training run and of an
+evaluation.
 
 One frozen dataclass describes the whole model: the decoder, the neighbour encoder and
 where the two meet. A checkpoint stores `RetroConfig.to_dict()` beside the weights, so
 `RetroConfig.from_dict(...)` rebuilds the exact model without guessing. `TrainArgs` holds
-everything a training run depends on (`retrodb train` makes its options from it). This
+everything a training run depends on, `EvalArgs` how an evaluation scores (`retrodb train`
+and `retrodb evaluate` make their options from them: `retrodb_model.options`). This
 module imports neither torch nor the database, so the command line can read it cheaply.
 
 Layer indices (`retro_layers`, `enc_cross_attn_layers`, `dec_enc_condition_layer`) are
@@ -475,3 +477,41 @@ class TrainArgs:
     @property
     def warmup_steps(self) -> int:
         return self.warmup if self.warmup is not None else max(1, min(100, self.steps // 10))
+
+
+@dataclass(frozen=True)
+class EvalArgs:
+    """How an evaluation scores documents; `retrodb evaluate` makes its options from it.
+    The defaults that say "the training" come from the checkpoint (a bare model: its
+    num_neighbours and max_seq_len)."""
+
+    k: int | None = None
+    """Neighbours per chunk (default: the training k)."""
+    seq_len: int | None = None
+    """Window length (default: the training one)."""
+    batch_size: int = 4
+    """Windows per forward pass."""
+    no_retrieval: bool = False
+    """Only evaluate without retrieval (no search)."""
+    exclude_self: bool = False
+    """Never retrieve from a database document with the evaluated document's id."""
+    max_tokens: int | None = None
+    """Score only the first N tokens of each document."""
+    rerank: str = "none"
+    """How the k neighbours are chosen: none (the k nearest keys) or overlap (the k of
+    more dense candidates that share the longest token run with the chunk)."""
+    fetch: int | None = None
+    """With rerank overlap: dense candidates searched per kept neighbour (default 4)."""
+    shuffle_seed: int = 0
+    """Seed of the shuffled neighbours."""
+
+    def __post_init__(self) -> None:
+        from retrodb.rerank import resolve_fetch  # checks rerank and fetch together
+
+        for name in ("k", "seq_len", "max_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise BadInputError(f"{name} must be >= 1, got {value}")
+        if self.batch_size < 1:
+            raise BadInputError(f"batch_size must be >= 1, got {self.batch_size}")
+        resolve_fetch(self.rerank, self.fetch)

@@ -53,8 +53,9 @@ from retrodb.errors import BadInputError
 from retrodb.progress import ProgressFn, no_progress
 from retrodb.rerank import longest_run
 from retrodb.tokenizer import Tokenizer
-from retrodb_model.config import RetroConfig
-from retrodb_model.model import IGNORE_INDEX, RetroModel
+from retrodb_model.config import EvalArgs, RetroConfig
+from retrodb_model.kernels import IGNORE_INDEX
+from retrodb_model.model import RetroModel
 from retrodb_model.retrieve import LiveRetriever, Neighbours
 
 #: Overlap thresholds of bpb(alpha), in percent of the chunk length.
@@ -397,28 +398,20 @@ def evaluate(
     model: RetroModel,
     db: RetroDB,
     documents: Sequence[tuple[str, str]],
+    args: EvalArgs = EvalArgs(),
     *,
-    seq_len: int | None = None,
-    k: int | None = None,
-    batch_size: int = 4,
-    retrieval: bool = True,
-    exclude_self: bool = False,
-    max_tokens: int | None = None,
-    rerank: str = "none",
-    fetch: int | None = None,
-    shuffle_seed: int = 0,
     progress: ProgressFn = no_progress,
 ) -> Evaluation:
     """Bits per byte of ``documents`` (``(id, text)`` pairs) with retrieval on, shuffled
-    and off (see the module docstring), and bpb(alpha). ``retrieval=False`` evaluates
-    without retrieval only (no search at all). ``exclude_self``: never retrieve from a
-    database document with the evaluated document's id. ``max_tokens``: score only the
-    first max_tokens targets of each document (a cheaper estimate). ``rerank`` and
-    ``fetch``: how neighbours are chosen (see :class:`~retrodb_model.retrieve.LiveRetriever`).
-    ``shuffle_seed``: the seed of the shuffled mode."""
+    and off (see the module docstring), and bpb(alpha), scored as ``args`` says
+    (:class:`~retrodb_model.config.EvalArgs`; without a checkpoint, ``k`` and ``seq_len``
+    default to the model's ``num_neighbours`` and ``max_seq_len``). ``args.no_retrieval``
+    evaluates without retrieval only (no search at all); ``args.max_tokens`` scores only
+    the first max_tokens targets of each document (a cheaper estimate); ``args.rerank``
+    and ``args.fetch`` choose the neighbours (:class:`~retrodb_model.retrieve.LiveRetriever`)."""
     cfg = model.cfg
-    m, L = cfg.chunk_size, _check_seq_len(cfg, seq_len)
-    k = k or cfg.num_neighbours
+    m, L = cfg.chunk_size, _check_seq_len(cfg, args.seq_len)
+    k = args.k or cfg.num_neighbours
     tok = db.tokenizer
     assert tok is not None
     if not documents:
@@ -427,18 +420,20 @@ def evaluate(
     nbytes_of = token_byte_lengths(tok)
     ids = [d for d, _ in documents]
     toks = [np.asarray(t, dtype=np.int64) for t in tok.encode([text for _, text in documents])]
-    if max_tokens is not None:
-        toks = [t[: max_tokens + 1] for t in toks]
+    if args.max_tokens is not None:
+        toks = [t[: args.max_tokens + 1] for t in toks]
     windows = _windows(toks, L)
-    retriever = LiveRetriever(db, k, rerank=rerank, fetch=fetch)
+    retriever = LiveRetriever(db, k, rerank=args.rerank, fetch=args.fetch)
     retrieved = None
-    if retrieval:
-        own = [retriever.doc_number(i) for i in ids] if exclude_self else None
-        retrieved = _retrieve(retriever, windows, toks, own, m, progress, shuffle_seed=shuffle_seed)
+    if not args.no_retrieval:
+        own = [retriever.doc_number(i) for i in ids] if args.exclude_self else None
+        retrieved = _retrieve(
+            retriever, windows, toks, own, m, progress, shuffle_seed=args.shuffle_seed
+        )
     t_model = time.perf_counter()
     nll = _score(
         model, windows, toks, retrieved,
-        L=L, pad=db.pad_id, batch_size=batch_size, progress=progress,
+        L=L, pad=db.pad_id, batch_size=args.batch_size, progress=progress,
     )  # fmt: skip
     model_seconds = time.perf_counter() - t_model
     totals = _Totals.of(windows, toks, nll, nbytes_of, len(documents))
@@ -451,11 +446,11 @@ def evaluate(
         seq_len=L,
         chunk_size=m,
         k=k,
-        exclude_self=exclude_self,
-        rerank=rerank,
+        exclude_self=args.exclude_self,
+        rerank=args.rerank,
         fetch=int(retriever.fetch or 1),
-        shuffle_seed=shuffle_seed,
-        max_tokens_per_document=max_tokens,
+        shuffle_seed=args.shuffle_seed,
+        max_tokens_per_document=args.max_tokens,
         db=str(db.path),
         generation=db.generation,
         bpb={mode: _bpb(v.sum(), total_bytes) for mode, v in totals.nll.items()},
@@ -475,41 +470,23 @@ def evaluate_checkpoint(
     directory: str | Path,
     db: RetroDB,
     inputs: Sequence[str | Path],
+    args: EvalArgs = EvalArgs(),
     *,
-    seq_len: int | None = None,
-    k: int | None = None,
-    batch_size: int = 4,
-    retrieval: bool = True,
-    exclude_self: bool = False,
-    max_tokens: int | None = None,
-    rerank: str = "none",
-    fetch: int | None = None,
-    shuffle_seed: int = 0,
     progress: ProgressFn = no_progress,
 ) -> Evaluation:
     """:func:`evaluate` the checkpoint in ``directory`` on the documents of ``inputs``
-    (files, folders, JSONL). ``seq_len`` defaults to the training length; a model trained
-    without retrieval is evaluated without it. Refuses a database with another
+    (files, folders, JSONL). ``args.seq_len`` defaults to the training length; a model
+    trained without retrieval is evaluated without it. Refuses a database with another
     tokenizer (:class:`retrodb.errors.MismatchError`)."""
     from retrodb_model.checkpoint import load_model
 
     model, ckpt = load_model(directory, db=db)
-    retrieval = retrieval and ckpt.retrieval
-    result = evaluate(
-        model,
-        db,
-        read_documents(inputs),
-        seq_len=seq_len or int(ckpt.train_args.get("seq_len", model.cfg.max_seq_len)),
-        k=k,
-        batch_size=batch_size,
-        retrieval=retrieval,
-        exclude_self=exclude_self,
-        max_tokens=max_tokens,
-        rerank=rerank,
-        fetch=fetch,
-        shuffle_seed=shuffle_seed,
-        progress=progress,
+    args = dataclasses.replace(
+        args,
+        seq_len=args.seq_len or int(ckpt.train_args.get("seq_len", model.cfg.max_seq_len)),
+        no_retrieval=args.no_retrieval or not ckpt.retrieval,
     )
+    result = evaluate(model, db, read_documents(inputs), args, progress=progress)
     result.checkpoint, result.step = str(directory), ckpt.step
     result.inputs = [str(i) for i in inputs]
     if not ckpt.retrieval:
@@ -565,6 +542,7 @@ def plot_alpha(result: dict[str, Any], path: str | Path, *, title: str = "") -> 
 
 __all__ = [
     "ALPHAS",
+    "EvalArgs",
     "Evaluation",
     "derangement",
     "evaluate",

@@ -11,6 +11,8 @@ over its neighbours; ``use_cache=False`` recomputes the whole sequence for every
 from __future__ import annotations
 
 import codecs
+import dataclasses
+import math
 import re
 import time
 from collections.abc import Callable
@@ -40,12 +42,17 @@ class Retrieval:
 
 @dataclass
 class Generation:
+    """What :func:`generate` made, and how long it took; :meth:`to_dict` is the JSON
+    object of `retrodb generate --json`."""
+
     prompt: str
     text: str
     """The generated continuation (without the prompt)."""
     prompt_tokens: list[int]
     tokens: list[int]
     """The generated token ids."""
+    prompt_text: str = ""
+    """The prompt as the model reads it: its tokens, decoded."""
     retrievals: list[Retrieval] = field(default_factory=list)
     seconds: float = 0.0
     retrieval_seconds: float = 0.0
@@ -62,6 +69,20 @@ class Generation:
     @property
     def retrieval_share(self) -> float:
         return self.retrieval_seconds / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object: prompt, text, the number of new tokens, the timings
+        (``tokens_per_s`` None where there is no rate) and every retrieval."""
+        per_s = self.tokens_per_s
+        return {
+            "prompt": self.prompt,
+            "text": self.text,
+            "tokens": len(self.tokens),
+            "seconds": self.seconds,
+            "retrieval_seconds": self.retrieval_seconds,
+            "tokens_per_s": None if math.isnan(per_s) else per_s,
+            "retrievals": [dataclasses.asdict(r) for r in self.retrievals],
+        }
 
 
 def sample(
@@ -253,6 +274,7 @@ def generate(
     tokenizer: object | None = None,
     on_token: Callable[[int], None] | None = None,
     on_text: Callable[[str], None] | None = None,
+    on_prompt: Callable[[str], None] | None = None,
 ) -> Generation:
     """Continue ``prompt`` by up to ``max_tokens`` tokens.
 
@@ -261,8 +283,10 @@ def generate(
     to give both code paths the same neighbours in a test. ``on_token`` is called with
     every new token id as soon as it is chosen; ``on_text`` with the printable text it
     completes (:class:`TextStream`: the pieces joined are the continuation, with control
-    characters escaped and bytes that form no character as ``\\xNN``). ``rerank`` and
-    ``fetch``: how neighbours are chosen (:class:`~retrodb_model.retrieve.LiveRetriever`)."""
+    characters escaped and bytes that form no character as ``\\xNN``); ``on_prompt``, before
+    the first new token, with the prompt as the model reads it (:attr:`Generation.prompt_text`,
+    escaped as by :func:`printable`). ``rerank`` and ``fetch``: how neighbours are chosen
+    (:class:`~retrodb_model.retrieve.LiveRetriever`)."""
     cfg = model.cfg
     tok: Any = tokenizer if tokenizer is not None else (db.tokenizer if db is not None else None)
     if tok is None:
@@ -272,11 +296,18 @@ def generate(
     if retrieval:
         live = _live_neighbours(db, tok, k, cfg.chunk_size, retriever, rerank, fetch)
     ids = _prompt_ids(tok, prompt, max_tokens, cfg.max_seq_len)
+    # decoded once; the continuation is what follows it in the decoded whole, so that the
+    # first new token keeps its leading space
+    head = tok.decode(ids)
+    if on_prompt is not None:
+        on_prompt(printable(head))
     eos = getattr(tok, "eos_id", -1) if stop_at_eos else -1
     gen = torch.Generator().manual_seed(seed)
     model.eval()
     t0 = time.perf_counter()
-    result = Generation(prompt=prompt, text="", prompt_tokens=list(ids), tokens=[])
+    result = Generation(
+        prompt=prompt, text="", prompt_tokens=list(ids), tokens=[], prompt_text=head
+    )
     step = _Stepper(model, retrieval=retrieval, max_len=len(ids) + max_tokens, use_cache=use_cache)
     stream = TextStream(tok) if on_text is not None else None
     for i in range(max_tokens):
@@ -296,8 +327,6 @@ def generate(
             on_text(stream.push(nxt))
     if stream is not None and on_text is not None:
         on_text(stream.flush())
-    # decode with the prompt, so the first new token keeps its leading space
-    head = tok.decode(result.prompt_tokens)
     result.text = tok.decode(result.prompt_tokens + result.tokens)[len(head) :]
     result.seconds = time.perf_counter() - t0
     if live is not None:

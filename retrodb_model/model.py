@@ -1,8 +1,11 @@
-"""The RETRO language model (Borgeaud et al., 2022), in one file.
+"""The RETRO language model (Borgeaud et al., 2022).
 
 Read it top to bottom: small pieces (RMSNorm, rotary positions, feed-forward, attention),
 then the blocks (chunked cross-attention, decoder block, encoder block), the
-neighbour encoder, the generation cache and finally `RetroModel`.
+neighbour encoder and finally `RetroModel`. Three modules hold what a reader of the model
+need not read: `kernels` (hand-written backward passes behind RMSNorm, the feed-forward
+and the output head's loss; each equals the plain computation), `gate` (the null key, the
+overlap gate and CCA's initial score priors) and `cache` (the generation cache).
 
 Shape letters used in the comments:
 
@@ -36,44 +39,27 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from retrodb_model.cache import CCAInputs, RetroCache
 from retrodb_model.config import RetroConfig, ff_hidden
-
-IGNORE_INDEX = -100  # targets with this value do not count in the loss
+from retrodb_model.gate import (
+    OVERLAP_WEIGHT_INIT,
+    add_overlap_scores,
+    align_neighbours,
+    locality_prior,
+    neighbour_overlap,
+    null_bias_prior,
+    with_null_key,
+)
+from retrodb_model.kernels import head_cross_entropy, rms_norm, swiglu
 
 # ---------------------------------------------------------------------------------------
 # small pieces
-
-
-class _RMSNorm(torch.autograd.Function):
-    """F.rms_norm with a hand-written backward pass. On CPU, torch runs rms_norm's
-    forward fused but differentiates its decomposition (pow, mean, rsqrt, two muls),
-    keeping the normalised input for the gain's gradient; this keeps x and the (..., 1)
-    reciprocal RMS and needs fewer passes over x (about 30% less time forward and back)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, eps: float) -> Tensor:
-        y, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)
-        ctx.save_for_backward(x, weight, rstd)
-        return cast(Tensor, y)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
-        x, weight, rstd = ctx.saved_tensors  # rstd (..., 1) = 1 / rms(x)
-        x_hat = x * rstd  # (..., D)
-        d_weight = (grad * x_hat).flatten(0, -2).sum(0)  # (D,)
-        g = grad * weight  # gradient with respect to x_hat
-        # d x = rstd * (g - x_hat * mean(g * x_hat))
-        dot = (g * x_hat).mean(-1, keepdim=True)  # (..., 1)
-        d_x = torch.addcmul(g, x_hat, dot, value=-1).mul_(rstd)
-        return d_x.to(x.dtype), d_weight.to(weight.dtype), None
 
 
 class RMSNorm(nn.Module):
@@ -85,13 +71,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if (
-            x.device.type == "cpu"
-            and torch.is_grad_enabled()
-            and (x.requires_grad or self.weight.requires_grad)
-        ):
-            return cast(Tensor, _RMSNorm.apply(x, self.weight, self.eps))
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Rotary(nn.Module):
@@ -122,32 +102,6 @@ def apply_rotary(x: Tensor, rot: Tensor) -> Tensor:
     return torch.view_as_real(rotated).flatten(-2).type_as(x)  # (..., L, hd)
 
 
-class _SwiGLU(torch.autograd.Function):
-    """silu(gate) * up of gate_up = [gate, up] (..., 2h) -> (..., h).
-
-    Autograd over chunk/silu/mul keeps silu(gate) besides gate_up, and its backward
-    concatenates the two halves' gradients (a copy of the whole (..., 2h) gradient); this
-    backward writes them into one (..., 2h) tensor and keeps only gate_up."""
-
-    @staticmethod
-    def forward(ctx: Any, gate_up: Tensor) -> Tensor:
-        gate, up = gate_up.chunk(2, dim=-1)  # each (..., h)
-        ctx.save_for_backward(gate_up)
-        return F.silu(gate).mul_(up)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        (gate_up,) = ctx.saved_tensors
-        gate, up = gate_up.chunk(2, dim=-1)
-        d_gate_up = torch.empty_like(gate_up, memory_format=torch.contiguous_format)
-        d_gate, d_up = d_gate_up.chunk(2, dim=-1)
-        torch.mul(F.silu(gate), grad, out=d_up)  # d up = grad * silu(gate)
-        # d gate = grad * up * silu'(gate)
-        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=d_gate)
-        return d_gate_up
-
-
 class FeedForward(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), gate and up in one matmul."""
 
@@ -158,87 +112,8 @@ class FeedForward(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate_up = self.gate_up(x)  # (..., 2 * hidden): gate, then up
-        if torch.is_grad_enabled() and gate_up.requires_grad:
-            hidden = cast(Tensor, _SwiGLU.apply(gate_up))
-        else:
-            gate, up = gate_up.chunk(2, dim=-1)  # each (..., hidden)
-            hidden = F.silu(gate).mul_(up)
+        hidden = swiglu(self.gate_up(x))  # gate_up (..., 2 * hidden): gate, then up
         return self.drop(self.down(hidden))
-
-
-class _HeadCrossEntropy(torch.autograd.Function):
-    """The output head and the mean cross entropy in one autograd node:
-    (h (N, D), weight (V, D), targets (N,)) -> (logits (N, V), loss), the loss over the
-    targets that are not IGNORE_INDEX.
-
-    The gradient of the loss with respect to the logits, softmax - one-hot, is formed in
-    the forward pass, a few rows at a time while they are in cache (log-softmax, the
-    loss terms, exp, minus the one-hot); the backward pass scales the two small products
-    (N, D) and (V, D) by the incoming gradient / n. F.cross_entropy keeps the
-    log-probabilities instead, and its backward writes two more (N, V) tensors (a dense
-    one-hot gradient, then softmax minus it): at a 32k vocabulary, passes over 65M floats
-    per 2k tokens. The math is the same. The logits stay differentiable (a gradient that
-    reaches them is added to the loss's)."""
-
-    ROWS_ELEMENTS = 1 << 18  # logits per chunk of rows: 1 MB of float32, a core's L2
-
-    @staticmethod
-    def forward(ctx: Any, h: Tensor, weight: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        logits = F.linear(h, weight)  # (N, V), in autocast's dtype when it is on
-        N, V = logits.shape
-        valid = targets != IGNORE_INDEX  # (N,)
-        safe = targets.masked_fill(~valid, 0)[:, None]  # (N, 1)
-        minus_one = -valid[:, None].float()  # (N, 1)
-        nll = logits.new_empty(N, dtype=torch.float32)
-        # the gradient in the logits' dtype, what the backward's products take
-        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-        step = max(1, _HeadCrossEntropy.ROWS_ELEMENTS // V)
-        scratch = (
-            None if grad.dtype == torch.float32 else logits.new_empty(step, V, dtype=torch.float32)
-        )
-        for i in range(0, N, step):
-            j = min(i + step, N)
-            out = grad[i:j] if scratch is None else scratch[: j - i]
-            torch.log_softmax(logits[i:j], -1, dtype=torch.float32, out=out)
-            nll[i:j] = out.gather(1, safe[i:j]).squeeze(1).neg_()
-            out.exp_().scatter_add_(1, safe[i:j], minus_one[i:j])  # softmax - one-hot
-            if scratch is not None:
-                grad[i:j].copy_(out)
-        n = valid.sum()
-        loss = nll.masked_fill_(~valid, 0.0).sum() / n
-        ignored = (~valid).nonzero().squeeze(1)
-        if ignored.numel():
-            grad.index_fill_(0, ignored, 0.0)
-        ctx.save_for_backward(h, weight, grad, n)
-        ctx.set_materialize_grads(False)
-        return logits, loss
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(
-        ctx: Any, grad_logits: Tensor | None, grad_loss: Tensor | None
-    ) -> tuple[Tensor | None, Tensor | None, None]:
-        h, weight, grad, n = ctx.saved_tensors
-        scale = None
-        if grad_loss is None:
-            if grad_logits is None:
-                return None, None, None
-            g = grad_logits
-        elif grad_logits is None:
-            g, scale = grad, grad_loss / n
-        else:
-            g = grad * (grad_loss / n) + grad_logits
-        dt = grad.dtype  # the logits' dtype
-        g = g.to(dt)
-        d_h = d_w = None
-        if ctx.needs_input_grad[0]:
-            d_h = g @ weight.to(dt)  # (N, D)
-            d_h = (d_h if scale is None else d_h * scale).to(h.dtype)
-        if ctx.needs_input_grad[1]:
-            d_w = g.t() @ h.to(dt)  # (V, D)
-            d_w = (d_w if scale is None else d_w * scale).to(weight.dtype)
-        return d_h, d_w, None
 
 
 def attend(
@@ -365,114 +240,6 @@ class CrossAttention(nn.Module):
 # blocks
 
 
-def locality_prior(n_heads: int, m: int, r: int) -> Tensor:
-    """Initial CCA position bias (H, r + m - 1): -slope_h * |offset - 1| for offsets
-    (key position - aligned query position) -(2m-2) .. r-m, with ALiBi's geometric
-    slopes from 1 (head 0, sharp) to 2^-(H-1) (broad).
-
-    At initialisation every token then looks mostly at the successor of its counterpart
-    in each neighbour - the token it is about to predict, when the neighbour continues
-    like the text - and at the tokens around it. With uniform attention over k*2m keys,
-    CCA averages its neighbours into noise; in a copy task with m = 64 (tests) the model
-    then did not learn to copy at all in the steps that suffice with this prior."""
-    offsets = (torch.arange(-(2 * m - 2), r - m + 1, dtype=torch.float32) - 1).abs()  # (r+m-1,)
-    slopes = 2.0 ** -torch.arange(n_heads, dtype=torch.float32)  # (H,)
-    return -slopes[:, None] * offsets[None, :]
-
-
-@torch.no_grad()
-def neighbour_overlap(
-    chunks: Tensor, retrieved: Tensor, valid: Tensor | None, *, aligned: bool = False
-) -> Tensor:
-    """The longest common contiguous token run between each chunk (B, n, m) and the
-    neighbour chunk (first m tokens) of each of its neighbours (B, n, k, r), divided by m:
-    (B, n, k) float in [0, 1]. ``aligned``: only runs at the same offset in both (token i
-    of the chunk against token i of the neighbour). Tokens that valid (B, n, k, r) marks
-    False never match."""
-    B, n, m = chunks.shape
-    nb = retrieved[..., :m]  # (B, n, k, m)
-    if valid is not None:
-        nb = nb.masked_fill(~valid[..., :m], -1)
-    if aligned:
-        same = (chunks[:, :, None, :] == nb) & (nb >= 0)  # (B, n, k, m)
-        run = torch.zeros(nb.shape[:3], dtype=torch.int32, device=chunks.device)
-        best = torch.zeros_like(run)
-        for i in range(m):
-            run = (run + 1) * same[..., i]
-            best = torch.maximum(best, run)
-        return best.float() / m
-    eq = chunks[:, :, None, :, None] == nb[:, :, :, None, :]  # (B, n, k, m, m)
-    eq &= (chunks >= 0)[:, :, None, :, None]
-    run = torch.zeros(*nb.shape[:3], m + 1, dtype=torch.int32, device=chunks.device)
-    best = torch.zeros(nb.shape[:3], dtype=torch.int32, device=chunks.device)
-    for i in range(m):  # run[.., j+1]: common run ending at chunk token i, neighbour j
-        run = torch.cat(
-            (run.new_zeros(*run.shape[:-1], 1), (run[..., :-1] + 1) * eq[..., i, :]), -1
-        )
-        best = torch.maximum(best, run.max(dim=-1).values)
-    return best.float() / m
-
-
-@torch.no_grad()
-def align_neighbours(
-    chunks: Tensor, retrieved: Tensor, valid: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """Shift each neighbour (B, n, k, r) so that its longest common token run with its
-    chunk (B, n, m), found in the neighbour chunk (first m tokens), sits at the chunk's
-    offsets: token p of the result is token p + d of the neighbour, d = the run's offset
-    in the neighbour minus its offset in the chunk (0 without a common token). Positions
-    shifted in from outside are padding. Returns (tokens, validity), validity all True
-    where the input had none. A near-duplicate at another offset becomes aligned, so that
-    CCA's position prior (and the aligned overlap gate) can use it."""
-    B, n, m = chunks.shape
-    k, r = retrieved.shape[2], retrieved.shape[3]
-    ok = retrieved >= 0 if valid is None else valid & (retrieved >= 0)
-    nb = retrieved[..., :m].masked_fill(~ok[..., :m], -1)  # (B, n, k, m)
-    eq = chunks[:, :, None, :, None] == nb[:, :, :, None, :]  # (B, n, k, m, m)
-    eq &= (chunks >= 0)[:, :, None, :, None]
-    run = torch.zeros(B, n, k, m + 1, dtype=torch.int32, device=chunks.device)
-    best = torch.zeros(B, n, k, dtype=torch.int32, device=chunks.device)
-    shift = torch.zeros(B, n, k, dtype=torch.long, device=chunks.device)
-    j = torch.arange(m, device=chunks.device)
-    for i in range(m):  # run[.., j+1]: common run ending at chunk token i, neighbour j
-        run = torch.cat((run.new_zeros(B, n, k, 1), (run[..., :-1] + 1) * eq[..., i, :]), -1)
-        length, at = run[..., 1:].max(dim=-1)  # the first longest run ending at i
-        better = length > best
-        best = torch.where(better, length, best)
-        shift = torch.where(better, j[at] - i, shift)
-    index = torch.arange(r, device=chunks.device) + shift[..., None]  # (B, n, k, r)
-    inside = (index >= 0) & (index < r)
-    index = index.clamp(0, r - 1)
-    tokens = retrieved.gather(-1, index)
-    mask = ok.gather(-1, index) & inside
-    return tokens.masked_fill(~mask, -1), mask
-
-
-#: Initial weight of a neighbour's overlap (0..1) in its keys' CCA scores (overlap gate).
-OVERLAP_WEIGHT_INIT = 8.0
-#: How far the null key starts ahead of a neighbour without overlap (overlap gate), in
-#: nats: without overlap a token starts with ~95 % of its attention on the null key.
-NULL_MARGIN_INIT = 3.0
-
-
-def null_bias_prior(cfg: RetroConfig) -> Tensor:
-    """Initial null-key score per head (H,) for the overlap gate: the log of the total
-    attention weight the position prior gives the keys of cfg.num_neighbours neighbours
-    (averaged over query offsets), plus NULL_MARGIN_INIT. A neighbour must then overlap its
-    chunk by about (NULL_MARGIN_INIT / OVERLAP_WEIGHT_INIT) of m tokens or more to take
-    over half of the attention."""
-    m, r = cfg.chunk_size, cfg.neighbour_len
-    table = (
-        locality_prior(cfg.n_heads, m, r)
-        if cfg.cca_position_bias
-        else torch.zeros(cfg.n_heads, r + m - 1)
-    )
-    offset = torch.arange(r)[None, :] - torch.arange(m)[:, None] - (m - 1) + (2 * m - 2)
-    rows = table[:, offset]  # (H, m, r): one neighbour's key scores for every query offset
-    mass = torch.logsumexp(rows, dim=-1).mean(dim=-1)  # (H,)
-    return mass + math.log(cfg.num_neighbours) + NULL_MARGIN_INIT
-
-
 class ChunkedCrossAttention(nn.Module):
     """CCA: each decoder token attends to the encoded neighbours of the last chunk that
     ended at or before it (the paper's shift by m - 1)."""
@@ -587,19 +354,9 @@ class ChunkedCrossAttention(nn.Module):
         v = v.reshape(B * n_c, H, kr, hd)
         if self.overlap_weight is not None and overlap is not None:
             ov = overlap[:, c_lo : c_lo + n_c]  # (B, n_c, k)
-            per_key = ov.repeat_interleave(kr // ov.shape[-1], dim=-1)  # (B, n_c, k*r)
-            gate = per_key.reshape(B * n_c, 1, 1, kr).to(q.dtype) * self.overlap_weight.to(
-                q.dtype
-            ).view(1, H, 1, 1)  # (B*n_c, H, 1, k*r)
-            if mask is None or mask.dtype == torch.bool:
-                base = gate.new_zeros(1, 1, 1, kr)
-                if mask is not None:
-                    base = base.masked_fill(~mask, float("-inf"))
-                mask = base + gate  # (B*n_c, H, 1, k*r)
-            else:
-                mask = mask + gate  # (B*n_c, H, m, k*r)
+            mask = add_overlap_scores(mask, ov, self.overlap_weight, kr, q.dtype)
         if self.null_key is not None and self.null_bias is not None:
-            k, v, mask = self._with_null(k, v, mask)
+            k, v, mask = with_null_key(k, v, mask, self.null_key, self.null_bias)
         drop = self.attn.dropout if self.training else 0.0
         y = attend(q.reshape(B * n_c, H, m, hd), k, v, mask=mask, dropout=drop).view(
             B, n_c, H, m, hd
@@ -609,45 +366,6 @@ class ChunkedCrossAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, H, n_c * m, hd)[:, :, lead : lead + L]  # (B, H, L, hd)
         y = self.attn.output(y)  # (B, L, D)
         return F.pad(y, (0, 0, skip, 0))  # (B, T, D): zeros for the first tokens
-
-    def _with_null(
-        self, k: Tensor, v: Tensor, mask: Tensor | None
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Append the null key (value 0) to keys and values (G, H, S, hd) and extend the
-        mask: True for a bool mask, the null's score bias for a float one."""
-        assert self.null_key is not None and self.null_bias is not None
-        G, H, _, hd = k.shape
-        null_k = self.null_key.to(k.dtype)[None, :, None, :].expand(G, H, 1, hd)
-        k = torch.cat((k, null_k), dim=2)  # (G, H, S+1, hd)
-        v = torch.cat((v, v.new_zeros(G, H, 1, hd)), dim=2)
-        if mask is None or mask.dtype == torch.bool:  # None or (G, 1, 1, S)
-            S = k.shape[2] - 1
-            base = k.new_zeros(1, 1, 1, S)
-            if mask is not None:
-                base = base.masked_fill(~mask, float("-inf"))  # (G, 1, 1, S)
-            base = base.expand(base.shape[0], H, 1, S)
-            nb = self.null_bias.to(k.dtype).view(1, H, 1, 1).expand(base.shape[0], H, 1, 1)
-            mask = torch.cat((base, nb), dim=-1)  # (G or 1, H, 1, S+1)
-        else:  # float (H, m, S) or (G, H, m, S)
-            nb = self.null_bias.to(mask.dtype)
-            shape = (*mask.shape[:-1], 1)
-            nb = nb.view(H, 1, 1) if mask.dim() == 3 else nb.view(1, H, 1, 1)
-            mask = torch.cat((mask, nb.expand(shape)), dim=-1)
-        return k, v, mask
-
-
-@dataclass(frozen=True)
-class CCAInputs:
-    """What the CCA of one decoder layer attends to in one call: keys and values (B, c,
-    H, k*r, hd) of the encoded neighbours of chunks first_chunk .. first_chunk + c - 1,
-    their validity (B, c, k*r) bool (None: every token real), and each neighbour's overlap
-    with its chunk (B, c, k) for the overlap gate (None: no gate)."""
-
-    keys: Tensor
-    values: Tensor
-    valid: Tensor | None
-    first_chunk: int
-    overlap: Tensor | None = None
 
 
 class DecoderBlock(nn.Module):
@@ -800,113 +518,6 @@ class NeighbourEncoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------
-# generation cache
-
-
-@dataclass
-class RetroCache:
-    """Everything `RetroModel.forward_step` needs to continue a batch of sequences.
-
-    Make one with `RetroModel.new_cache`. All sequences of the batch advance together.
-    """
-
-    batch_size: int
-    max_len: int  # capacity in tokens
-    chunk_size: int  # m
-    retrieval: bool  # whether CCA is on for this generation
-    # self-attention keys and values per decoder layer, each (B, H, max_len, hd)
-    keys: list[Tensor]
-    values: list[Tensor]
-    pos: int = 0  # tokens consumed so far
-    # decoder activations at the conditioning layer's input for the tokens of the
-    # unfinished chunk, (B, pos % m, D); they condition the encoder when it completes
-    pending_states: Tensor | None = None
-    # the token ids of that unfinished chunk, (B, pos % m) (the overlap gate needs them)
-    pending_tokens: Tensor | None = None
-    # per RETRO layer (0-based index): CCA keys and values of every completed chunk, one
-    # (B, H, k*r, hd) tensor per chunk, in chunk order
-    cca_keys: dict[int, list[Tensor]] = field(default_factory=dict)
-    cca_values: dict[int, list[Tensor]] = field(default_factory=dict)
-    # per completed chunk: (B, k*r) bool validity of its neighbour tokens, None = all real
-    cca_valid: list[Tensor | None] = field(default_factory=list)
-    # per completed chunk (overlap gate only): (B, k) overlap of its neighbours with it
-    cca_overlap: list[Tensor] = field(default_factory=list)
-
-    @property
-    def completed_chunks(self) -> int:
-        """Chunks whose neighbours are encoded (pos // m when retrieval is on, else 0)."""
-        return len(self.cca_valid)
-
-    def layer_kv(self, layer: int) -> tuple[Tensor, Tensor]:
-        """The self-attention keys and values of decoder layer ``layer`` (0-based)."""
-        return self.keys[layer], self.values[layer]
-
-    def chunk_states(self, x: Tensor, tokens: Tensor, n_new: int) -> tuple[Tensor, Tensor]:
-        """The conditioning states (B, n_new*m, D) and token ids (B, n_new*m) of the
-        chunks completed by a call with states x (B, T, D) and tokens (B, T): the kept
-        ones of the unfinished chunk, then this call's. Keeps what is left of an
-        unfinished chunk for the next call."""
-        if self.pending_states is not None and self.pending_tokens is not None:
-            x = torch.cat((self.pending_states, x), 1)
-            tokens = torch.cat((self.pending_tokens, tokens), 1)
-        cut = n_new * self.chunk_size
-        self.pending_states, self.pending_tokens = x[:, cut:], tokens[:, cut:]
-        return x[:, :cut], tokens[:, :cut]
-
-    def add_chunks(
-        self,
-        layer: int,
-        keys: Tensor,
-        values: Tensor,
-        valid: Tensor | None,
-        overlap: Tensor | None,
-        *,
-        first: bool,
-    ) -> None:
-        """Keep the CCA keys and values (B, n, H, k*r, hd) of n newly completed chunks
-        for decoder layer ``layer``; ``first``: the first RETRO layer, which also records
-        each chunk's validity (B, n, k*r) (None: all real) and its neighbours' overlap
-        (B, n, k) (None: no overlap gate)."""
-        self.cca_keys.setdefault(layer, []).extend(keys.unbind(1))
-        self.cca_values.setdefault(layer, []).extend(values.unbind(1))
-        if first:
-            n = keys.shape[1]
-            self.cca_valid.extend([None] * n if valid is None else valid.unbind(1))
-            if overlap is not None:
-                self.cca_overlap.extend(overlap.unbind(1))
-
-    def cca_inputs(self, layer: int, start: int, n_tokens: int) -> CCAInputs | None:
-        """What the CCA of ``layer`` attends to for n_tokens tokens from position start:
-        the chunks from that of the first token to that of the last (None: no token of
-        the call has a completed chunk yet)."""
-        m = self.chunk_size
-        lo = max(0, (start + 1) // m - 1)  # chunk of the first token (0 if it has none)
-        hi = (start + n_tokens) // m  # one past the chunk of the last token
-        if hi <= lo:
-            return None
-        keys, values = self.cca_keys[layer][lo:hi], self.cca_values[layer][lo:hi]
-        valid = None
-        if any(v is not None for v in self.cca_valid[lo:hi]):
-            B, _, kr, _ = keys[0].shape
-            all_real = torch.ones(B, kr, dtype=torch.bool, device=keys[0].device)
-            valid = torch.stack(
-                [all_real if v is None else v for v in self.cca_valid[lo:hi]], dim=1
-            )  # (B, c, k*r)
-        overlap = torch.stack(self.cca_overlap[lo:hi], dim=1) if self.cca_overlap else None
-        # keys and values (B, c, H, k*r, hd), overlap (B, c, k)
-        return CCAInputs(
-            torch.stack(keys, dim=1), torch.stack(values, dim=1), valid, lo, overlap=overlap
-        )
-
-    def chunks_completed_by(self, n_tokens: int) -> int:
-        """How many chunks a forward_step over n_tokens more tokens completes: the number
-        of neighbour sets to pass to that call when retrieval is on. They are the chunks
-        completed_chunks, completed_chunks + 1, ... (when retrieval is on)."""
-        m = self.chunk_size
-        return (self.pos + n_tokens) // m - self.pos // m
-
-
-# ---------------------------------------------------------------------------------------
 # the model
 
 
@@ -1031,15 +642,7 @@ class RetroModel(nn.Module):
         h = self._decode(tokens, retrieved, retrieved_mask, cache=None)  # (B, T, D)
         if targets is None:
             return self.lm_head(h), None  # (B, T, V)
-        weight = self.lm_head.weight
-        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            B, T, D = h.shape
-            logits, loss = _HeadCrossEntropy.apply(h.reshape(B * T, D), weight, targets.reshape(-1))
-            return logits.view(B, T, -1), loss
-        logits = self.lm_head(h)  # (B, T, V)
-        loss = F.cross_entropy(
-            logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
-        )
+        logits, loss = head_cross_entropy(h, self.lm_head.weight, targets)  # (B, T, V), ()
         return logits, loss
 
     # ---- generation ---------------------------------------------------------------------

@@ -57,7 +57,8 @@ from retrodb_model.data import (
     make_train_loader,
 )
 from retrodb_model.evaluate import LN2, token_byte_lengths
-from retrodb_model.model import IGNORE_INDEX, RetroModel
+from retrodb_model.kernels import IGNORE_INDEX
+from retrodb_model.model import RetroModel
 from retrodb_model.threads import default_threads
 
 LogFn = Callable[[dict[str, Any]], None]

@@ -1,5 +1,6 @@
-"""Shared fixtures: tiny corpora made here, a tiny tokenizer, and the encoders
-(a tiny random BERT for speed, the bundled all-MiniLM-L6-v2 where quality matters)."""
+"""Shared fixtures: tiny corpora made here, the test databases' configuration (SMALL), a
+tiny tokenizer, and the encoders (a tiny random BERT for speed, the bundled
+all-MiniLM-L6-v2 where quality matters)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ from pathlib import Path
 
 import pytest
 
+from retrodb.config import ChunkConfig, DBConfig, TokenizerConfig
 from retrodb.threads import THREADS_ENV, available_cores
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 pytest_plugins = ["tests.encoder_fixtures"]
+
+#: The test databases' configuration: chunks of 16 tokens, a vocabulary of 400.
+SMALL = DBConfig(chunk=ChunkConfig(chunk_size=16), tokenizer=TokenizerConfig(vocab_size=400))
 
 TOPICS = {
     "files.txt": (

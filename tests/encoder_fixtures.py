@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from retrodb.config import EncoderConfig
-from retrodb.encoder import Encoder, default_checkpoint, prepare_encoder
+from retrodb.encoder import Encoder
+from retrodb.encoder_prepare import default_checkpoint, prepare_encoder
 
 __all__ = [
     "TOKENIZER_FILES",

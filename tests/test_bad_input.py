@@ -31,9 +31,7 @@ from retrodb.corpus import scan
 from retrodb.tokenizer import Tokenizer
 from retrodb_cli.main import app
 
-from .conftest import TOPICS, write_corpus
-
-SMALL = DBConfig(chunk=ChunkConfig(chunk_size=16), tokenizer=TokenizerConfig(vocab_size=400))
+from .conftest import SMALL, TOPICS, write_corpus
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from retrodb import ChunkConfig, DBConfig, RetroDB, StaleError, TokenizerConfig
+from retrodb import RetroDB, StaleError, neighbours
 from retrodb.neighbours import NeighbourSet
 from retrodb.split import is_validation, split_ids, split_value
 from retrodb_model.data import (
@@ -24,6 +24,7 @@ from retrodb_model.data import (
     make_train_loader,
 )
 
+from .conftest import SMALL
 from .test_neighbours import build_db, random_docs, write_docs
 
 M = 16  # chunk size of the test databases
@@ -33,7 +34,7 @@ SEQ = 4 * M
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, tiny_encoder_dir: Path) -> RetroDB:
     db = build_db(tmp_path_factory.mktemp("data"), tiny_encoder_dir, n=12, seed=1)
-    NeighbourSet.compute(db, "train", k=2, exact=True)
+    neighbours.compute(db, "train", k=2, exact=True)
     return db
 
 
@@ -244,11 +245,11 @@ def test_split_by_document_is_stable(trained: RetroDB) -> None:
 
 def test_dataset_refuses_a_stale_set(tmp_path: Path, tiny_encoder_dir: Path) -> None:
     db = build_db(tmp_path, tiny_encoder_dir, n=4)
-    NeighbourSet.compute(db, "train", k=2)
+    neighbours.compute(db, "train", k=2)
     db.add([write_docs(tmp_path / "more", random_docs(1, seed=2, prefix="m"))])
     with pytest.raises(StaleError, match="--refresh"):
         RetroDataset(db.path, "train", seq_len=SEQ)
-    NeighbourSet.refresh(db, "train")
+    neighbours.refresh(db, "train")
     # Two segments now: gathers go through the multi-segment path.
     ds = RetroDataset(db.path, "train", seq_len=SEQ, split="all")
     b = {k: v.numpy() for k, v in ds.batch(np.arange(len(ds))).items()}
@@ -265,7 +266,7 @@ def test_dataset_refuses_a_stale_set(tmp_path: Path, tiny_encoder_dir: Path) -> 
 
 def test_dataset_over_other_inputs(trained: RetroDB, tmp_path: Path) -> None:
     other = write_docs(tmp_path / "other", random_docs(3, seed=21, prefix="q", words=(60, 90)))
-    NeighbourSet.compute(trained, "inputs", inputs=[other], k=2)
+    neighbours.compute(trained, "inputs", inputs=[other], k=2)
     ds = RetroDataset(trained, "inputs", seq_len=SEQ, split="all")
     ns = ds.reader.nset
     b = {k: v.numpy() for k, v in ds.batch(np.arange(len(ds))).items()}
@@ -293,14 +294,14 @@ def test_batches_after_delete_and_compact_read_the_right_rows(
     db = RetroDB.build(
         tmp_path / "db",
         [write_docs(tmp_path / "a", random_docs(6, seed=3, prefix="a"))],
-        config=DBConfig(chunk=ChunkConfig(chunk_size=M), tokenizer=TokenizerConfig(vocab_size=400)),
+        config=SMALL,
         encoder=tiny_encoder_dir,
     )
     db.add([write_docs(tmp_path / "b", random_docs(4, seed=4, prefix="b"))])
     db.delete(["a02.txt", "b01.txt"])
     db.compact()
     assert any(s.key_array is not None for s in db.segments)  # keys with gaps
-    NeighbourSet.compute(db, "train", k=2)
+    neighbours.compute(db, "train", k=2)
     ds = RetroDataset(db, "train", seq_len=SEQ, split="all")
     b = {k: v.numpy() for k, v in ds.batch(np.arange(len(ds))).items()}
     ref = db.retrieve(b["neighbours"])

@@ -11,8 +11,6 @@ import pytest
 
 from retrodb import (
     BadInputError,
-    ChunkConfig,
-    DBConfig,
     MismatchError,
     NotADatabaseError,
     NotFoundError,
@@ -22,9 +20,7 @@ from retrodb import (
 )
 from retrodb.tokenizer import Tokenizer
 
-from .conftest import TOPICS, copy_db, write_corpus
-
-SMALL = DBConfig(chunk=ChunkConfig(chunk_size=16), tokenizer=TokenizerConfig(vocab_size=400))
+from .conftest import SMALL, TOPICS, copy_db, write_corpus
 
 
 @pytest.fixture(scope="module")

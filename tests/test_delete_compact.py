@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from retrodb import BadInputError, ChunkConfig, DBConfig, RetroDB, TokenizerConfig
+from retrodb import BadInputError, RetroDB
 from retrodb.encoder import Encoder
 from retrodb.search import Exclusion
 from retrodb_cli.main import app
 
-from .conftest import ASYNCIO, TOPICS, copy_db, write_corpus
+from .conftest import ASYNCIO, SMALL, TOPICS, copy_db, write_corpus
 
-SMALL = DBConfig(chunk=ChunkConfig(chunk_size=16), tokenizer=TokenizerConfig(vocab_size=400))
 MORE = {
     "json.txt": "JSON encodes objects as text; json.dumps writes a string, json.loads reads one. ",
     "http.txt": "An HTTP server answers requests with a status line, headers and a body. ",

@@ -13,20 +13,22 @@ import numpy as np
 import pytest
 
 import retrodb.encoder as encoder_mod
+import retrodb.encoder_device as device_mod
+import retrodb.encoder_files as files_mod
 import retrodb.export
 from retrodb.config import EncoderConfig
-from retrodb.encoder import (
-    ENCODER_FILES,
+from retrodb.encoder import Encoder
+from retrodb.encoder_device import cuda_problem, fp16_model, parse_device, resolve_device
+from retrodb.encoder_files import ENCODER_FILES
+from retrodb.encoder_prepare import default_checkpoint, prepare_encoder
+from retrodb.errors import (
+    BadInputError,
+    CorruptError,
     DeviceUnavailableError,
-    Encoder,
-    cuda_problem,
-    default_checkpoint,
-    fp16_model,
-    parse_device,
-    prepare_encoder,
-    resolve_device,
+    MismatchError,
+    NotFoundError,
+    RetroDBError,
 )
-from retrodb.errors import BadInputError, CorruptError, MismatchError, NotFoundError, RetroDBError
 from retrodb.threads import THREADS_ENV, available_cores, cgroup_quota, encoder_threads
 
 TEXTS = [
@@ -42,11 +44,22 @@ TEXTS = [
 
 def test_import_does_not_load_torch() -> None:
     code = (
-        "import sys, retrodb, retrodb.encoder; "
+        "import sys, retrodb, retrodb.encoder, retrodb.encoder_prepare; "
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
         "sys.exit(1 if bad else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_fingerprints_are_compared_without_the_run_time() -> None:
+    """same_fingerprint (neighbour sets, checkpoints, the database) loads no ONNX Runtime."""
+    code = (
+        "import sys, retrodb.encoder_files; "
+        "bad = [m for m in ('onnxruntime', 'tokenizers', 'retrodb.encoder') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_default_checkpoint_is_the_bundled_minilm() -> None:
@@ -275,10 +288,10 @@ def test_cuda_messages(monkeypatch: pytest.MonkeyPatch, fresh_cuda_check: None) 
 
     def version(dist: str) -> str:
         if dist not in versions:
-            raise encoder_mod.importlib.metadata.PackageNotFoundError(dist)
+            raise device_mod.importlib.metadata.PackageNotFoundError(dist)
         return versions[dist]
 
-    monkeypatch.setattr(encoder_mod.importlib.metadata, "version", version)
+    monkeypatch.setattr(device_mod.importlib.metadata, "version", version)
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     assert "both installed" in (cuda_problem(0) or "")
     cuda_problem.cache_clear()
@@ -288,22 +301,22 @@ def test_cuda_messages(monkeypatch: pytest.MonkeyPatch, fresh_cuda_check: None) 
     monkeypatch.setattr(
         ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
     )
-    monkeypatch.setattr(encoder_mod, "_driver_present", lambda: False)
+    monkeypatch.setattr(device_mod, "_driver_present", lambda: False)
     assert "no NVIDIA driver" in (cuda_problem(0) or "")
     cuda_problem.cache_clear()
-    monkeypatch.setattr(encoder_mod, "_driver_present", lambda: True)
-    monkeypatch.setattr(encoder_mod, "_cuda_probe", lambda index: False)
-    monkeypatch.setattr(encoder_mod, "_missing_cuda_libraries", lambda: ["libcudnn.so.9"])
+    monkeypatch.setattr(device_mod, "_driver_present", lambda: True)
+    monkeypatch.setattr(device_mod, "_cuda_probe", lambda index: False)
+    monkeypatch.setattr(device_mod, "_missing_cuda_libraries", lambda: ["libcudnn.so.9"])
     assert "cannot load libcudnn.so.9" in (cuda_problem(0) or "")
     cuda_problem.cache_clear()
-    monkeypatch.setattr(encoder_mod, "_missing_cuda_libraries", lambda: [])
+    monkeypatch.setattr(device_mod, "_missing_cuda_libraries", lambda: [])
     assert "did not start on GPU 3" in (cuda_problem(3) or "")
     with pytest.raises(DeviceUnavailableError, match="'cuda:3'"):
         resolve_device("cuda:3")
     device, note = resolve_device("auto")
     assert device == "cpu" and note.startswith("auto: ONNX Runtime's CUDA provider")
     cuda_problem.cache_clear()
-    monkeypatch.setattr(encoder_mod, "_cuda_probe", lambda index: True)
+    monkeypatch.setattr(device_mod, "_cuda_probe", lambda index: True)
     assert resolve_device("auto") == ("cuda:0", "auto: a CUDA GPU is present")
     assert resolve_device("cuda:2") == ("cuda:2", "asked for")
 
@@ -394,10 +407,10 @@ def test_fp16_model_without_a_writable_cache_stays_in_memory(
 
 def test_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("RETRODB_CACHE_DIR", str(tmp_path / "r"))
-    assert encoder_mod.cache_dir() == tmp_path / "r"
+    assert files_mod.cache_dir() == tmp_path / "r"
     monkeypatch.delenv("RETRODB_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
-    assert encoder_mod.cache_dir() == tmp_path / "x" / "retrodb"
+    assert files_mod.cache_dir() == tmp_path / "x" / "retrodb"
 
 
 @pytest.mark.gpu

@@ -4,6 +4,7 @@ recompute, one retrieval per completed chunk, and the CLI commands."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -11,16 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import typer
 from typer.testing import CliRunner
 
-from retrodb import RetroDB
+from retrodb import RetroDB, neighbours
 from retrodb.errors import BadInputError
-from retrodb.neighbours import NeighbourSet
 from retrodb_cli.main import app
 from retrodb_model import generate as generate_mod
 from retrodb_model.config import RetroConfig
 from retrodb_model.evaluate import (
     ALPHAS,
+    EvalArgs,
     derangement,
     evaluate,
     longest_common_run,
@@ -35,6 +37,9 @@ from retrodb_model.train import TrainArgs, train
 from .test_neighbours import build_db
 
 M = 16
+GENERATE_JSON_FIELDS = [
+    "prompt", "text", "tokens", "seconds", "retrieval_seconds", "tokens_per_s", "retrievals",
+]  # fmt: skip
 JSON_FIELDS = [
     "documents", "windows", "tokens", "bytes", "seq_len", "chunk_size", "k", "exclude_self",
     "rerank", "fetch", "shuffle_seed", "max_tokens_per_document", "db", "generation", "bpb",
@@ -48,7 +53,7 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 @pytest.fixture(scope="module")
 def db(tmp_path_factory: pytest.TempPathFactory, tiny_encoder_dir: Path) -> RetroDB:
     d = build_db(tmp_path_factory.mktemp("evalgen"), tiny_encoder_dir, n=8, seed=3)
-    NeighbourSet.compute(d, "train", k=2, exact=True)
+    neighbours.compute(d, "train", k=2, exact=True)
     return d
 
 
@@ -160,6 +165,20 @@ def test_streamed_text_is_the_generated_text(db: RetroDB) -> None:
         assert streamed == printable(res.text)
 
 
+def test_the_prompt_is_decoded_once_and_given_before_the_text(db: RetroDB) -> None:
+    model, seen = tiny_model(db), []
+    prompt = "kalo  mine ru sa"
+    res = generate(model, db, prompt, max_tokens=4, on_prompt=lambda t: seen.append(("p", t)),
+                   on_token=lambda t: seen.append(("t", t)))  # fmt: skip
+    assert seen[0] == ("p", printable(res.prompt_text)) and len(seen) == 1 + len(res.tokens)
+    assert res.prompt_text == db.tokenizer.decode(res.prompt_tokens)
+    data = res.to_dict()
+    assert list(data) == GENERATE_JSON_FIELDS
+    assert data["tokens"] == len(res.tokens) and data["text"] == res.text
+    assert data["retrievals"] == [dataclasses.asdict(r) for r in res.retrievals]
+    json.dumps(data)  # JSON as it is
+
+
 def test_cli_generate_prints_no_control_characters_or_replacement_marks(
     db: RetroDB, run_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -187,8 +206,8 @@ def test_sampled_generation_is_reproducible_by_seed(db: RetroDB) -> None:
 def test_evaluate_retrieves_live_and_excludes_self(db: RetroDB, tmp_path: Path) -> None:
     model = tiny_model(db)
     docs = read_documents([db.path.parent / "corpus"])
-    res = evaluate(model, db, docs, seq_len=4 * M)
-    excl = evaluate(model, db, docs, seq_len=4 * M, exclude_self=True)
+    res = evaluate(model, db, docs, EvalArgs(seq_len=4 * M))
+    excl = evaluate(model, db, docs, EvalArgs(seq_len=4 * M, exclude_self=True))
     assert res.documents == len(docs) and res.tokens > 0 and res.bytes > res.tokens
     for r in (res, excl):
         assert set(r.bpb) == {"retrieval", "shuffled", "no_retrieval"}
@@ -210,7 +229,7 @@ def test_evaluate_retrieves_live_and_excludes_self(db: RetroDB, tmp_path: Path) 
     assert written == [tmp_path / "sub" / "eval.json", tmp_path / "sub" / "eval.png"]
     data = json.loads(written[0].read_text())
     assert list(data) == JSON_FIELDS and "checkpoint" not in data
-    plain = evaluate(model, db, docs, seq_len=4 * M, retrieval=False)
+    plain = evaluate(model, db, docs, EvalArgs(seq_len=4 * M, no_retrieval=True))
     assert plain.save(tmp_path / "plain.json") == [tmp_path / "plain.json"]
     assert "bpb_alpha" not in plain.to_dict() and list(plain.bpb) == ["no_retrieval"]
     assert res.bpb["shuffled"] not in (res.bpb["retrieval"], res.bpb["no_retrieval"])
@@ -239,7 +258,7 @@ def test_evaluate_shuffles_the_neighbours_it_retrieved(db: RetroDB) -> None:
         return forward(tokens, retrieved, retrieved_mask, targets)
 
     model.forward = spy  # type: ignore[method-assign]
-    res = evaluate(model, db, docs[:1], seq_len=4 * M, batch_size=64)
+    res = evaluate(model, db, docs[:1], EvalArgs(seq_len=4 * M, batch_size=64))
     on, shuffled, off = seen
     assert off is None and on.shape == shuffled.shape
     n = int((on[:, :, 0, 0] != -1).sum())  # chunks with neighbours (all real here)
@@ -290,6 +309,33 @@ def test_cli_generate(db: RetroDB, run_dir: Path) -> None:
     assert json.loads(res.output)["retrievals"] == []
     res = CliRunner().invoke(app, [*base[:3], "x", "-n", "100000"])
     assert res.exit_code == 1 and "max_seq_len" in res.output
+    res = CliRunner().invoke(app, [*base, "--json", "-n", "0"], catch_exceptions=False)
+    data = json.loads(res.output)
+    assert list(data) == GENERATE_JSON_FIELDS and data["tokens_per_s"] is None
+
+
+def test_cli_evaluate_options_are_the_eval_args() -> None:
+    command = typer.main.get_command(app).commands["evaluate"]  # type: ignore[attr-defined]
+    params = {p.name: p for p in command.params}
+    for f in dataclasses.fields(EvalArgs):
+        assert f.name in params, f"EvalArgs.{f.name} has no option"
+        assert params[f.name].help and params[f.name].default == f.default, f.name
+    own = {"directory", "db", "inputs", "as_json", "out", "threads", "quiet"}
+    assert set(params) == own | {f.name for f in dataclasses.fields(EvalArgs)}
+    spelled = {name for p in command.params for name in p.opts}
+    for flag in ["-k", "--seq-len", "--batch-size", "-b", "--no-retrieval", "--exclude-self",
+                 "--max-tokens", "--rerank", "--fetch", "--shuffle-seed"]:  # fmt: skip
+        assert flag in spelled, flag
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [dict(k=0), dict(seq_len=0), dict(batch_size=0), dict(max_tokens=0), dict(rerank="bm25"),
+     dict(fetch=2), dict(rerank="overlap", fetch=0)],
+)  # fmt: skip
+def test_eval_args_refuse_what_cannot_be_evaluated(bad: dict) -> None:
+    with pytest.raises(BadInputError):
+        EvalArgs(**bad)
 
 
 def test_live_retrieval_reranks_the_dense_candidates(db: RetroDB) -> None:
@@ -306,7 +352,7 @@ def test_live_retrieval_reranks_the_dense_candidates(db: RetroDB) -> None:
     # the tokens are those of the kept keys
     np.testing.assert_array_equal(got.tokens, db.retrieve(got.keys).tokens)
     docs = read_documents([db.path.parent / "corpus"])[:1]
-    res = evaluate(tiny_model(db), db, docs, seq_len=4 * M, rerank="overlap")
+    res = evaluate(tiny_model(db), db, docs, EvalArgs(seq_len=4 * M, rerank="overlap"))
     assert res.rerank == "overlap" and np.isfinite(res.bpb["retrieval"])
     with pytest.raises(BadInputError, match="rerank"):
         LiveRetriever(db, 2, rerank="bm25")

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from retrodb.config import EncoderConfig
-from retrodb.encoder import Encoder, prepare_encoder
+from retrodb.encoder import Encoder
+from retrodb.encoder_prepare import prepare_encoder
 from retrodb.errors import BadInputError, MismatchError, NotFoundError
 from retrodb.export import attention_heads, convert_fp16
 

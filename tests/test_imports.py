@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from retrodb import ChunkConfig, DBConfig, RetroDB, TokenizerConfig
+from retrodb import RetroDB
 
-SMALL = DBConfig(chunk=ChunkConfig(chunk_size=16), tokenizer=TokenizerConfig(vocab_size=400))
+from .conftest import SMALL
 
 
 def _run(code: str, *, no_site: bool = False) -> subprocess.CompletedProcess[str]:

@@ -569,9 +569,9 @@ def test_training_step_equals_straightforward_computation(
     and loss, RMSNorm and SwiGLU backward passes, fused attention with the CCA bias) equal
     those of the plain computation, with padded neighbours, ignored targets and a second
     loss term on the logits; under bf16 autocast within bf16's precision."""
-    import retrodb_model.model as mm
+    from retrodb_model.kernels import HeadCrossEntropyFunction
 
-    monkeypatch.setattr(mm._HeadCrossEntropy, "ROWS_ELEMENTS", 5 * V)  # chunks of 5 rows
+    monkeypatch.setattr(HeadCrossEntropyFunction, "ROWS_ELEMENTS", 5 * V)  # chunks of 5 rows
     model = tiny_model(cca_position_bias=bias).train()
     tokens, retrieved = batch(21, 2, 23)
     retrieved[0, 1, 1] = -1  # a missing neighbour
@@ -645,7 +645,7 @@ def test_neighbour_overlap_is_the_longest_common_run() -> None:
     import numpy as np
 
     from retrodb.rerank import longest_run
-    from retrodb_model.model import neighbour_overlap
+    from retrodb_model.gate import neighbour_overlap
 
     g = torch.Generator().manual_seed(3)
     chunks = torch.randint(0, 4, (2, 3, M), generator=g)
@@ -668,8 +668,53 @@ def test_neighbour_overlap_is_the_longest_common_run() -> None:
     assert neighbour_overlap(chunks, retrieved, None, aligned=True).tolist() == [[[1.0, 0.5]]]
 
 
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_neighbour_overlap_agrees_exactly_with_rerank_longest_run(m: int) -> None:
+    """The overlap gate's longest common run (batched torch, on the training step) and
+    `retrodb.rerank.longest_run` (numpy: re-ranking, and the evaluation's alpha table
+    through `longest_common_run`) are two implementations of one measure. On random tokens
+    from small vocabularies (long runs; ties between neighbours and between offsets), with
+    padding (-1, -2) on both sides, masked tokens, missing neighbours, chunks of padding
+    only, copies and shifted copies, they agree exactly, with a mask and without."""
+    import numpy as np
+
+    from retrodb.rerank import longest_run
+    from retrodb_model.gate import align_neighbours, neighbour_overlap
+
+    g = torch.Generator().manual_seed(100 + m)
+    B, n, k, r = 2, 3, 5, 2 * m
+    for trial in range(24):
+        vocab = (1, 2, 3, 6)[trial % 4]
+        chunks = torch.randint(0, vocab, (B, n, m), generator=g)
+        retrieved = torch.randint(0, vocab, (B, n, k, r), generator=g)
+        pad = torch.rand(B, n, m, generator=g) < 0.15
+        chunks[pad] = -1 - torch.randint(0, 2, (int(pad.sum()),), generator=g)
+        pad = torch.rand(B, n, k, r, generator=g) < 0.15
+        retrieved[pad] = -1 - torch.randint(0, 2, (int(pad.sum()),), generator=g)
+        valid = torch.rand(B, n, k, r, generator=g) > 0.2
+        retrieved[0, 0, 0, :m] = chunks[0, 0]  # a copy
+        retrieved[0, 0, 1, 1 : m + 1] = chunks[0, 0]  # a shifted copy: a tie with it
+        valid[0, 0, :2] = True
+        retrieved[0, 1, 2] = -1  # a missing neighbour
+        valid[1, 0, 3] = False  # a neighbour masked out
+        chunks[1, 2] = -1  # a chunk of padding only
+        if trial % 3 == 0:
+            valid[...] = True
+        flat_chunks = chunks.numpy().reshape(B * n, m)
+        for mask in (valid, None):
+            nb = retrieved.numpy() if mask is None else np.where(mask, retrieved.numpy(), -1)
+            runs = longest_run(flat_chunks, nb[..., :m].reshape(B * n, k, m))
+            expect = torch.from_numpy(runs.reshape(B, n, k)).float() / m
+            got = neighbour_overlap(chunks, retrieved, mask)
+            assert torch.equal(got, expect), (trial, mask is None)
+            # the shift moves that run to the chunk's offsets: aligned, it counts whole
+            tokens, shifted_valid = align_neighbours(chunks, retrieved, mask)
+            aligned = neighbour_overlap(chunks, tokens, shifted_valid, aligned=True)
+            assert bool((aligned >= got).all()), (trial, mask is None)
+
+
 def test_overlap_gate_starts_on_the_null_key_unless_a_neighbour_overlaps() -> None:
-    from retrodb_model.model import OVERLAP_WEIGHT_INIT, locality_prior, null_bias_prior
+    from retrodb_model.gate import OVERLAP_WEIGHT_INIT, locality_prior, null_bias_prior
 
     cfg = RetroConfig.preset("small", vocab_size=V, cca_null=True, cca_overlap_gate="aligned")
     m, r, k = cfg.chunk_size, cfg.neighbour_len, cfg.num_neighbours
@@ -704,7 +749,7 @@ def test_overlap_gate_starts_on_the_null_key_unless_a_neighbour_overlaps() -> No
 
 
 def test_align_neighbours_moves_the_longest_common_run_to_the_chunks_offsets() -> None:
-    from retrodb_model.model import align_neighbours, neighbour_overlap
+    from retrodb_model.gate import align_neighbours, neighbour_overlap
 
     chunks = torch.tensor([[[1, 2, 3, 4]]])
     retrieved = torch.tensor(

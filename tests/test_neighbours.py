@@ -12,15 +12,14 @@ import pytest
 import zarr
 from typer.testing import CliRunner
 
-from retrodb import ChunkConfig, DBConfig, RetroDB, StaleError, TokenizerConfig
+from retrodb import RetroDB, StaleError, neighbours
 from retrodb.errors import BadInputError, NotFoundError
 from retrodb.neighbours import NeighbourSet, SequenceReader, delete_set, list_sets
 from retrodb.rerank import rerank_keys
 from retrodb.storage import Manifest
 
-from .conftest import copy_db
+from .conftest import SMALL, copy_db
 
-SMALL = DBConfig(chunk=ChunkConfig(chunk_size=16), tokenizer=TokenizerConfig(vocab_size=400))
 _SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "pe", "da", "gu", "zo", "fi", "be"]
 
 
@@ -86,7 +85,7 @@ def own_docs(db: RetroDB, ns: NeighbourSet) -> np.ndarray:
 
 
 def test_never_a_neighbour_from_the_own_document_even_when_closest(db: RetroDB) -> None:
-    ns = NeighbourSet.compute(db, "train", k=3, exact=True)
+    ns = neighbours.compute(db, "train", k=3, exact=True)
     n = db.manifest.chunks
     assert ns.keys.shape == (n, 3) and ns.keys.dtype == np.int64
     assert ns.distances.shape == (n, 3) and ns.distances.dtype == np.float32
@@ -112,7 +111,7 @@ def test_never_a_neighbour_from_the_own_document_even_when_closest(db: RetroDB) 
 
 def test_minus_one_where_fewer_exist(db: RetroDB) -> None:
     n = db.manifest.chunks
-    ns = NeighbourSet.compute(db, "all", k=n + 5, exact=True)
+    ns = neighbours.compute(db, "all", k=n + 5, exact=True)
     keys, dist = np.asarray(ns.keys), np.asarray(ns.distances)
     own = own_docs(db, ns)
     per_doc = np.bincount(own)
@@ -127,19 +126,19 @@ def test_minus_one_where_fewer_exist(db: RetroDB) -> None:
 def test_excluded_documents_never_appear(db: RetroDB) -> None:
     ids = db.segments[0].ids
     banned = [ids[0], ids[3], "not-in-the-db.txt"]
-    ns = NeighbourSet.compute(db, "x", k=4, exclude_docs=banned, exact=True, batch_size=7)
+    ns = neighbours.compute(db, "x", k=4, exclude_docs=banned, exact=True, batch_size=7)
     docs = db.key_documents(np.asarray(ns.keys).ravel())
     assert not set(banned) & set(docs)
     assert ns.info.exclude == tuple(banned)
     # Excluded documents are still training rows; only their use as neighbours is barred.
     assert ids[0] in ns.doc_ids
     # Batches of one query give the same answer.
-    one = NeighbourSet.compute(db, "y", k=4, exclude_docs=banned, exact=True, batch_size=1)
+    one = neighbours.compute(db, "y", k=4, exclude_docs=banned, exact=True, batch_size=1)
     np.testing.assert_array_equal(np.asarray(one.keys), np.asarray(ns.keys))
 
 
 def test_stale_set_is_refused_with_the_refresh_command(db: RetroDB, tmp_path: Path) -> None:
-    NeighbourSet.compute(db, "train", k=2)
+    neighbours.compute(db, "train", k=2)
     assert NeighbourSet.open(db, "train").info.generation == db.generation
     old = RetroDB.open(db.path)
     db.add([write_docs(tmp_path / "more", random_docs(2, seed=5, prefix="more"))])
@@ -148,13 +147,13 @@ def test_stale_set_is_refused_with_the_refresh_command(db: RetroDB, tmp_path: Pa
     assert "generation 1" in str(err.value) and "1 segment(s) added" in str(err.value)
     assert NeighbourSet.open(db, "train", allow_stale=True).is_stale(db)
     # A database object older than the set is told to reopen.
-    NeighbourSet.refresh(db, "train")
+    neighbours.refresh(db, "train")
     with pytest.raises(StaleError, match="reopen"):
         NeighbourSet.open(old, "train")
     with pytest.raises(NotFoundError, match="no neighbour set"):
         NeighbourSet.open(db, "missing")
     with pytest.raises(BadInputError, match="bad neighbour set name"):
-        NeighbourSet.compute(db, "../evil")
+        neighbours.compute(db, "../evil")
 
 
 def assert_same_sets(a: NeighbourSet, b: NeighbourSet) -> None:
@@ -168,38 +167,38 @@ def assert_same_sets(a: NeighbourSet, b: NeighbourSet) -> None:
 
 def test_refresh_equals_a_full_recompute(db: RetroDB, tmp_path: Path) -> None:
     k = 3
-    NeighbourSet.compute(db, "train", k=k, exact=True)
+    neighbours.compute(db, "train", k=k, exact=True)
     first = set(NeighbourSet.open(db, "train").info.searched)
     db.add([write_docs(tmp_path / "more", random_docs(3, seed=7, prefix="more"))])
     db.add([write_docs(tmp_path / "more2", random_docs(2, seed=8, prefix="late"))])
     calls: list[tuple[str, int, int]] = []
-    ns = NeighbourSet.refresh(db, "train", progress=lambda *a: calls.append(a))
+    ns = neighbours.refresh(db, "train", progress=lambda *a: calls.append(a))
     assert ns.info.generation == db.generation and ns.info.refreshed_from == 1
     # Only the two new segments were searched; the rows of old chunks were not re-searched
     # against the first segment.
     assert set(ns.info.searched) == {s.meta.name for s in db.segments[1:]}
     assert not first & set(ns.info.searched)
     assert calls[-1][1] == calls[-1][2] == db.manifest.chunks
-    full = NeighbourSet.compute(db, "check", k=k, exact=True)
+    full = neighbours.compute(db, "check", k=k, exact=True)
     assert_same_sets(ns, full)
     # New chunks do show up as neighbours of old ones.
     old_rows = np.asarray(ns.keys)[: db.segments[0].meta.chunks]
     assert (old_rows >= db.segments[1].meta.first_key).any()
     # Refreshing a current set does nothing.
-    assert NeighbourSet.refresh(db, "train").info.version == ns.info.version
+    assert neighbours.refresh(db, "train").info.version == ns.info.version
 
 
 def test_deleted_documents_never_appear_and_refresh_drops_them(db: RetroDB, tmp_path: Path) -> None:
     k = 3
-    NeighbourSet.compute(db, "train", k=k, exact=True)
+    neighbours.compute(db, "train", k=k, exact=True)
     before = NeighbourSet.open(db, "train")
     victim = db.key_documents(np.asarray(before.keys)[:1, :1].ravel())[0]
     db.add([write_docs(tmp_path / "more", random_docs(2, seed=9, prefix="more"))])
     delete_docs(db, [victim, "more00.txt"])
     with pytest.raises(StaleError):
         NeighbourSet.open(db, "train")
-    ns = NeighbourSet.refresh(db, "train")
-    full = NeighbourSet.compute(db, "check", k=k, exact=True)
+    ns = neighbours.refresh(db, "train")
+    full = neighbours.compute(db, "check", k=k, exact=True)
     assert_same_sets(ns, full)
     docs = set(db.key_documents(np.asarray(ns.keys).ravel()))
     assert victim not in docs and "more00.txt" not in docs
@@ -211,7 +210,7 @@ def test_sets_read_the_right_rows_after_delete_and_compact(db: RetroDB, tmp_path
     """Compaction drops the rows of deleted documents and keeps every live key, so the
     merged segment's keys have gaps (row != key - first_key): every read must go by key."""
     k, seq = 3, 4 * db.chunk_size
-    NeighbourSet.compute(db, "train", k=k, exact=True)
+    neighbours.compute(db, "train", k=k, exact=True)
     db.add([write_docs(tmp_path / "more", random_docs(4, seed=11, prefix="more"))])
     before = {int(key): tok for key, tok in zip(*_all_chunks(db), strict=True)}
     gone = ["doc03.txt", "more01.txt"]  # from the middle of each segment
@@ -224,8 +223,8 @@ def test_sets_read_the_right_rows_after_delete_and_compact(db: RetroDB, tmp_path
     for key, tok in zip(*_all_chunks(db), strict=True):  # plain segment after a compacted one
         before.setdefault(int(key), tok)
 
-    ns = NeighbourSet.refresh(db, "train")  # after compaction, then one more add
-    assert_same_sets(ns, NeighbourSet.compute(db, "check", k=k, exact=True))
+    ns = neighbours.refresh(db, "train")  # after compaction, then one more add
+    assert_same_sets(ns, neighbours.compute(db, "check", k=k, exact=True))
     nkeys = np.asarray(ns.keys)
     assert (nkeys >= 0).all() and set(gone).isdisjoint(ns.doc_ids)
     assert set(gone).isdisjoint(db.key_documents(nkeys.ravel()))
@@ -259,8 +258,8 @@ def test_sets_read_the_right_rows_after_delete_and_compact(db: RetroDB, tmp_path
     # the keys already searched are not searched twice (no duplicate neighbours).
     db.delete(["late00.txt"])
     db.compact()
-    ns = NeighbourSet.refresh(db, "train")
-    assert_same_sets(ns, NeighbourSet.compute(db, "check", k=k, exact=True))
+    ns = neighbours.refresh(db, "train")
+    assert_same_sets(ns, neighbours.compute(db, "check", k=k, exact=True))
     nkeys = np.asarray(ns.keys)
     assert all(len(set(r)) == k for r in nkeys.tolist())
     toks, _ = SequenceReader(db, ns, seq_len=seq).keymap.rows(nkeys.ravel())
@@ -276,7 +275,7 @@ def _all_chunks(db: RetroDB) -> tuple[np.ndarray, np.ndarray]:
 def test_neighbours_for_other_inputs(db: RetroDB, tmp_path: Path) -> None:
     shared = {"doc01.txt": random_docs(8, seed=0, prefix="doc")["doc01.txt"]}
     other = write_docs(tmp_path / "other", {**random_docs(3, seed=11, prefix="q"), **shared})
-    ns = NeighbourSet.compute(db, "eval", inputs=[other], k=2, exact=True)
+    ns = neighbours.compute(db, "eval", inputs=[other], k=2, exact=True)
     assert ns.info.source == "inputs" and ns.info.inputs == (str(other),)
     assert sorted(ns.doc_ids) == ["doc01.txt", "q00.txt", "q01.txt", "q02.txt"]
     n = ns.info.rows
@@ -294,12 +293,12 @@ def test_neighbours_for_other_inputs(db: RetroDB, tmp_path: Path) -> None:
     assert (np.asarray(ns.keys) >= 0).all()
     # Refresh after growth equals a recompute, without re-encoding the inputs.
     db.add([write_docs(tmp_path / "more", random_docs(2, seed=12, prefix="more"))])
-    refreshed = NeighbourSet.refresh(db, "eval")
-    assert_same_sets(refreshed, NeighbourSet.compute(db, "eval2", inputs=[other], k=2, exact=True))
+    refreshed = neighbours.refresh(db, "eval")
+    assert_same_sets(refreshed, neighbours.compute(db, "eval2", inputs=[other], k=2, exact=True))
 
 
 def test_format_is_plain_zarr_and_versions_are_atomic(db: RetroDB, tmp_path: Path) -> None:
-    ns = NeighbourSet.compute(db, "train", k=2)
+    ns = neighbours.compute(db, "train", k=2)
     root = db.path / "neighbours" / "train"
     assert (root / "CURRENT").read_text().strip() == ns.dir.name
     meta = json.loads((ns.dir / "neighbours.json").read_text())
@@ -322,15 +321,15 @@ def test_format_is_plain_zarr_and_versions_are_atomic(db: RetroDB, tmp_path: Pat
     assert len(pickle.dumps(ns)) < 4000
     # A recompute writes a new version; one older version is kept for readers, the rest go.
     v1 = ns.dir.name
-    v2 = NeighbourSet.compute(db, "train", k=2).dir.name
-    v3 = NeighbourSet.compute(db, "train", k=2).dir.name
+    v2 = neighbours.compute(db, "train", k=2).dir.name
+    v3 = neighbours.compute(db, "train", k=2).dir.name
     names = sorted(p.name for p in root.iterdir() if p.is_dir())
     assert names == sorted([v2, v3]) and v1 not in names
     assert [i.name for i in list_sets(db)] == ["train"]
     # A half-written version left by a crash is ignored, then removed by the next writer.
     (root / ".tmp-000009-g1-abc").mkdir()
     assert NeighbourSet.open(db, "train").dir.name == v3
-    NeighbourSet.compute(db, "train", k=2)
+    neighbours.compute(db, "train", k=2)
     assert not (root / ".tmp-000009-g1-abc").exists()
     delete_set(db, "train")
     assert not root.exists() and list_sets(db) == []
@@ -391,8 +390,8 @@ def overlap_top(db: RetroDB, ns: NeighbourSet, keys: np.ndarray, k: int) -> np.n
 
 def test_rerank_overlap_keeps_k_never_the_own_document(db: RetroDB, tmp_path: Path) -> None:
     add_mixed_docs(db, tmp_path)
-    dense = NeighbourSet.compute(db, "dense", k=8, exact=True)
-    ns = NeighbourSet.compute(db, "rr", k=2, exact=True, rerank="overlap", fetch=4)
+    dense = neighbours.compute(db, "dense", k=8, exact=True)
+    ns = neighbours.compute(db, "rr", k=2, exact=True, rerank="overlap", fetch=4)
     keys, dkeys = np.asarray(ns.keys), np.asarray(dense.keys)
     assert keys.shape == (ns.info.rows, 2) and (keys >= 0).all()
     # The k of the 8 dense candidates (same rules) that overlap most, with their distances.
@@ -407,17 +406,17 @@ def test_rerank_overlap_keeps_k_never_the_own_document(db: RetroDB, tmp_path: Pa
     assert (info.rerank, info.fetch) == ("overlap", 4)
     assert info.to_dict()["rerank"] == "overlap" and info.to_dict()["fetch"] == 4
     # rerank "none" is the dense top k, as before; recorded as fetch 1.
-    plain = NeighbourSet.compute(db, "plain", k=2, exact=True, rerank="none")
+    plain = neighbours.compute(db, "plain", k=2, exact=True, rerank="none")
     np.testing.assert_array_equal(np.asarray(plain.keys), dkeys[:, :2])
     assert (plain.info.rerank, plain.info.fetch) == ("none", 1)
     with pytest.raises(BadInputError, match="fetch"):
-        NeighbourSet.compute(db, "bad", k=2, fetch=4)
+        neighbours.compute(db, "bad", k=2, fetch=4)
     with pytest.raises(BadInputError, match="rerank"):
-        NeighbourSet.compute(db, "bad", k=2, rerank="bm25")
+        neighbours.compute(db, "bad", k=2, rerank="bm25")
 
 
 def test_sets_without_rerank_fields_read_as_dense(db: RetroDB) -> None:
-    ns = NeighbourSet.compute(db, "old", k=2)
+    ns = neighbours.compute(db, "old", k=2)
     meta = ns.dir / "neighbours.json"
     d = json.loads(meta.read_text())
     del d["rerank"], d["fetch"]  # as written before they were recorded
@@ -427,13 +426,13 @@ def test_sets_without_rerank_fields_read_as_dense(db: RetroDB) -> None:
 
 
 def test_refresh_of_a_reranked_set_equals_a_recompute(db: RetroDB, tmp_path: Path) -> None:
-    NeighbourSet.compute(db, "rr", k=2, exact=True, rerank="overlap", fetch=3)
+    neighbours.compute(db, "rr", k=2, exact=True, rerank="overlap", fetch=3)
     add_mixed_docs(db, tmp_path)
     delete_docs(db, ["doc05.txt"])
-    ns = NeighbourSet.refresh(db, "rr")
+    ns = neighbours.refresh(db, "rr")
     assert (ns.info.rerank, ns.info.fetch, ns.info.refreshed_from) == ("overlap", 3, 1)
     assert set(ns.info.searched) == {s.meta.name for s in db.segments}  # every row, in full
-    full = NeighbourSet.compute(db, "check", k=2, exact=True, rerank="overlap", fetch=3)
+    full = neighbours.compute(db, "check", k=2, exact=True, rerank="overlap", fetch=3)
     assert_same_sets(ns, full)
 
 

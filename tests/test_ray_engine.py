@@ -21,14 +21,13 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from retrodb import ChunkConfig, DBConfig, MismatchError, RetroDB, TokenizerConfig  # noqa: E402
-from retrodb.neighbours import NeighbourSet  # noqa: E402
+from retrodb import MismatchError, RetroDB, neighbours  # noqa: E402
 from retrodb.ray_engine import RayEngine, local_ray_options  # noqa: E402
 from retrodb.shards import KILL_DIR_ENV  # noqa: E402
 
-pytestmark = pytest.mark.slow
+from .conftest import SMALL  # noqa: E402
 
-SMALL = DBConfig(chunk=ChunkConfig(chunk_size=16), tokenizer=TokenizerConfig(vocab_size=400))
+pytestmark = pytest.mark.slow
 #: Encoder actors take half a CPU each, so the read and write tasks always get one.
 ENGINE = RayEngine(workers=2, actor_cpus=0.5, shards=3, part_rows=16)
 ROOT = Path(__file__).resolve().parents[1]
@@ -204,9 +203,9 @@ def test_ray_neighbour_set_equals_the_local_one(
     built: dict[str, Path], tmp_path: Path, kill_dir: Path
 ) -> None:
     db = RetroDB.open(shutil.copytree(built["ray"], tmp_path / "ray"))
-    local = NeighbourSet.compute(db, "local", k=3, batch_size=8)
+    local = neighbours.compute(db, "local", k=3, batch_size=8)
     (kill_dir / "arm-search").touch()
-    ray_set = NeighbourSet.compute(db, "ray", k=3, batch_size=8, engine=ENGINE)
+    ray_set = neighbours.compute(db, "ray", k=3, batch_size=8, engine=ENGINE)
     assert (kill_dir / "fired-search").exists(), "no searcher was killed"
     (kill_dir / "fired-search").unlink()
     assert ray_set.info.rows == local.info.rows
@@ -214,8 +213,8 @@ def test_ray_neighbour_set_equals_the_local_one(
     assert np.allclose(np.asarray(ray_set.distances), np.asarray(local.distances))
     assert ray_set.info.segments == local.info.segments
     # a re-ranked set too: the searcher actors re-rank like the local searcher
-    local_rr = NeighbourSet.compute(db, "local-rr", k=2, rerank="overlap", fetch=3, batch_size=8)
-    ray_rr = NeighbourSet.compute(
+    local_rr = neighbours.compute(db, "local-rr", k=2, rerank="overlap", fetch=3, batch_size=8)
+    ray_rr = neighbours.compute(
         db, "ray-rr", k=2, rerank="overlap", fetch=3, batch_size=8, engine=ENGINE
     )
     assert ray_rr.info.rerank == "overlap" and ray_rr.info.fetch == 3

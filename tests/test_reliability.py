@@ -18,18 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrodb import (
-    ChunkConfig,
-    DBConfig,
-    LockedError,
-    RetroDB,
-    TokenizerConfig,
-    WriteError,
-    failpoints,
-)
+from retrodb import LockedError, RetroDB, WriteError, failpoints
 from retrodb.index import index_guard
 
-from .conftest import copy_db
+from .conftest import SMALL, copy_db
 from .crash_harness import (
     READER_CHILD,
     ROOT,
@@ -40,8 +32,6 @@ from .crash_harness import (
     run_add,
     write_batch,
 )
-
-SMALL = DBConfig(chunk=ChunkConfig(chunk_size=16), tokenizer=TokenizerConfig(vocab_size=400))
 
 
 @pytest.fixture(scope="module")

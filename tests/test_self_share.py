@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from retrodb import RetroDB
+from retrodb import RetroDB, neighbours
 from retrodb.errors import BadInputError
-from retrodb.neighbours import NeighbourSet, self_share_mask
+from retrodb.neighbours import self_share_mask
 from retrodb.split import validation_mask
 
 from .test_neighbours import assert_same_sets, db, own_docs, pristine, random_docs, write_docs
@@ -21,8 +21,8 @@ __all__ = ["db", "pristine"]  # module-scoped database, copied per test
 
 
 def test_self_share_zero_is_the_paper_rule(db: RetroDB) -> None:
-    plain = NeighbourSet.compute(db, "plain", k=2, exact=True)
-    zero = NeighbourSet.compute(db, "zero", k=2, exact=True, self_share=0.0)
+    plain = neighbours.compute(db, "plain", k=2, exact=True)
+    zero = neighbours.compute(db, "zero", k=2, exact=True, self_share=0.0)
     assert_same_sets(plain, zero)
     assert zero.info.self_share == 0.0
 
@@ -31,7 +31,7 @@ def test_self_share_documents_retrieve_their_own_chunks(db: RetroDB, tmp_path: P
     share = 0.5
     assert self_share_mask(db.segments[0].ids, share).any()
     assert not self_share_mask(db.segments[0].ids, share).all()  # both kinds here
-    ns = NeighbourSet.compute(db, "mix", k=2, exact=True, self_share=share)
+    ns = neighbours.compute(db, "mix", k=2, exact=True, self_share=share)
     assert ns.info.self_share == share
     allowed = self_share_mask(ns.doc_ids, share)[np.asarray(ns.doc)]  # per row
     keys = np.asarray(ns.keys)
@@ -42,11 +42,11 @@ def test_self_share_documents_retrieve_their_own_chunks(db: RetroDB, tmp_path: P
     # a refresh keeps the share and equals a full recompute
     db.add([write_docs(tmp_path / "more", random_docs(2, seed=7, prefix="more"))])
     assert_same_sets(
-        NeighbourSet.refresh(db, "mix"),
-        NeighbourSet.compute(db, "check", k=2, exact=True, self_share=share),
+        neighbours.refresh(db, "mix"),
+        neighbours.compute(db, "check", k=2, exact=True, self_share=share),
     )
     with pytest.raises(BadInputError, match="self_share"):
-        NeighbourSet.compute(db, "bad", self_share=1.5)
+        neighbours.compute(db, "bad", self_share=1.5)
 
 
 def test_self_share_picks_a_stable_growing_share_of_documents() -> None:

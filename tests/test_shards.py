@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from retrodb import ChunkConfig, DBConfig, RetroDB, TokenizerConfig
+from retrodb import RetroDB
 from retrodb.corpus import scan
 from retrodb.errors import BadInputError, EngineError
 from retrodb.ray_engine import RayEngine, search_blocks
@@ -30,7 +30,7 @@ from retrodb.shards import (
 from retrodb.storage import Storage
 from retrodb_cli.main import app
 
-SMALL = DBConfig(chunk=ChunkConfig(chunk_size=16), tokenizer=TokenizerConfig(vocab_size=400))
+from .conftest import SMALL
 
 
 def _docs(root: Path, sizes: list[int]) -> Path:
@@ -112,9 +112,8 @@ def test_shard_tasks_write_what_a_local_build_writes(tmp_path: Path, tiny_encode
 def test_import_and_local_build_do_not_import_ray(tmp_path: Path, corpus_dir, tiny_encoder_dir):
     code = (
         "import sys, retrodb, retrodb.ray_engine, retrodb.shards, retrodb_cli.main\n"
-        "from retrodb import RetroDB, DBConfig, ChunkConfig, TokenizerConfig\n"
-        "c = DBConfig(chunk=ChunkConfig(chunk_size=16), "
-        "tokenizer=TokenizerConfig(vocab_size=400))\n"
+        "from retrodb import RetroDB, DBConfig\n"
+        f"c = DBConfig.from_dict({SMALL.to_dict()!r})\n"
         f"RetroDB.build({str(tmp_path / 'db')!r}, [{str(corpus_dir)!r}], config=c, "
         f"encoder={str(tiny_encoder_dir)!r})\n"
         "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))\n"

@@ -21,9 +21,8 @@ import typer
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from retrodb import RetroDB
+from retrodb import RetroDB, neighbours
 from retrodb.errors import BadInputError, MismatchError, NotFoundError
-from retrodb.neighbours import NeighbourSet
 from retrodb.threads import THREADS_ENV
 from retrodb_cli import model as cli_model
 from retrodb_cli.main import app
@@ -31,11 +30,12 @@ from retrodb_model.checkpoint import load_model, read_checkpoint
 from retrodb_model.config import RetroConfig, default_lr
 from retrodb_model.data import RetroDataset
 from retrodb_model.model import RetroModel
+from retrodb_model.options import parse_model_overrides
 from retrodb_model.threads import RULE, default_threads
 from retrodb_model.train import TrainArgs, TrainingInterrupted, iter_log, lr_at, train
 
-from .conftest import TOPICS, write_corpus
-from .test_neighbours import SMALL, build_db
+from .conftest import SMALL, TOPICS, write_corpus
+from .test_neighbours import build_db
 
 SEQ = 64  # 4 chunks of 16 (the test databases' chunk size)
 
@@ -46,7 +46,7 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 @pytest.fixture(scope="module")
 def tiny_db(tmp_path_factory: pytest.TempPathFactory, tiny_encoder_dir: Path) -> RetroDB:
     db = build_db(tmp_path_factory.mktemp("train"), tiny_encoder_dir, n=12, seed=1)
-    NeighbourSet.compute(db, "train", k=2, exact=True)
+    neighbours.compute(db, "train", k=2, exact=True)
     return db
 
 
@@ -107,7 +107,7 @@ def test_default_lr_scales_with_width_and_is_recorded(tiny_db: RetroDB, tmp_path
 def test_tiny_model_overfits_a_tiny_corpus(tmp_path: Path, tiny_encoder_dir: Path) -> None:
     corpus = write_corpus(tmp_path / "corpus", TOPICS, repeat=3)
     db = RetroDB.build(tmp_path / "db", [corpus], config=SMALL, encoder=tiny_encoder_dir)
-    NeighbourSet.compute(db, "train", k=2, exact=True)
+    neighbours.compute(db, "train", k=2, exact=True)
     args = args_for(
         db, tmp_path / "run", steps=120, lr=5e-3, log_every=10, eval_every=0, val_fraction=0.0
     )
@@ -218,7 +218,7 @@ def test_a_database_with_another_tokenizer_is_refused(
     )
     assert res.exit_code == 1 and "tokenizer" in res.output
     # a retrofit from a base trained on another tokenizer fails before writing anything
-    NeighbourSet.compute(other, "train", k=2, exact=True)
+    neighbours.compute(other, "train", k=2, exact=True)
     with pytest.raises(MismatchError, match="tokenizer"):
         train(args_for(other, tmp_path / "never", retrofit=str(out)))
     assert not (tmp_path / "never").exists()
@@ -341,7 +341,7 @@ def test_the_cli_starts_without_torch() -> None:
 
 
 def test_model_overrides_parse_key_value_and_json() -> None:
-    parse = cli_model.parse_model_overrides
+    parse = parse_model_overrides
     assert parse(["dropout=0.1", "n_layers=2", 'retro_layers=[1, 2]', "x=abc"]) == {
         "dropout": 0.1, "n_layers": 2, "retro_layers": [1, 2], "x": "abc"
     }  # fmt: skip

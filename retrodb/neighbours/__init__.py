@@ -11,7 +11,8 @@ training batches.
 - :mod:`.compute`: computing, refreshing and updating sets
 - :mod:`.reader`: training batches
 
->>> ns = NeighbourSet.compute(db, "train", k=2)            # doctest: +SKIP
+>>> from retrodb import neighbours                         # doctest: +SKIP
+>>> ns = neighbours.compute(db, "train", k=2)              # doctest: +SKIP
 >>> ns.keys.shape                                          # doctest: +SKIP
 (41230, 2)
 """

@@ -30,12 +30,13 @@ from .. import corpus as corpus_mod
 from ..chunking import chunk_documents
 from ..errors import BadInputError
 from ..progress import ProgressFn, no_progress
-from ..rerank import check_rerank, padded, rerank_candidates, resolve_fetch
+from ..rerank import candidate_tokens, check_rerank, padded, rerank_keys, resolve_fetch
 from ..search import Exclusion, check_k, merge_top
 from ..split import split_value
 from .store import (
     NeighbourSet,
     NeighbourSetInfo,
+    Rows,
     SegmentRef,
     check_name,
     set_lock,
@@ -44,6 +45,7 @@ from .store import (
 
 if TYPE_CHECKING:
     from ..db import RetroDB
+    from ..snapshot import Snapshot
     from ..storage import SegmentMeta
 
 #: Query chunks per search call.
@@ -61,86 +63,51 @@ def self_share_mask(doc_ids: Iterable[str], share: float) -> np.ndarray:
     return np.array([split_value(d, seed=SELF_SHARE_SEED) < share for d in doc_ids], dtype=bool)
 
 
-@dataclass(slots=True)
-class Rows:
-    """The query rows of a set being written, with their documents."""
+def _rows_of_inputs(
+    db: RetroDB,
+    inputs: Sequence[str | Path],
+    *,
+    errors: corpus_mod.Errors,
+    stdin: BinaryIO | None,
+    progress: ProgressFn,
+) -> Rows:
+    """Rows of other documents, tokenized, chunked and encoded the way the database's own
+    were."""
+    corpus = corpus_mod.scan(inputs, errors=errors, stdin=stdin)
+    try:
+        ids, texts = [], []
+        for doc_id, text in corpus.iter_documents():
+            ids.append(doc_id)
+            texts.append(text)
+    finally:
+        corpus.cleanup()
+    tok = db.tokenizer
+    assert tok is not None  # RetroDB refuses to open without one
+    progress("tokenize", 0, len(ids))
+    token_lists = tok.encode(texts)
+    progress("tokenize", len(ids), len(ids))
+    del texts
+    chunks, lengths, doc = chunk_documents(
+        token_lists, db.chunk_size, pad_id=db.pad_id, dtype=db.token_dtype
+    )
+    vectors = db.encode_chunks(chunks, lengths, progress=progress)
+    return Rows(
+        doc_ids=ids,
+        doc=doc.astype(np.int32),
+        tokens=chunks,
+        lengths=lengths.astype(np.int32),
+        vectors=vectors.astype(np.float16),
+    )
 
-    doc_ids: list[str]
-    doc: np.ndarray  # [n] int32, index into doc_ids
-    chunk_keys: np.ndarray | None = None  # source "db"
-    tokens: np.ndarray | None = None  # source "inputs"
-    lengths: np.ndarray | None = None
-    vectors: np.ndarray | None = None  # [n, d] float16
 
-    @property
-    def n(self) -> int:
-        return int(self.doc.shape[0])
-
-    @property
-    def source(self) -> Literal["db", "inputs"]:
-        return "db" if self.chunk_keys is not None else "inputs"
-
-    def query_tokens(self, db: RetroDB, rows: np.ndarray) -> np.ndarray:
-        """The tokens ``[len(rows), m]`` of ``rows``, padding as -1 (for re-ranking)."""
-        if self.chunk_keys is not None:
-            toks, lengths = db.chunks(self.chunk_keys[rows])
-        else:
-            assert self.tokens is not None and self.lengths is not None
-            toks, lengths = self.tokens[rows], self.lengths[rows]
-        return padded(toks, db.keymap.masks(lengths))
-
-    @classmethod
-    def of_database(cls, db: RetroDB) -> Rows:
-        """Every live chunk of the database, in key order."""
-        live = db.keymap.live_rows()
-        return cls(doc_ids=live.doc_ids, doc=live.doc, chunk_keys=live.keys)
-
-    @classmethod
-    def of_set(cls, ns: NeighbourSet) -> Rows:
-        return cls(
-            doc_ids=ns.doc_ids,
-            doc=np.asarray(ns.doc),
-            tokens=np.asarray(ns.tokens),
-            lengths=np.asarray(ns.lengths),
-            vectors=np.asarray(ns.vectors),
-        )
-
-    @classmethod
-    def of_inputs(
-        cls,
-        db: RetroDB,
-        inputs: Sequence[str | Path],
-        *,
-        errors: corpus_mod.Errors,
-        stdin: BinaryIO | None,
-        progress: ProgressFn,
-    ) -> Rows:
-        """Tokenize, chunk and encode other documents the way the database's own were."""
-        corpus = corpus_mod.scan(inputs, errors=errors, stdin=stdin)
-        try:
-            ids, texts = [], []
-            for doc_id, text in corpus.iter_documents():
-                ids.append(doc_id)
-                texts.append(text)
-        finally:
-            corpus.cleanup()
-        tok = db.tokenizer
-        assert tok is not None  # RetroDB refuses to open without one
-        progress("tokenize", 0, len(ids))
-        token_lists = tok.encode(texts)
-        progress("tokenize", len(ids), len(ids))
-        del texts
-        chunks, lengths, doc = chunk_documents(
-            token_lists, db.chunk_size, pad_id=db.pad_id, dtype=db.token_dtype
-        )
-        vectors = db.encode_chunks(chunks, lengths, progress=progress)
-        return cls(
-            doc_ids=ids,
-            doc=doc.astype(np.int32),
-            tokens=chunks,
-            lengths=lengths.astype(np.int32),
-            vectors=vectors.astype(np.float16),
-        )
+def _query_tokens(snap: Snapshot, rows: Rows, idx: np.ndarray) -> np.ndarray:
+    """The tokens ``[len(idx), m]`` of rows ``idx``, padding as -1 (for re-ranking)."""
+    if rows.chunk_keys is not None:
+        toks, lengths = snap.chunks(rows.chunk_keys[idx])
+    else:
+        assert rows.tokens is not None and rows.lengths is not None
+        toks, lengths = rows.tokens[idx], rows.lengths[idx]
+    return padded(toks, snap.keymap.masks(lengths))
 
 
 @dataclass(frozen=True)
@@ -174,14 +141,14 @@ class SearchEngine(Protocol):
 
     def neighbours(
         self,
-        db: RetroDB,
+        snap: Snapshot,
         rows: Rows,
         rules: SearchRules,
         *,
         batch_size: int,
         progress: ProgressFn,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """``Searcher(db, rows, rules).run`` over every row and segment: keys, distances."""
+        """``Searcher(snap, rows, rules).run`` over every row and segment: keys, distances."""
         ...
 
 
@@ -209,11 +176,11 @@ class Searcher:
     """Batched, filtered search for the rows of a set; with ``rerank="overlap"``, the k of
     ``fetch * k`` candidates that share the longest token run with the row's chunk."""
 
-    def __init__(self, db: RetroDB, rows: Rows, rules: SearchRules) -> None:
+    def __init__(self, snap: Snapshot, rows: Rows, rules: SearchRules) -> None:
         check_rerank(rules.rerank)
-        self.db, self.rows, self.rules = db, rows, rules
+        self.snap, self.rows, self.rules = snap, rows, rules
         self.k = rules.k
-        km = db.keymap
+        km = snap.keymap
         self.excluded = km.doc_table(rules.exclude)
         # Per row, the database document it may not retrieve (-2: none).
         per_doc = np.array(
@@ -228,11 +195,11 @@ class Searcher:
             return self.rows.vectors[rows].astype(np.float32)
         assert self.rows.chunk_keys is not None
         keys = self.rows.chunk_keys[rows]
-        seg, _ = self.db.locate(keys)
-        out = np.empty((keys.size, self.db.dim), np.float32)
+        seg, _ = self.snap.locate(keys)
+        out = np.empty((keys.size, self.snap.dim), np.float32)
         for si in np.unique(seg):
             sel = np.nonzero(seg == si)[0]
-            out[sel] = self.db.indexes[int(si)].vectors(keys[sel])
+            out[sel] = self.snap.indexes[int(si)].vectors(keys[sel])
         return out
 
     def run(
@@ -261,7 +228,7 @@ class Searcher:
                 skip_stops=None if skip is None else skip.stops,
             )
             reranked = self.rules.rerank == "overlap"
-            res = self.db.search_vectors(
+            res = self.snap.search_vectors(
                 self.vectors(batch),
                 self.k * self.rules.fetch if reranked else self.k,
                 exact=self.rules.exact,
@@ -269,10 +236,9 @@ class Searcher:
                 segments=segments,
             )
             if reranked:
-                query = self.rows.query_tokens(self.db, batch)
-                keys[a:b], dist[a:b] = rerank_candidates(
-                    self.db, query, res.keys, res.distances, self.k
-                )
+                query = _query_tokens(self.snap, self.rows, batch)
+                cands = candidate_tokens(self.snap, res.keys)
+                keys[a:b], dist[a:b] = rerank_keys(query, res.keys, res.distances, cands, self.k)
             else:
                 keys[a:b], dist[a:b] = res.keys, res.distances
             progress("neighbours", done + b, total)
@@ -358,18 +324,18 @@ def compute(
     )
     with set_lock(db, name):
         if inputs:
-            rows = Rows.of_inputs(db, inputs, errors=errors, stdin=stdin, progress=progress)
+            rows = _rows_of_inputs(db, inputs, errors=errors, stdin=stdin, progress=progress)
         else:
             rows = Rows.of_database(db)
         if rows.n == 0:
             raise BadInputError("no chunks to compute neighbours for (all documents deleted)")
         if engine is None:
-            keys, dist = Searcher(db, rows, rules).run(
+            keys, dist = Searcher(db.snapshot, rows, rules).run(
                 np.arange(rows.n), list(range(len(db.segments))), batch_size, progress
             )
         else:
             keys, dist = engine.neighbours(
-                db, rows, rules, batch_size=batch_size, progress=progress
+                db.snapshot, rows, rules, batch_size=batch_size, progress=progress
             )
         info = _info(db, name, rows, rules, inputs=tuple(str(p) for p in inputs or ()))
         return write_version(db, info, rows, keys, dist)
@@ -429,7 +395,7 @@ def refresh(
         spans = [(s.meta.first_key, _span(s.meta)) for s in db.segments]
         new_segments = [si for si, (a, n) in enumerate(spans) if covered.count(a, n) < n]
         partial = any(covered.count(*spans[si]) > 0 for si in new_segments)
-        search = Searcher(db, rows, rules)
+        search = Searcher(db.snapshot, rows, rules)
         todo_full = np.nonzero(full)[0]
         todo_new = np.nonzero(~full)[0] if new_segments else np.zeros(0, np.int64)
         total = todo_full.size + todo_new.size
@@ -567,7 +533,6 @@ def update(
 
 __all__ = [
     "DEFAULT_BATCH",
-    "Rows",
     "SearchEngine",
     "Searcher",
     "UpdateReport",

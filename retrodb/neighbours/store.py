@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from ..encoder import same_fingerprint
+from ..encoder_files import same_fingerprint
 from ..errors import (
     BadInputError,
     CorruptError,
@@ -56,7 +56,6 @@ from ..storage import NEIGHBOURS, open_raw_array, read_strings, write_array
 
 if TYPE_CHECKING:
     from ..db import RetroDB
-    from .compute import Rows
 
 #: Version of the neighbour-set layout written by this code.
 SET_FORMAT_VERSION = 1
@@ -186,7 +185,11 @@ class NeighbourSetInfo:
 class NeighbourSet:
     """One committed version of a neighbour set, read through memory maps.
 
-    >>> ns = NeighbourSet.compute(db, "train", k=2)            # doctest: +SKIP
+    Versions are written by :func:`retrodb.neighbours.compute` and
+    :func:`retrodb.neighbours.refresh`, which return the new one.
+
+    >>> from retrodb import neighbours                         # doctest: +SKIP
+    >>> ns = neighbours.compute(db, "train", k=2)              # doctest: +SKIP
     >>> ns.keys.shape                                          # doctest: +SKIP
     (41230, 2)
     >>> NeighbourSet.open(db, "train")                         # doctest: +SKIP
@@ -344,22 +347,6 @@ class NeighbourSet:
             return db.chunks(self.chunk_keys[rows])
         return self.tokens[rows].astype(np.int64), self.lengths[rows]
 
-    # -------------------------------------------------------- writing (see compute.py)
-
-    @classmethod
-    def compute(cls, db: RetroDB, name: str, **options: Any) -> NeighbourSet:
-        """Compute set ``name`` for ``db``'s generation: see :func:`.compute.compute`."""
-        from .compute import compute
-
-        return compute(db, name, **options)
-
-    @classmethod
-    def refresh(cls, db: RetroDB, name: str, **options: Any) -> NeighbourSet:
-        """Bring set ``name`` up to ``db``'s generation: see :func:`.compute.refresh`."""
-        from .compute import refresh
-
-        return refresh(db, name, **options)
-
 
 def list_sets(db: RetroDB) -> list[NeighbourSetInfo]:
     """Every neighbour set of ``db`` (stale or not), by name."""
@@ -390,6 +377,45 @@ def delete_set(db: RetroDB, name: str) -> None:
 
 
 # ---------------------------------------------------------------- versions
+
+
+@dataclass(slots=True)
+class Rows:
+    """The rows of a set being written, with their documents: the database's own chunks
+    (``chunk_keys``, source ``db``) or other documents' chunks (``tokens``, ``lengths`` and
+    ``vectors``, source ``inputs``)."""
+
+    doc_ids: list[str]
+    doc: np.ndarray  # [n] int32, index into doc_ids
+    chunk_keys: np.ndarray | None = None  # source "db"
+    tokens: np.ndarray | None = None  # source "inputs"
+    lengths: np.ndarray | None = None
+    vectors: np.ndarray | None = None  # [n, d] float16
+
+    @property
+    def n(self) -> int:
+        return int(self.doc.shape[0])
+
+    @property
+    def source(self) -> Source:
+        return "db" if self.chunk_keys is not None else "inputs"
+
+    @classmethod
+    def of_database(cls, db: RetroDB) -> Rows:
+        """Every live chunk of the database, in key order."""
+        live = db.keymap.live_rows()
+        return cls(doc_ids=live.doc_ids, doc=live.doc, chunk_keys=live.keys)
+
+    @classmethod
+    def of_set(cls, ns: NeighbourSet) -> Rows:
+        """The rows of a set of source ``inputs``, read back (for a refresh)."""
+        return cls(
+            doc_ids=ns.doc_ids,
+            doc=np.asarray(ns.doc),
+            tokens=np.asarray(ns.tokens),
+            lengths=np.asarray(ns.lengths),
+            vectors=np.asarray(ns.vectors),
+        )
 
 
 def write_version(
@@ -486,6 +512,7 @@ def _what_changed(ns: NeighbourSet, db: RetroDB) -> str:
 __all__ = [
     "NeighbourSet",
     "NeighbourSetInfo",
+    "Rows",
     "SegmentRef",
     "delete_set",
     "list_sets",
