@@ -10,14 +10,13 @@ chunk, detokenize, WordPiece, encode, index, write, fsync, commit) with encoding
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from common import Timer, machine, pydocs
+from common import Timer, arg_parser, machine, pydocs
 
 from retrodb import DBConfig, EncoderConfig, RetroDB
 from retrodb.corpus import scan
@@ -27,9 +26,7 @@ from retrodb.tokenizer import Tokenizer
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = arg_parser(__doc__)
     ap.add_argument(
         "--sub", default="library", help="subfolder of the Python docs (default library)"
     )

@@ -11,14 +11,13 @@ in the work folder (RETRODB_CACHE_DIR), on the databases' filesystem.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
-from common import Timer, machine, pydocs
+from common import Timer, arg_parser, machine, pydocs
 
 
 def du(*paths: Path) -> int:
@@ -30,9 +29,7 @@ def du(*paths: Path) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = arg_parser(__doc__)
     ap.add_argument("--kb", type=int, default=90, help="corpus size in KB (default 90)")
     ap.add_argument("--dbs", type=int, default=2, help="databases to build (default 2)")
     ap.add_argument("--threads", type=int, default=1, help="encoder threads (default 1)")

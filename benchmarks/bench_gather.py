@@ -6,22 +6,18 @@ numpy.memmap gather of the same rows. Target: within 2x.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from common import machine
+from common import arg_parser, machine
 
 from retrodb import RetroDB
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("db")
+    ap = arg_parser(__doc__, db=True)
     ap.add_argument("--keys", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=50)
     args = ap.parse_args()

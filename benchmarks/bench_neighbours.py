@@ -17,13 +17,12 @@ Prints figures and ratios; asserts nothing about time.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from common import machine
+from common import arg_parser, machine
 
 from retrodb import RetroDB, neighbours
 from retrodb.neighbours import NeighbourSet, SequenceReader, delete_set
@@ -49,10 +48,7 @@ def plain_copy(db: RetroDB, ns: NeighbourSet, where: Path) -> tuple[np.ndarray, 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("db")
+    ap = arg_parser(__doc__, db=True)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("-k", type=int, default=2)

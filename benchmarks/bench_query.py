@@ -12,21 +12,17 @@ Build a database first, e.g. `retrodb build pydocs.retrodb data/pydocs/.../_sour
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
-from common import machine, percentiles
+from common import arg_parser, machine, percentiles
 
 from retrodb import RetroDB
 from retrodb.search import search_segments
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("db")
+    ap = arg_parser(__doc__, db=True)
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--text-queries", type=int, default=200)
     ap.add_argument("-k", type=int, default=10)

@@ -15,7 +15,6 @@ shared: its load drifts); each figure is the median over the rounds.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -23,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import Timer, machine, pydocs
+from common import Timer, arg_parser, machine, pydocs
 
 from retrodb import DBConfig, EncoderConfig, RetroDB, TokenizerConfig
 from retrodb.corpus import scan
@@ -37,9 +36,7 @@ def load() -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = arg_parser(__doc__)
     ap.add_argument("--kb", type=int, default=250, help="KB of library/ docs to build from")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--quantize", default="int8", choices=["none", "int8"])

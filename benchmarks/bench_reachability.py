@@ -16,14 +16,13 @@ USearch's concurrent adds are not deterministic, so the counts vary from build t
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from common import machine, percentiles
+from common import arg_parser, machine, percentiles
 
 from retrodb import RetroDB
 from retrodb.index import IndexBuilder, SegmentIndex
@@ -55,10 +54,7 @@ def _latency(a: SegmentIndex, b: SegmentIndex, queries: np.ndarray, k: int) -> l
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("db")
+    ap = arg_parser(__doc__, db=True)
     ap.add_argument("--builds", type=int, default=3, help="fresh builds per segment")
     ap.add_argument("--queries", type=int, default=500, help="for the latency comparison")
     args = ap.parse_args()

@@ -13,17 +13,17 @@ small segments uncompacted). No encoder runs: the figures are the search layer's
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from common import machine, percentiles
+from common import arg_parser, machine, percentiles
 
 from retrodb.config import IndexConfig
-from retrodb.index import SegmentIndex, build_index, search_segments
+from retrodb.index import SegmentIndex, build_index
+from retrodb.search import search_segments
 
 
 def clustered(n: int, dim: int, *, clusters: int, rng: np.random.Generator) -> np.ndarray:
@@ -102,9 +102,7 @@ def rounds(
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = arg_parser(__doc__)
     ap.add_argument("--n", type=int, default=32768)
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--segments", default="1,2,4,8,16,32,64")

@@ -28,6 +28,7 @@ import statistics
 import time
 
 import torch
+from common import add_model_args
 
 from retrodb_model.config import RetroConfig
 from retrodb_model.model import RetroModel
@@ -85,11 +86,7 @@ def bench(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="small")
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("-k", type=int, default=2, help="neighbours per chunk")
+    add_model_args(parser)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)

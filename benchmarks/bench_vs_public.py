@@ -19,6 +19,10 @@ tokens per CPU second of the median step (the process's CPU time, all threads: w
 load of other processes inflates least; at 1 thread, what an idle core would give), and
 the ratios to each RETRO-pytorch version. `--baseline` also times RetroModel from another
 copy of retrodb_model/model.py (`git show REV:retrodb_model/model.py > /tmp/before.py`).
+That copy is loaded on its own and imports the rest of retrodb_model from this tree, so it
+times the model of REV only where that model.py held the whole model (revisions before
+the split into model, kernels, gate and cache); for a later REV, run this benchmark in a
+worktree of REV (`git worktree add /tmp/rev REV`) beside a run in this tree.
 
 The public implementation (lucidrains' RETRO-pytorch, PyPI `retro-pytorch`) is not a
 dependency of this project. Install it without its dependencies (faiss, autofaiss, ...)
@@ -59,6 +63,7 @@ from dataclasses import dataclass
 from typing import cast
 
 import torch
+from common import add_model_args
 from torch import Tensor, nn
 
 from retrodb_model.config import RetroConfig
@@ -248,11 +253,7 @@ def load_model_class(path: str) -> type[RetroModel]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="small")
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("-k", type=int, default=2, help="neighbours per chunk")
+    add_model_args(parser)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=3, help="turns of every version")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per turn")

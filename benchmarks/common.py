@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import subprocess
@@ -29,6 +30,27 @@ def pydocs(sub: str | None = None) -> Path:
     if not src.is_absolute():
         src = ROOT / src
     return src / sub if sub else src
+
+
+def arg_parser(doc: str | None, *, db: bool = False) -> argparse.ArgumentParser:
+    """A benchmark's parser, with its docstring as the help; ``db``: the benchmark measures
+    an existing database, the positional argument DB."""
+    ap = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    if db:
+        ap.add_argument("db")
+    return ap
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The model and batch of the training-step benchmarks: preset, vocabulary, batch,
+    sequence length and neighbours per chunk."""
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("-k", type=int, default=2, help="neighbours per chunk")
 
 
 def machine() -> str:

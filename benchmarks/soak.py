@@ -49,9 +49,9 @@ def main() -> int:
     from tests.crash_harness import (
         READER_CHILD,
         check_after_trial,
-        child_env,
         live_ids,
         run_add,
+        start_child,
         write_batch,
     )
     from tests.encoder_fixtures import make_tiny_bert
@@ -130,13 +130,8 @@ def main() -> int:
 
         # ---------------------------------------------------------- phase 2: reader
         stop, out_file = work / "stop", work / "reader.json"
-        reader = subprocess.Popen(
-            [sys.executable, "-c", READER_CHILD, str(db_path), str(stop), str(out_file)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=child_env(),
-            cwd=ROOT,
+        reader = start_child(
+            READER_CHILD, db_path, stop, out_file, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
         time.sleep(1.5)
         db = RetroDB.open(db_path)

@@ -66,9 +66,8 @@ from .threads import available_cores
 
 if TYPE_CHECKING:
     from .ingest import SegmentJob
-    from .neighbours.compute import SearchRules
+    from .neighbours.compute import SearchJob, SearchRules
     from .neighbours.store import Rows
-    from .snapshot import Snapshot
 
 #: How to install the engine.
 RAY_INSTALL = "pip install 'retrodb[ray]'"
@@ -309,17 +308,10 @@ class RayEngine:
 
     # ------------------------------------------------------------ neighbour sets
 
-    def neighbours(
-        self,
-        snap: Snapshot,
-        rows: Rows,
-        rules: SearchRules,
-        *,
-        batch_size: int,
-        progress: ProgressFn = no_progress,
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def neighbours(self, job: SearchJob) -> tuple[np.ndarray, np.ndarray]:
         """The top ``rules.k`` of every row (re-ranked as ``rules.rerank`` says), computed by
         searcher actors (see the module docstring)."""
+        rows, rules, batch_size, progress = job.rows, job.rules, job.batch_size, job.progress
         with self.session() as workers:
             ray = _ray()
             from ray.util import ActorPool
@@ -329,7 +321,7 @@ class RayEngine:
             rows_ref = [ray.put(rows)]
             actor = _searcher_class(ray).options(num_cpus=self.actor_cpus)
             actors = [
-                actor.remote(str(snap.path.absolute()), snap.generation, rules)
+                actor.remote(str(job.snap.path.absolute()), job.snap.generation, rules)
                 for _ in range(workers)
             ]
             blocks = search_blocks(rows.n, batch_size, workers)

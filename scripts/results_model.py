@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import platform
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 #: Rule 1: retrieval on may cost at most this much (bpb) over retrieval off.
 RULE1_MARGIN = 0.01
@@ -33,6 +35,8 @@ SETS = {
     "new-before": "new documents, before `retrodb add`",
     "new-after": "new documents, after `retrodb add`",
 }
+#: The evaluation modes, in the order of the tables.
+MODES = ("retrieval", "shuffled", "no_retrieval")
 
 
 Json = dict[str, Any]
@@ -113,56 +117,53 @@ def rules(r: Results, model: str, rr: str = "") -> dict[str, bool | None]:
     return out
 
 
+def md_table(head: str, rows: Iterable[list[str]]) -> str:
+    """A Markdown table: the header (cells between " | "), its rule, a line per row of cells."""
+    lines = [f"| {head} |", "|" + "---|" * (head.count(" | ") + 1)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines) + "\n"
+
+
 def main_table(r: Results, rr: str = "") -> str:
-    rows = [
-        "| model | set | bpb retrieval | bpb shuffled | bpb off | on - off | on / off | `--no-retrieval` model |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for model, mname in MODELS.items():
-        for s, sname in SETS.items():
-            on = r.bpb(model, s, "retrieval", rr)
-            sh = r.bpb(model, s, "shuffled", rr)
-            off = r.bpb(model, s, "no_retrieval", rr)
-            diff = None if on is None or off is None else on - off
-            ratio = None if on is None or not off else on / off
-            rows.append(
-                f"| {mname} | {sname} | {fmt(on)} | {fmt(sh)} | {fmt(off)} | "
-                f"{fmt(diff, '+.3f')} | {fmt(ratio, '.2f')} | {fmt(r.plain_bpb(s))} |"
-            )
-    return "\n".join(rows) + "\n"
+    def row(model: str, s: str) -> list[str]:
+        on, sh, off = (r.bpb(model, s, mode, rr) for mode in MODES)
+        diff = None if on is None or off is None else on - off
+        ratio = None if on is None or not off else on / off
+        cells = [fmt(on), fmt(sh), fmt(off), fmt(diff, "+.3f"), fmt(ratio, ".2f")]
+        return [MODELS[model], SETS[s], *cells, fmt(r.plain_bpb(s))]
+
+    return md_table(
+        "model | set | bpb retrieval | bpb shuffled | bpb off | on - off | on / off | `--no-retrieval` model",
+        (row(model, s) for model in MODELS for s in SETS),
+    )
 
 
 def rules_table(r: Results) -> str:
-    rows = [
-        "| model | neighbours | rule 1: held-out on <= off + 0.01 | rule 2: new docs, on <= 0.8 x off after the add, below the `--no-retrieval` model, rule 1 before | rule 3: shuffled no better than none |",
-        "|---|---|---|---|---|",
-    ]
+    rows = []
     for model, mname in MODELS.items():
         for rr, how in (("", "dense k"), ("-rerank", "`--rerank overlap`")):
             got = rules(r, model, rr)
-            rows.append(
-                f"| {mname} | {how} | {check(got['1'])} | {check(got['2'])} | {check(got['3'])} |"
-            )
-    return "\n".join(rows) + "\n"
+            rows.append([mname, how, check(got["1"]), check(got["2"]), check(got["3"])])
+    return md_table(
+        "model | neighbours | rule 1: held-out on <= off + 0.01 | rule 2: new docs, on <= 0.8 x off after the add, below the `--no-retrieval` model, rule 1 before | rule 3: shuffled no better than none",
+        rows,
+    )
 
 
 def rerank_table(r: Results) -> str:
-    rows = [
-        "| model | set | bpb retrieval, dense | bpb retrieval, `--rerank overlap` | change | mean overlap dense / re-ranked |",
-        "|---|---|---|---|---|---|",
-    ]
-    for model, mname in MODELS.items():
-        for s, sname in SETS.items():
-            a, b = r.bpb(model, s, "retrieval"), r.bpb(model, s, "retrieval", "-rerank")
-            ea, eb = r.get(model, s), r.get(model, s, "-rerank")
-            oa = None if not ea else ea.get("bpb_alpha", {}).get("mean_overlap")
-            ob = None if not eb else eb.get("bpb_alpha", {}).get("mean_overlap")
-            change = None if a is None or b is None else b - a
-            rows.append(
-                f"| {mname} | {sname} | {fmt(a)} | {fmt(b)} | {fmt(change, '+.3f')} | "
-                f"{fmt(oa, '.2f')} / {fmt(ob, '.2f')} |"
-            )
-    return "\n".join(rows) + "\n"
+    def row(model: str, s: str) -> list[str]:
+        a, b = r.bpb(model, s, "retrieval"), r.bpb(model, s, "retrieval", "-rerank")
+        ea, eb = r.get(model, s), r.get(model, s, "-rerank")
+        oa = None if not ea else ea.get("bpb_alpha", {}).get("mean_overlap")
+        ob = None if not eb else eb.get("bpb_alpha", {}).get("mean_overlap")
+        change = None if a is None or b is None else b - a
+        overlaps = f"{fmt(oa, '.2f')} / {fmt(ob, '.2f')}"
+        return [MODELS[model], SETS[s], fmt(a), fmt(b), fmt(change, "+.3f"), overlaps]
+
+    return md_table(
+        "model | set | bpb retrieval, dense | bpb retrieval, `--rerank overlap` | change | mean overlap dense / re-ranked",
+        (row(model, s) for model in MODELS for s in SETS),
+    )
 
 
 #: The ablations of scripts/results.sh (section 4b): the recipe minus one lever each.
@@ -176,14 +177,11 @@ ABLATIONS = {
 
 def ablation_table(r: Results) -> str:
     head = " | ".join(f"{s}: on / shuffled / off" for s in SETS)
-    rows = [f"| RETRO from scratch | {head} |", "|---|---|---|---|"]
-    for run, name in ABLATIONS.items():
-        cells = []
-        for s in SETS:
-            vals = [r.bpb(run, s, m) for m in ("retrieval", "shuffled", "no_retrieval")]
-            cells.append(" / ".join(fmt(v) for v in vals))
-        rows.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(rows) + "\n"
+    rows = (
+        [name, *(" / ".join(fmt(r.bpb(run, s, mode)) for mode in MODES) for s in SETS)]
+        for run, name in ABLATIONS.items()
+    )
+    return md_table(f"RETRO from scratch | {head}", rows)
 
 
 def neighbour_info(w: Path, name: str) -> Json:
@@ -198,19 +196,16 @@ def alpha_table(e: Json | None) -> str:
     if not e or not e.get("bpb_alpha"):
         return "(not run)\n"
     t = e["bpb_alpha"]
-    rows = [
-        "| alpha | chunks | share | bpb retrieval | bpb shuffled | bpb off | gain (off - on) |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    rows = []
     for i, a in enumerate(t["alpha"]):
         on, off = t["retrieval"][i], t["no_retrieval"][i]
         sh = t.get("shuffled", [None] * len(t["alpha"]))[i]
-        gain = None if on is None or off is None else off - on
-        rows.append(
-            f"| {a:g}% | {t['chunks'][i]} | {100 * t['fraction'][i]:.1f}% | {fmt(on)} | "
-            f"{fmt(sh)} | {fmt(off)} | {fmt(gain, '+.3f')} |"
-        )
-    return "\n".join(rows) + "\n"
+        gain = fmt(None if on is None or off is None else off - on, "+.3f")
+        share = f"{100 * t['fraction'][i]:.1f}%"
+        rows.append([f"{a:g}%", str(t["chunks"][i]), share, fmt(on), fmt(sh), fmt(off), gain])
+    return md_table(
+        "alpha | chunks | share | bpb retrieval | bpb shuffled | bpb off | gain (off - on)", rows
+    )
 
 
 def low_overlap_note(r: Results, model: str) -> str:
@@ -231,6 +226,13 @@ def low_overlap_note(r: Results, model: str) -> str:
         f"from the chunks whose text stands almost whole in another document's chunk "
         f"(near-duplicates), which the shift gate aligns and the model copies."
     )
+
+
+def save_figure(fig: Figure, out: Path) -> None:
+    """Write ``fig`` to ``out`` (the report's resolution) and free it."""
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
 
 
 def plot_curves(w: Path, out: Path) -> None:
@@ -254,9 +256,7 @@ def plot_curves(w: Path, out: Path) -> None:
     ax.set_title("Training curves, small preset, Python library docs")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 def plot_alpha(r: Results, out: Path) -> None:
@@ -277,9 +277,7 @@ def plot_alpha(r: Results, out: Path) -> None:
         ax.set_xticks([0, 12.5, 25, 50, 75, 100])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 def plot_bars(r: Results, out: Path) -> None:
@@ -289,7 +287,7 @@ def plot_bars(r: Results, out: Path) -> None:
     x = 0
     for model in MODELS:
         for s in SETS:
-            vals = [r.bpb(model, s, m) for m in ("retrieval", "shuffled", "no_retrieval")]
+            vals = [r.bpb(model, s, mode) for mode in MODES]
             for i, (v, color) in enumerate(zip(vals, ("C0", "C3", "C7"), strict=True)):
                 if v is not None:
                     ax.bar(x + (i - 1) * width, v, width, color=color,
@@ -302,9 +300,7 @@ def plot_bars(r: Results, out: Path) -> None:
     ax.set_title("Retrieval on, shuffled and off (lower is better)")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 def main() -> None:

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from retrodb import RetroDB
 from retrodb.config import ChunkConfig, DBConfig, TokenizerConfig
 from retrodb.threads import THREADS_ENV, available_cores
 
@@ -58,6 +60,21 @@ def copy_db(pristine: Path, dest: Path) -> Path:
     """A private copy of a database that a module built once (tests may write to it)."""
     shutil.copytree(pristine, dest)
     return dest
+
+
+def pristine_db(name: str, write_inputs: Callable[[Path], Path]):
+    """A module fixture: the path of a database (SMALL, the tiny encoder) built once per
+    module from the folder that ``write_inputs(root)`` writes under a fresh temporary
+    directory ``name``. Read only: tests copy it with :func:`copy_db`. The fixture takes the
+    name it is assigned to (``pristine = pristine_db("rel", ...)``)."""
+
+    @pytest.fixture(scope="module")
+    def fixture(tmp_path_factory: pytest.TempPathFactory, tiny_encoder_dir: Path) -> Path:
+        root = tmp_path_factory.mktemp(name)
+        RetroDB.build(root / "db", [write_inputs(root)], config=SMALL, encoder=tiny_encoder_dir)
+        return root / "db"
+
+    return fixture
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -105,6 +105,27 @@ def child_env(failpoint: str | None = None) -> dict[str, str]:
     return env
 
 
+def start_child(
+    code: str,
+    *argv: object,
+    failpoint: str | None = None,
+    stdin: int | None = None,
+    stdout: int | None = None,
+    stderr: int | None = None,
+) -> subprocess.Popen[str]:
+    """Start ``python -c code argv...`` (text mode, from the repository root, importing this
+    tree's retrodb: :func:`child_env`); ``stdin``, ``stdout``, ``stderr`` as for Popen."""
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *map(str, argv)],
+        stdin=stdin,
+        stdout=stdout,
+        stderr=stderr,
+        text=True,
+        env=child_env(failpoint),
+        cwd=ROOT,
+    )
+
+
 #: The fork server: import retrodb, say "ready", then for each request line (JSON: code,
 #: argv, failpoint, out, err) fork; the fork arms the failpoints, sends its stdout and
 #: stderr to the files named, runs the code as ``__main__`` and exits with its status; the
@@ -158,14 +179,7 @@ class ForkServer:
     def __init__(self) -> None:
         self._dir = Path(tempfile.mkdtemp(prefix="retrodb-forks-"))
         self._runs = 0
-        self._proc = subprocess.Popen(
-            [sys.executable, "-c", FORK_SERVER],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=child_env(),
-            cwd=ROOT,
-        )
+        self._proc = start_child(FORK_SERVER, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         assert self._proc.stdout is not None
         first = self._proc.stdout.readline()
         if first.strip() != "ready":
@@ -224,13 +238,13 @@ def run_add(
             run.stdout + run.stderr,
             time.perf_counter() - t,
         )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", ADD_CHILD, str(db), *map(str, inputs)],
+    proc = start_child(
+        ADD_CHILD,
+        db,
+        *inputs,
+        failpoint=failpoint,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
-        env=child_env(failpoint),
-        cwd=ROOT,
     )
     assert proc.stdout is not None
     first = proc.stdout.readline()

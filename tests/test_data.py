@@ -25,7 +25,7 @@ from retrodb_model.data import (
 )
 
 from .conftest import SMALL
-from .test_neighbours import build_db, random_docs, write_docs
+from .test_neighbours import build_db, build_trained_db, random_docs, write_docs
 
 M = 16  # chunk size of the test databases
 SEQ = 4 * M
@@ -33,9 +33,7 @@ SEQ = 4 * M
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, tiny_encoder_dir: Path) -> RetroDB:
-    db = build_db(tmp_path_factory.mktemp("data"), tiny_encoder_dir, n=12, seed=1)
-    neighbours.compute(db, "train", k=2, exact=True)
-    return db
+    return build_trained_db(tmp_path_factory.mktemp("data"), tiny_encoder_dir, n=12, seed=1)
 
 
 def doc_tokens(db: RetroDB, ns: NeighbourSet, di: int) -> list[int]:

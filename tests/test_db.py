@@ -20,15 +20,9 @@ from retrodb import (
 )
 from retrodb.tokenizer import Tokenizer
 
-from .conftest import SMALL, TOPICS, copy_db, write_corpus
+from .conftest import SMALL, TOPICS, copy_db, pristine_db, write_corpus
 
-
-@pytest.fixture(scope="module")
-def tiny_pristine(tmp_path_factory: pytest.TempPathFactory, tiny_encoder_dir: Path) -> Path:
-    root = tmp_path_factory.mktemp("tiny")
-    corpus = write_corpus(root / "corpus", TOPICS)
-    RetroDB.build(root / "db", [corpus], config=SMALL, encoder=tiny_encoder_dir)
-    return root / "db"
+tiny_pristine = pristine_db("tiny", lambda root: write_corpus(root / "corpus", TOPICS))
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from retrodb import RetroDB, neighbours
+from retrodb import RetroDB
 from retrodb.errors import BadInputError
 from retrodb_cli.main import app
 from retrodb_model import generate as generate_mod
@@ -34,7 +34,7 @@ from retrodb_model.generate import TextStream, generate, printable, sample
 from retrodb_model.model import RetroModel
 from retrodb_model.train import TrainArgs, train
 
-from .test_neighbours import build_db
+from .test_neighbours import build_trained_db
 
 M = 16
 GENERATE_JSON_FIELDS = [
@@ -52,9 +52,7 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 @pytest.fixture(scope="module")
 def db(tmp_path_factory: pytest.TempPathFactory, tiny_encoder_dir: Path) -> RetroDB:
-    d = build_db(tmp_path_factory.mktemp("evalgen"), tiny_encoder_dir, n=8, seed=3)
-    neighbours.compute(d, "train", k=2, exact=True)
-    return d
+    return build_trained_db(tmp_path_factory.mktemp("evalgen"), tiny_encoder_dir, n=8, seed=3)
 
 
 @pytest.fixture(scope="module")

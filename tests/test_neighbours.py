@@ -46,6 +46,14 @@ def build_db(tmp_path: Path, encoder: Path, *, n: int = 8, seed: int = 0) -> Ret
     return RetroDB.build(tmp_path / "db", [corpus], config=SMALL, encoder=encoder)
 
 
+def build_trained_db(tmp_path: Path, encoder: Path, *, n: int, seed: int) -> RetroDB:
+    """:func:`build_db` with the neighbour set "train" (k = 2, exact) that the data,
+    training and evaluation tests read."""
+    db = build_db(tmp_path, encoder, n=n, seed=seed)
+    neighbours.compute(db, "train", k=2, exact=True)
+    return db
+
+
 def delete_docs(db: RetroDB, ids: list[str]) -> None:
     """Delete documents: through the database's API when it has one, else by committing
     tombstones the way the commit protocol does."""
@@ -335,36 +343,36 @@ def test_format_is_plain_zarr_and_versions_are_atomic(db: RetroDB, tmp_path: Pat
     assert not root.exists() and list_sets(db) == []
 
 
-def test_cli_neighbours(db: RetroDB, tmp_path: Path) -> None:
+def cli(*args: object, code: int = 0):
+    """Run the `retrodb` command with ``args``; assert that it exits with ``code``."""
     from retrodb_cli.main import app
 
-    runner = CliRunner()
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    assert res.exit_code == code, res.output
+    return res
 
-    def run(*args: object, code: int = 0):
-        res = runner.invoke(app, [str(a) for a in args])
-        assert res.exit_code == code, res.output
-        return res
 
-    assert "--refresh" in run("neighbours", "--help").output
+def test_cli_neighbours(db: RetroDB, tmp_path: Path) -> None:
+    assert "--refresh" in cli("neighbours", "--help").output
     excl = tmp_path / "excl.txt"
     excl.write_text("# documents for validation\ndoc02.txt\n\n")
-    res = run("neighbours", db.path, "train", "-k", "2", "--exclude-docs", excl)
+    res = cli("neighbours", db.path, "train", "-k", "2", "--exclude-docs", excl)
     assert "chunks/s" in res.stderr or "neighbours" in res.stderr  # the progress bar
     assert "neighbours train:" in res.stdout and "k=2" in res.stdout
     ns = NeighbourSet.open(RetroDB.open(db.path), "train")
     assert ns.info.exclude == ("doc02.txt",)
     RetroDB.open(db.path).add([write_docs(tmp_path / "more", random_docs(1, seed=3, prefix="m"))])
-    listed = json.loads(run("neighbours", db.path, "--list", "--json").output)
+    listed = json.loads(cli("neighbours", db.path, "--list", "--json").output)
     assert listed[0]["name"] == "train" and listed[0]["stale"] is True
-    assert "STALE" in run("neighbours", db.path, "--list").output
-    out = json.loads(run("neighbours", db.path, "train", "--refresh", "--json").output)
+    assert "STALE" in cli("neighbours", db.path, "--list").output
+    out = json.loads(cli("neighbours", db.path, "train", "--refresh", "--json").output)
     assert out["stale"] is False and out["refreshed_from"] == 1 and out["generation"] == 2
-    assert run("neighbours", db.path, "train", "--refresh", "-k", "3", code=1).stderr
+    assert cli("neighbours", db.path, "train", "--refresh", "-k", "3", code=1).stderr
     other = write_docs(tmp_path / "q", random_docs(2, seed=4, prefix="q"))
-    out = json.loads(run("neighbours", db.path, "ev", "--input", other, "--json", "-q").output)
+    out = json.loads(cli("neighbours", db.path, "ev", "--input", other, "--json", "-q").output)
     assert out["source"] == "inputs" and out["documents"] == 2
-    assert "no neighbour set" in run("neighbours", db.path, "nope", "--refresh", code=1).stderr
-    run("neighbours", db.path, code=1)
+    assert "no neighbour set" in cli("neighbours", db.path, "nope", "--refresh", code=1).stderr
+    cli("neighbours", db.path, code=1)
 
 
 def add_mixed_docs(db: RetroDB, tmp_path: Path) -> None:
@@ -437,30 +445,21 @@ def test_refresh_of_a_reranked_set_equals_a_recompute(db: RetroDB, tmp_path: Pat
 
 
 def test_cli_neighbours_rerank(db: RetroDB, tmp_path: Path) -> None:
-    from retrodb_cli.main import app
-
-    runner = CliRunner()
-
-    def run(*args: object, code: int = 0):
-        res = runner.invoke(app, [str(a) for a in args])
-        assert res.exit_code == code, res.output
-        return res
-
     args = ("neighbours", db.path, "rr", "-k", "2", "--exact", "--rerank", "overlap")
-    out = json.loads(run(*args, "--fetch", "3", "--json").output)
+    out = json.loads(cli(*args, "--fetch", "3", "--json").output)
     assert (out["rerank"], out["fetch"], out["k"]) == ("overlap", 3, 2)
-    assert "k=2 of 6 by overlap" in run(*args, "--fetch", "3").stdout
-    out = json.loads(run("neighbours", db.path, "plain", "--json", "-q").output)
+    assert "k=2 of 6 by overlap" in cli(*args, "--fetch", "3").stdout
+    out = json.loads(cli("neighbours", db.path, "plain", "--json", "-q").output)
     assert (out["rerank"], out["fetch"]) == ("none", 1)
     listed = {
-        s["name"]: s for s in json.loads(run("neighbours", db.path, "--list", "--json").output)
+        s["name"]: s for s in json.loads(cli("neighbours", db.path, "--list", "--json").output)
     }
     assert listed["rr"]["rerank"] == "overlap" and listed["plain"]["rerank"] == "none"
-    assert "fetch" in run("neighbours", db.path, "x", "--fetch", "2", code=1).stderr
+    assert "fetch" in cli("neighbours", db.path, "x", "--fetch", "2", code=1).stderr
     RetroDB.open(db.path).add([write_docs(tmp_path / "more", random_docs(1, seed=3, prefix="m"))])
-    err = run("neighbours", db.path, "rr", "--refresh", "--fetch", "2", code=1).stderr
+    err = cli("neighbours", db.path, "rr", "--refresh", "--fetch", "2", code=1).stderr
     assert "recompute without --refresh" in err
-    res = run("neighbours", db.path, "rr", "--refresh", "--rerank", "overlap")
+    res = cli("neighbours", db.path, "rr", "--refresh", "--rerank", "overlap")
     assert "every row re-ranked again" in res.stdout
-    out = json.loads(run("neighbours", db.path, "rr", "--json").output)  # recomputed: dense
+    out = json.loads(cli("neighbours", db.path, "rr", "--json").output)  # recomputed: dense
     assert (out["rerank"], out["fetch"]) == ("none", 1)

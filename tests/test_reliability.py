@@ -11,7 +11,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,25 +20,18 @@ import pytest
 from retrodb import LockedError, RetroDB, WriteError, failpoints
 from retrodb.index import index_guard
 
-from .conftest import SMALL, copy_db
+from .conftest import copy_db, pristine_db
 from .crash_harness import (
     READER_CHILD,
-    ROOT,
     ForkServer,
     check_after_trial,
-    child_env,
     live_ids,
     run_add,
+    start_child,
     write_batch,
 )
 
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory: pytest.TempPathFactory, tiny_encoder_dir: Path) -> Path:
-    root = tmp_path_factory.mktemp("rel")
-    batch, _ = write_batch(root / "in", 0, docs=6)
-    RetroDB.build(root / "db", [batch], config=SMALL, encoder=tiny_encoder_dir)
-    return root / "db"
+pristine = pristine_db("rel", lambda root: write_batch(root / "in", 0, docs=6)[0])
 
 
 @pytest.fixture
@@ -222,14 +214,7 @@ with Storage(sys.argv[1]).writer_lock():
 def test_a_second_writer_fails_at_once(db_path: Path, tmp_path: Path) -> None:
     # The holder keeps the lock until it reads a line from us, so a writer that waited for
     # the lock instead of failing at once would never return (deadlock, not a timing).
-    proc = subprocess.Popen(
-        [sys.executable, "-c", LOCK_CHILD, str(db_path)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env=child_env(),
-        cwd=ROOT,
-    )
+    proc = start_child(LOCK_CHILD, db_path, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
         db = RetroDB.open(db_path)
@@ -250,13 +235,8 @@ def test_a_second_writer_fails_at_once(db_path: Path, tmp_path: Path) -> None:
 @pytest.mark.slow  # child processes
 def test_readers_see_whole_generations_while_a_writer_works(db_path: Path, tmp_path: Path) -> None:
     stop, out = tmp_path / "stop", tmp_path / "reader.json"
-    reader = subprocess.Popen(
-        [sys.executable, "-c", READER_CHILD, str(db_path), str(stop), str(out)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=child_env(),
-        cwd=ROOT,
+    reader = start_child(
+        READER_CHILD, db_path, stop, out, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     assert reader.stdout is not None
 

@@ -35,7 +35,7 @@ from retrodb_model.threads import RULE, default_threads
 from retrodb_model.train import TrainArgs, TrainingInterrupted, iter_log, lr_at, train
 
 from .conftest import SMALL, TOPICS, write_corpus
-from .test_neighbours import build_db
+from .test_neighbours import build_db, build_trained_db
 
 SEQ = 64  # 4 chunks of 16 (the test databases' chunk size)
 
@@ -45,9 +45,7 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 @pytest.fixture(scope="module")
 def tiny_db(tmp_path_factory: pytest.TempPathFactory, tiny_encoder_dir: Path) -> RetroDB:
-    db = build_db(tmp_path_factory.mktemp("train"), tiny_encoder_dir, n=12, seed=1)
-    neighbours.compute(db, "train", k=2, exact=True)
-    return db
+    return build_trained_db(tmp_path_factory.mktemp("train"), tiny_encoder_dir, n=12, seed=1)
 
 
 @pytest.fixture(scope="module")

@@ -135,20 +135,30 @@ class SearchRules:
         )
 
 
+@dataclass(frozen=True)
+class SearchJob:
+    """The top ``rules.k`` of every row of ``rows`` in ``snap``, searched in batches of
+    ``batch_size`` rows by a :class:`Searcher` (here, or on a :class:`SearchEngine`)."""
+
+    snap: Snapshot
+    rows: Rows
+    rules: SearchRules
+    batch_size: int
+    progress: ProgressFn = no_progress
+
+    def run_here(self) -> tuple[np.ndarray, np.ndarray]:
+        """The job in this process: keys and distances ``[rows.n, k]``."""
+        segments = list(range(len(self.snap.segments)))
+        search = Searcher(self.snap, self.rows, self.rules)
+        return search.run(np.arange(self.rows.n), segments, self.batch_size, self.progress)
+
+
 class SearchEngine(Protocol):
-    """Computes the top k of every row of a set somewhere other than this process (see
+    """Runs a :class:`SearchJob` somewhere other than this process (see
     :class:`retrodb.ray_engine.RayEngine`), with the same :class:`Searcher` and batches."""
 
-    def neighbours(
-        self,
-        snap: Snapshot,
-        rows: Rows,
-        rules: SearchRules,
-        *,
-        batch_size: int,
-        progress: ProgressFn,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """``Searcher(snap, rows, rules).run`` over every row and segment: keys, distances."""
+    def neighbours(self, job: SearchJob) -> tuple[np.ndarray, np.ndarray]:
+        """What ``job.run_here()`` gives: keys and distances of every row."""
         ...
 
 
@@ -329,14 +339,8 @@ def compute(
             rows = Rows.of_database(db)
         if rows.n == 0:
             raise BadInputError("no chunks to compute neighbours for (all documents deleted)")
-        if engine is None:
-            keys, dist = Searcher(db.snapshot, rows, rules).run(
-                np.arange(rows.n), list(range(len(db.segments))), batch_size, progress
-            )
-        else:
-            keys, dist = engine.neighbours(
-                db.snapshot, rows, rules, batch_size=batch_size, progress=progress
-            )
+        job = SearchJob(db.snapshot, rows, rules, batch_size, progress)
+        keys, dist = job.run_here() if engine is None else engine.neighbours(job)
         info = _info(db, name, rows, rules, inputs=tuple(str(p) for p in inputs or ()))
         return write_version(db, info, rows, keys, dist)
 
