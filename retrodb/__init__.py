@@ -29,6 +29,7 @@ from .errors import (
     StaleError,
     WriteError,
 )
+from .snapshot import Snapshot
 
 __version__ = "0.2.0"
 
@@ -51,6 +52,7 @@ __all__ = [
     "Retrieved",
     "RetroDB",
     "SearchResult",
+    "Snapshot",
     "RetroDBError",
     "StaleError",
     "TokenizerConfig",

@@ -9,6 +9,8 @@
       db.json             the database the model was trained against: tokenizer and encoder
                           fingerprints, chunk size, k, neighbour set, vocabulary, pad id
       log.jsonl           one JSON object per logged training step (appended)
+      retrieval.json      optional: how live retrieval is filtered at inference, e.g. the
+                          overlap floor ``min_overlap`` and the evaluation it was chosen on
 
 A model only makes sense with the tokenizer it was trained with: :func:`check_db` (called by
 :func:`load_model` when given a database) refuses any other with a
@@ -20,7 +22,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,7 @@ OPTIMIZER = "optimizer.pt"
 STATE = "state.json"
 DB_INFO = "db.json"
 LOG = "log.jsonl"
+RETRIEVAL = "retrieval.json"
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,13 @@ class Checkpoint:
     train_args: dict[str, Any]
     state: dict[str, Any]
     db_info: dict[str, Any]
+    retrieval_settings: dict[str, Any] = field(default_factory=dict)
+    """What ``retrieval.json`` holds (empty without one)."""
+
+    @property
+    def min_overlap(self) -> float:
+        """The recorded overlap floor (0: every neighbour is kept)."""
+        return float(self.retrieval_settings.get("min_overlap", 0.0))
 
     @property
     def step(self) -> int:
@@ -155,6 +165,7 @@ def read_checkpoint(directory: str | Path) -> Checkpoint:
         config = json.loads((d / CONFIG).read_text())
         state = json.loads((d / STATE).read_text())
         info = json.loads((d / DB_INFO).read_text())
+        settings = json.loads((d / RETRIEVAL).read_text()) if (d / RETRIEVAL).is_file() else {}
     except FileNotFoundError as exc:
         raise CorruptError(f"{exc.filename}: missing from the checkpoint") from exc
     except json.JSONDecodeError as exc:
@@ -165,7 +176,16 @@ def read_checkpoint(directory: str | Path) -> Checkpoint:
         train_args=config.get("train", {}),
         state=state,
         db_info=info,
+        retrieval_settings=settings,
     )
+
+
+def write_retrieval_settings(directory: str | Path, settings: dict[str, Any]) -> Path:
+    """Record ``settings`` (e.g. ``{"min_overlap": 0.25, ...}``) as the checkpoint's
+    ``retrieval.json``, atomically; evaluation and generation use them by default."""
+    path = Path(directory) / RETRIEVAL
+    write_file_atomic(path, _json_writer(settings, indent=1))
+    return path
 
 
 def load_weights(model: RetroModel, directory: str | Path, *, decoder_only: bool = False) -> None:

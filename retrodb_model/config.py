@@ -479,6 +479,14 @@ class TrainArgs:
         return self.warmup if self.warmup is not None else max(1, min(100, self.steps // 10))
 
 
+#: What "retrieval never hurts" asks of an evaluation (bits per byte): retrieval on at most
+#: ``overall`` above off; in every bpb(alpha) bucket up to 50 %, at most ``bucket`` above;
+#: shuffled neighbours at most ``shuffled`` below off (they must not help).
+NEVER_HURT = {"overall": 0.002, "bucket": 0.003, "shuffled": 0.002}
+#: The overlap floors ``retrodb calibrate`` tries by default.
+FLOORS = (0.0, 0.25, 0.5, 0.75)
+
+
 @dataclass(frozen=True)
 class EvalArgs:
     """How an evaluation scores documents; `retrodb evaluate` makes its options from it.
@@ -504,9 +512,15 @@ class EvalArgs:
     """With rerank overlap: dense candidates searched per kept neighbour (default 4)."""
     shuffle_seed: int = 0
     """Seed of the shuffled neighbours."""
+    min_overlap: float | None = None
+    """The overlap floor A: a neighbour sharing a token run of fewer than A x the chunk's
+    tokens becomes the null neighbour (default: the checkpoint's retrieval.json, else 0)."""
 
     def __post_init__(self) -> None:
         from retrodb.rerank import resolve_fetch  # checks rerank and fetch together
+
+        if self.min_overlap is not None and not 0.0 <= self.min_overlap <= 1.0:
+            raise BadInputError(f"min_overlap must be between 0 and 1, got {self.min_overlap}")
 
         for name in ("k", "seq_len", "max_tokens"):
             value = getattr(self, name)

@@ -53,7 +53,7 @@ from retrodb.errors import BadInputError
 from retrodb.progress import ProgressFn, no_progress
 from retrodb.rerank import longest_run
 from retrodb.tokenizer import Tokenizer
-from retrodb_model.config import EvalArgs, RetroConfig
+from retrodb_model.config import FLOORS, NEVER_HURT, EvalArgs, RetroConfig
 from retrodb_model.kernels import IGNORE_INDEX
 from retrodb_model.model import RetroModel
 from retrodb_model.retrieve import LiveRetriever, Neighbours
@@ -125,6 +125,10 @@ class Evaluation:
     """How the neighbours were chosen: ``none`` (dense order) or ``overlap``."""
     fetch: int
     """Dense candidates per kept neighbour (1 without re-ranking)."""
+    min_overlap: float
+    """The overlap floor (0: every neighbour kept)."""
+    dropped: int
+    """Neighbours the floor made null (of k per retrieving chunk)."""
     shuffle_seed: int
     max_tokens_per_document: int | None
     db: str
@@ -423,7 +427,9 @@ def evaluate(
     if args.max_tokens is not None:
         toks = [t[: args.max_tokens + 1] for t in toks]
     windows = _windows(toks, L)
-    retriever = LiveRetriever(db, k, rerank=args.rerank, fetch=args.fetch)
+    retriever = LiveRetriever(
+        db, k, rerank=args.rerank, fetch=args.fetch, min_overlap=args.min_overlap or 0.0
+    )
     retrieved = None
     if not args.no_retrieval:
         own = [retriever.doc_number(i) for i in ids] if args.exclude_self else None
@@ -449,6 +455,8 @@ def evaluate(
         exclude_self=args.exclude_self,
         rerank=args.rerank,
         fetch=int(retriever.fetch or 1),
+        min_overlap=retriever.min_overlap,
+        dropped=retriever.dropped,
         shuffle_seed=args.shuffle_seed,
         max_tokens_per_document=args.max_tokens,
         db=str(db.path),
@@ -485,6 +493,7 @@ def evaluate_checkpoint(
         args,
         seq_len=args.seq_len or int(ckpt.train_args.get("seq_len", model.cfg.max_seq_len)),
         no_retrieval=args.no_retrieval or not ckpt.retrieval,
+        min_overlap=ckpt.min_overlap if args.min_overlap is None else args.min_overlap,
     )
     result = evaluate(model, db, read_documents(inputs), args, progress=progress)
     result.checkpoint, result.step = str(directory), ckpt.step
@@ -492,6 +501,67 @@ def evaluate_checkpoint(
     if not ckpt.retrieval:
         result.note = "the model was trained with --no-retrieval"
     return result
+
+
+def hurt(res: Evaluation) -> dict[str, float | None]:
+    """How much retrieval costs in ``res``: on - off overall, the worst on - off of the
+    bpb(alpha) buckets up to 50 %, and off - shuffled (None where a mode is missing)."""
+    bpb = res.bpb
+    on, off, shuffled = bpb.get("retrieval"), bpb.get("no_retrieval"), bpb.get("shuffled")
+    worst = None
+    if res.bpb_alpha:
+        t = res.bpb_alpha
+        gaps = [
+            a_on - a_off
+            for a, a_on, a_off in zip(t["alpha"], t["retrieval"], t["no_retrieval"], strict=True)
+            if a <= 50 and a_on is not None and a_off is not None
+        ]
+        worst = max(gaps) if gaps else None
+    return {
+        "overall": None if on is None or off is None else on - off,
+        "bucket": worst,
+        "shuffled": None if shuffled is None or off is None else off - shuffled,
+    }
+
+
+def never_hurts(res: Evaluation) -> bool:
+    """Whether ``res`` meets :data:`NEVER_HURT` (a missing figure counts as met)."""
+    return all(v is None or v <= NEVER_HURT[k] for k, v in hurt(res).items())
+
+
+def calibrate_floor(
+    directory: str | Path,
+    db: RetroDB,
+    inputs: Sequence[str | Path],
+    args: EvalArgs = EvalArgs(),
+    *,
+    floors: Sequence[float] = FLOORS,
+    progress: ProgressFn = no_progress,
+) -> dict[str, Any]:
+    """Choose the checkpoint's overlap floor on ``inputs`` (its validation documents, with
+    ``args.exclude_self`` when they are in the database) and record it in its
+    retrieval.json: the smallest floor whose evaluation meets :data:`NEVER_HURT`, else the
+    largest tried. Returns what was recorded: the floor and every floor's figures."""
+    from retrodb_model.checkpoint import write_retrieval_settings
+
+    tried = []
+    for a in sorted(set(floors)):
+        res = evaluate_checkpoint(
+            directory, db, inputs, dataclasses.replace(args, min_overlap=a), progress=progress
+        )
+        tried.append(
+            {"min_overlap": a, "bpb": res.bpb, "hurt": hurt(res), "meets": never_hurts(res)}
+        )
+    chosen = next((t["min_overlap"] for t in tried if t["meets"]), tried[-1]["min_overlap"])
+    settings = {
+        "min_overlap": chosen,
+        "chosen_on": [str(i) for i in inputs],
+        "exclude_self": args.exclude_self,
+        "rules": NEVER_HURT,
+        "floors": tried,
+    }
+    write_retrieval_settings(directory, settings)
+    return settings
 
 
 def plot_alpha(result: dict[str, Any], path: str | Path, *, title: str = "") -> Path | None:
@@ -541,6 +611,9 @@ def plot_alpha(result: dict[str, Any], path: str | Path, *, title: str = "") -> 
 
 
 __all__ = [
+    "calibrate_floor",
+    "hurt",
+    "never_hurts",
     "ALPHAS",
     "EvalArgs",
     "Evaluation",

@@ -233,11 +233,12 @@ def _live_neighbours(
     retriever: Callable[[np.ndarray], Neighbours] | None,
     rerank: str = "none",
     fetch: int | None = None,
+    min_overlap: float = 0.0,
 ) -> _LiveNeighbours:
     if retriever is None:
         if db is None:
             raise BadInputError("retrieval needs a database")
-        retriever = LiveRetriever(db, k, rerank=rerank, fetch=fetch)
+        retriever = LiveRetriever(db, k, rerank=rerank, fetch=fetch, min_overlap=min_overlap)
     if db is None:
         return _LiveNeighbours(retriever, m, None)
 
@@ -271,6 +272,7 @@ def generate(
     retriever: Callable[[np.ndarray], Neighbours] | None = None,
     rerank: str = "none",
     fetch: int | None = None,
+    min_overlap: float = 0.0,
     tokenizer: object | None = None,
     on_token: Callable[[int], None] | None = None,
     on_text: Callable[[str], None] | None = None,
@@ -285,8 +287,8 @@ def generate(
     completes (:class:`TextStream`: the pieces joined are the continuation, with control
     characters escaped and bytes that form no character as ``\\xNN``); ``on_prompt``, before
     the first new token, with the prompt as the model reads it (:attr:`Generation.prompt_text`,
-    escaped as by :func:`printable`). ``rerank`` and ``fetch``: how neighbours are chosen
-    (:class:`~retrodb_model.retrieve.LiveRetriever`)."""
+    escaped as by :func:`printable`). ``rerank``, ``fetch`` and ``min_overlap`` (the overlap
+    floor): how neighbours are chosen (:class:`~retrodb_model.retrieve.LiveRetriever`)."""
     cfg = model.cfg
     tok: Any = tokenizer if tokenizer is not None else (db.tokenizer if db is not None else None)
     if tok is None:
@@ -294,7 +296,7 @@ def generate(
     k = k or cfg.num_neighbours
     live = None
     if retrieval:
-        live = _live_neighbours(db, tok, k, cfg.chunk_size, retriever, rerank, fetch)
+        live = _live_neighbours(db, tok, k, cfg.chunk_size, retriever, rerank, fetch, min_overlap)
     ids = _prompt_ids(tok, prompt, max_tokens, cfg.max_seq_len)
     # decoded once; the continuation is what follows it in the decoded whole, so that the
     # first new token keeps its leading space

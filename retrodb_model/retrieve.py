@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from retrodb.db import RetroDB
-from retrodb.rerank import overlap_order, resolve_fetch
+from retrodb.errors import BadInputError
+from retrodb.rerank import longest_run, overlap_order, resolve_fetch
 from retrodb.search import Exclusion
 
 
@@ -42,17 +43,26 @@ class LiveRetriever:
     ``rerank="overlap"``: fetch ``fetch * k`` dense candidates (``fetch`` default 4) and
     keep the k that share the longest token run with the chunk (:mod:`retrodb.rerank`);
     ``"none"``: the dense k.
+    ``min_overlap`` (the floor, 0 <= A <= 1): a neighbour whose chunk shares a run of fewer
+    than ``A`` x the query chunk's tokens with it becomes the null neighbour (key -1, all
+    padding), so a chunk whose neighbours have nothing to copy is predicted as with
+    retrieval off; 0 keeps every neighbour.
     ``seconds`` accumulates the time spent (encoding, search and gathering)."""
 
     db: RetroDB
     k: int
     rerank: str = "none"
     fetch: int | None = None
+    min_overlap: float = 0.0
     seconds: float = 0.0
     calls: int = 0
+    dropped: int = 0
+    """Neighbours the floor turned into the null neighbour, over every call."""
 
     def __post_init__(self) -> None:
         self.fetch = resolve_fetch(self.rerank, self.fetch)
+        if not 0.0 <= self.min_overlap <= 1.0:
+            raise BadInputError(f"min_overlap must be between 0 and 1, got {self.min_overlap}")
 
     def doc_number(self, doc_id: str) -> int:
         """The database's global number of document ``doc_id`` (-2 when it is not stored:
@@ -88,14 +98,22 @@ class LiveRetriever:
         res = self.db.search_vectors(vectors, self.k * fetch, exclusion=exclusion)
         got = self.db.retrieve(res.keys)  # (n, k*fetch, 2m)
         keys, tokens, mask = res.keys, got.tokens, got.mask
-        if fetch > 1:
-            real = np.arange(m) < (m if lengths is None else np.asarray(lengths)[:, None])
-            query = np.where(real, chunks, -1)  # (n, m)
+        if fetch > 1 or self.min_overlap > 0:
+            qlen = np.full(n, m) if lengths is None else np.asarray(lengths, dtype=np.int64)
+            query = np.where(np.arange(m) < qlen[:, None], chunks, -1)  # (n, m)
             cands = np.where(mask[..., :m], tokens[..., :m], -2)  # (n, k*fetch, m)
+        if fetch > 1:
             order = overlap_order(query, cands, keys >= 0)[:, : self.k]  # (n, k)
             keys = np.take_along_axis(keys, order, axis=1)
             tokens = np.take_along_axis(tokens, order[..., None], axis=1)
             mask = np.take_along_axis(mask, order[..., None], axis=1)
+            cands = np.take_along_axis(cands, order[..., None], axis=1)
+        if self.min_overlap > 0:
+            runs = longest_run(query, cands)  # (n, k)
+            drop = (keys >= 0) & (runs < self.min_overlap * np.maximum(qlen, 1)[:, None])
+            keys = np.where(drop, -1, keys)
+            mask = mask & ~drop[..., None]
+            self.dropped += int(drop.sum())
         self.seconds += time.perf_counter() - t0
         self.calls += 1
         return Neighbours(keys, tokens, mask)

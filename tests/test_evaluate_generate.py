@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -19,12 +20,14 @@ from retrodb import RetroDB
 from retrodb.errors import BadInputError
 from retrodb_cli.main import app
 from retrodb_model import generate as generate_mod
+from retrodb_model.checkpoint import read_checkpoint, write_retrieval_settings
 from retrodb_model.config import RetroConfig
 from retrodb_model.evaluate import (
     ALPHAS,
     EvalArgs,
     derangement,
     evaluate,
+    evaluate_checkpoint,
     longest_common_run,
     plot_alpha,
     read_documents,
@@ -32,6 +35,7 @@ from retrodb_model.evaluate import (
 )
 from retrodb_model.generate import TextStream, generate, printable, sample
 from retrodb_model.model import RetroModel
+from retrodb_model.retrieve import LiveRetriever
 from retrodb_model.train import TrainArgs, train
 
 from .test_neighbours import build_trained_db
@@ -42,8 +46,8 @@ GENERATE_JSON_FIELDS = [
 ]  # fmt: skip
 JSON_FIELDS = [
     "documents", "windows", "tokens", "bytes", "seq_len", "chunk_size", "k", "exclude_self",
-    "rerank", "fetch", "shuffle_seed", "max_tokens_per_document", "db", "generation", "bpb",
-    "bpb_alpha", "per_document", "seconds",
+    "rerank", "fetch", "min_overlap", "dropped", "shuffle_seed", "max_tokens_per_document",
+    "db", "generation", "bpb", "bpb_alpha", "per_document", "seconds",
 ]  # fmt: skip
 
 
@@ -366,3 +370,61 @@ def test_plot_without_matplotlib_is_skipped_with_a_warning(
     with pytest.warns(UserWarning, match=r"retrodb\[plot\]"):
         assert plot_alpha({"bpb_alpha": table}, tmp_path / "a.png") is None
     assert not (tmp_path / "a.png").exists()
+
+
+def test_the_overlap_floor_keeps_copies_and_drops_the_rest(
+    db: RetroDB, run_dir: Path, tmp_path: Path
+) -> None:
+    """--min-overlap A: a neighbour sharing fewer than A x the chunk's tokens becomes the
+    null neighbour. A chunk that retrieves itself (overlap 100 %) keeps it; with every
+    neighbour dropped, retrieval on is exactly off; the floor recorded in the checkpoint
+    (retrieval.json) is the default."""
+    model = tiny_model(db)
+    docs = read_documents([db.path.parent / "corpus"])[:3]
+    keep = LiveRetriever(db, 2, min_overlap=1.0)
+    toks, lens = db.chunks(np.arange(4))
+    got = keep(toks, lens)
+    assert (got.keys[:, 0] == np.arange(4)).all()  # each chunk is its own nearest
+    # another document's chunks share less than the whole chunk: all dropped at A = 1
+    excl = np.array([keep.doc_number(d) for d in db.key_documents(np.arange(4))])
+    assert (keep(toks, lens, exclude=excl).keys == -1).all() and keep.dropped >= 8
+    args = EvalArgs(seq_len=4 * M, exclude_self=True)
+    floor = evaluate(model, db, docs, dataclasses.replace(args, min_overlap=1.0))
+    assert floor.dropped > 0 and floor.min_overlap == 1.0
+    assert floor.bpb["retrieval"] == pytest.approx(floor.bpb["no_retrieval"], abs=1e-5)
+    plain = evaluate(model, db, docs, args)
+    assert plain.dropped == 0 and plain.bpb["retrieval"] != floor.bpb["retrieval"]
+    with pytest.raises(BadInputError, match="min_overlap"):
+        EvalArgs(min_overlap=1.5)
+    # recorded in the checkpoint: evaluate_checkpoint and generate take it by default
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(run_dir, ckpt)
+    write_retrieval_settings(ckpt, {"min_overlap": 1.0})
+    assert read_checkpoint(ckpt).min_overlap == 1.0
+    res = evaluate_checkpoint(ckpt, db, [db.path.parent / "corpus"], args)
+    assert res.min_overlap == 1.0 and res.dropped > 0
+
+
+def test_cli_calibrate_records_the_smallest_floor_that_never_hurts(
+    db: RetroDB, run_dir: Path, tmp_path: Path
+) -> None:
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(run_dir, ckpt)
+    corpus = str(db.path.parent / "corpus")
+    res = CliRunner().invoke(
+        app, ["calibrate", str(ckpt), str(db.path), corpus, "--floors", "1,0", "--exclude-self",
+              "--max-tokens", "64", "--json"],
+        catch_exceptions=False,
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    settings = json.loads(res.output)
+    assert [t["min_overlap"] for t in settings["floors"]] == [0.0, 1.0]
+    at_one = settings["floors"][1]
+    # at floor 1 every neighbour from another document is dropped: on is off, and it meets
+    assert at_one["meets"] and abs(at_one["hurt"]["overall"]) < 1e-5
+    assert settings["min_overlap"] == min(
+        t["min_overlap"] for t in settings["floors"] if t["meets"]
+    )
+    assert read_checkpoint(ckpt).min_overlap == settings["min_overlap"]
+    bad = CliRunner().invoke(app, ["calibrate", str(ckpt), str(db.path), corpus, "--floors", "2"])
+    assert bad.exit_code == 1 and "--floors" in bad.output
