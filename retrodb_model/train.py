@@ -427,6 +427,7 @@ class Trainer:
         Ctrl-C saves the last completed step (single process) and raises
         :class:`TrainingInterrupted`."""
         step = int(self.state["step"])
+        batches: Iterator[dict[str, torch.Tensor]] | None = None
         try:
             self._start()
             batches = iter(self.loader)  # starts the workers, if any
@@ -443,6 +444,8 @@ class Trainer:
                 if self._due(step, self.args.save_every):
                     self.save(step)
         except KeyboardInterrupt:
+            # the loader's workers stop here, not whenever the traceback that holds them is freed
+            batches = None
             self._interrupted(step)
         return self.state
 
