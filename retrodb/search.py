@@ -125,6 +125,8 @@ def search_segments(
             if keys.shape[1] >= index.size or (ok.sum(axis=1) >= k).all():
                 break
             count *= WIDEN
+        if len(indexes) == 1 and kept is None:  # one best-first list already: no merge
+            return merge_top([keys], [dist], k) if keys.shape[1] < k else (keys, dist)
         found_keys.append(keys)
         found_dist.append(dist)
     return merge_top(found_keys, found_dist, k)
