@@ -17,8 +17,15 @@ from pathlib import Path
 
 OVERALL, BUCKET, SHUFFLED, COPY = 0.002, 0.003, 0.002, 0.35
 NAME = re.compile(
-    r"eval-ss(?P<share>[\d.]+)-A(?P<floor>[\d.]+)-(?P<set>heldout|git|git-added)\.json"
+    r"eval-(?P<model>(?:ss|rf)[\d.]+)-A(?P<floor>[\d.]+)-(?P<set>heldout|git|git-added)\.json"
 )
+#: Model names of the workdir: ``ssS`` from scratch with self-share S, ``rfS`` the RETRO-fit
+#: of the plain decoder on the set of self-share S.
+KINDS = {"ss": "from scratch, self-share", "rf": "RETRO-fit of the plain decoder, self-share"}
+
+
+def label(model: str) -> str:
+    return f"{KINDS[model[:2]]} {model[2:]}"
 
 
 def worst_bucket(result: dict) -> float | None:
@@ -36,7 +43,7 @@ def worst_bucket(result: dict) -> float | None:
     return max(gaps) if gaps else None
 
 
-def row(share: str, floor: str, kind: str, r: dict) -> str:
+def row(model: str, floor: str, kind: str, r: dict) -> str:
     on, sh, off = (r["bpb"].get(m) for m in ("retrieval", "shuffled", "no_retrieval"))
     if kind == "git-added":
         ok = on <= COPY * off
@@ -47,7 +54,7 @@ def row(share: str, floor: str, kind: str, r: dict) -> str:
         rule = f"worst bucket {wb:+.4f}" if wb is not None else ""
     dropped = r.get("dropped", 0)
     return (
-        f"| {share} | {floor} | {kind} | {on:.4f} | {sh:.4f} | {off:.4f} | {on - off:+.4f} "
+        f"| {label(model)} | {floor} | {kind} | {on:.4f} | {sh:.4f} | {off:.4f} | {on - off:+.4f} "
         f"| {dropped} | {rule} | {'**yes**' if ok else 'no'} |"
     )
 
@@ -55,15 +62,15 @@ def row(share: str, floor: str, kind: str, r: dict) -> str:
 def calibration_rows(work: Path) -> list[str]:
     """The held-out figures of each floor ``retrodb calibrate`` tried, and its choice."""
     out = []
-    for path in sorted(work.glob("calibrate-ss*.json")):
-        share = path.stem.removeprefix("calibrate-ss")
+    for path in sorted(work.glob("calibrate-*.json")):
+        model = path.stem.removeprefix("calibrate-")
         settings = json.loads(path.read_text())
         for t in settings["floors"]:
             on, sh, off = (t["bpb"].get(m) for m in ("retrieval", "shuffled", "no_retrieval"))
             chosen = " (recorded)" if t["min_overlap"] == settings["min_overlap"] else ""
             wb = t["hurt"]["bucket"]
             out.append(
-                f"| {share} | {t['min_overlap']:g}{chosen} | heldout | {on:.4f} | {sh:.4f} "
+                f"| {label(model)} | {t['min_overlap']:g}{chosen} | heldout | {on:.4f} | {sh:.4f} "
                 f"| {off:.4f} | {on - off:+.4f} | | worst bucket "
                 f"{'-' if wb is None else format(wb, '+.4f')} "
                 f"| {'**yes**' if t['meets'] else 'no'} |"
@@ -78,14 +85,14 @@ def main() -> None:
         m = NAME.fullmatch(path.name)
         if m:
             r = json.loads(path.read_text())
-            rows.append((m["share"], float(m["floor"]), m["set"], m["floor"], r))
+            rows.append((m["model"], float(m["floor"]), m["set"], m["floor"], r))
     rows.sort(key=lambda t: (t[0], t[2], t[1]))
     lines = [
-        "| self-share | floor A | set | on | shuffled | off | on - off | neighbours dropped "
+        "| model | floor A | set | on | shuffled | off | on - off | neighbours dropped "
         "| | rules met |",
         "|---|---|---|---|---|---|---|---|---|---|",
         *calibration_rows(work),
-        *(row(share, floor, kind, r) for share, _, kind, floor, r in rows),
+        *(row(model, floor, kind, r) for model, _, kind, floor, r in rows),
     ]
     text = "\n".join(lines) + "\n"
     if len(sys.argv) > 2:
