@@ -26,6 +26,7 @@ Measured at N, in this one run (every timing on the same machine, the same vecto
   search      one query at a time (k = 10), p50 / p99, vs bare USearch; batched queries/s;
               recall@10 against exact search over the same vectors
   gather      ``retrieve`` of 2,048 random keys (chunk + continuation) vs a numpy.memmap
+              gather of the same rows, as int64 (``retrieve``'s tokens) and raw
   add         a new segment of 1 % of N and of 10k chunks, in a child (time, peak RSS);
               the 10k add is also made to a fresh 10k-chunk database, for the ratio
   neighbours  a k = 2 set over every chunk, locally and with ``--engine ray --workers 2``
@@ -305,7 +306,7 @@ def read_step(path: str, queries_file: str, threads: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     db.search_vectors(queries, 10)
     batch_qps = len(queries) / (time.perf_counter() - t0)
-    gather, memmap = gather_times(db)
+    gather, memmap, raw = gather_times(db)
     ms = np.asarray(lat) * 1000
     return {
         "open_s": open_s,
@@ -317,14 +318,16 @@ def read_step(path: str, queries_file: str, threads: int) -> dict[str, Any]:
         "batch_qps": batch_qps,
         "gather_ms": gather * 1000,
         "gather_memmap_ms": memmap * 1000,
+        "gather_memmap_raw_ms": raw * 1000,
         "found": np.asarray(found).tolist(),
     }
 
 
-def gather_times(db: RetroDB, repeats: int = 7) -> tuple[float, float]:
-    """Median seconds to ``retrieve`` 2,048 random keys (chunk + continuation, int64 tokens
-    and masks) and to gather the same rows and their next rows, in one fancy index, from a
-    plain numpy.memmap of the tokens file (stored dtype, no masks)."""
+def gather_times(db: RetroDB, repeats: int = 9) -> tuple[float, float, float]:
+    """Median seconds to ``retrieve`` 2,048 random keys (chunk + continuation: int64 tokens
+    and masks), and to gather the same rows and their next rows from a plain numpy.memmap of
+    the tokens file in one fancy index: as int64 (the same tokens ``retrieve`` returns) and
+    in the stored dtype (the raw gather, no conversion)."""
     seg = db.segments[0]
     n = seg.meta.chunks
     chunk_file = next(
@@ -332,18 +335,21 @@ def gather_times(db: RetroDB, repeats: int = 7) -> tuple[float, float]:
     )
     mm = np.memmap(chunk_file, dtype=seg.token_dtype, mode="r", shape=(n, db.chunk_size))
     rng = np.random.default_rng(5)
-    ours, plain = [], []
+    ours, plain, raw = [], [], []
     for _ in range(repeats):
         keys = np.sort(rng.integers(0, n - 1, GATHER))
         rows = keys - seg.meta.first_key if seg.key_array is None else seg.key_rows(keys)
+        both = np.stack([rows, np.minimum(rows + 1, n - 1)], axis=1).reshape(-1)
         t0 = time.perf_counter()
         db.retrieve(keys)
         ours.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        both = np.stack([rows, np.minimum(rows + 1, n - 1)], axis=1).reshape(-1)
-        mm[both].reshape(-1, 2 * db.chunk_size)  # one gather: rows and next rows
+        mm[both].astype(np.int64).reshape(-1, 2 * db.chunk_size)
         plain.append(time.perf_counter() - t0)
-    return float(np.median(ours)), float(np.median(plain))
+        t0 = time.perf_counter()
+        mm[both].reshape(-1, 2 * db.chunk_size)
+        raw.append(time.perf_counter() - t0)
+    return float(np.median(ours)), float(np.median(plain)), float(np.median(raw))
 
 
 def neighbours_step(path: str, engine: str) -> dict[str, Any]:
@@ -427,16 +433,25 @@ def run(
 ) -> dict[str, Any]:
     wd = setup.workdir
     out: dict[str, Any] = {"chunks": chunks, "keys": setup.keys.kind, "machine": machine()}
+
+    def neighbours(engine: str) -> None:
+        if engine in skip or "neighbours" in skip:
+            out[f"neighbours_rate_{engine}"] = None
+            return
+        log(f"neighbours ({engine})", out)
+        res = in_child(neighbours_step, str(path), engine)
+        out[f"neighbours_rate_{engine}"] = chunks / res["s"]
+
     path = wd / f"db-{chunks}"
     vectors = setup.keys.many(0, 0, chunks)
     queries = setup.keys.many(2, 0, QUERIES)
     qfile = wd / "queries.npy"
     np.save(qfile, queries)
 
-    log(f"bare USearch on {chunks:,} vectors")
+    log(f"bare USearch on {chunks:,} vectors", out)
     out.update(bare_usearch(vectors, queries, IndexConfig()))
 
-    log(f"build {chunks:,} chunks in {BUILD_SEGMENTS} segments")
+    log(f"build {chunks:,} chunks in {BUILD_SEGMENTS} segments", out)
     t0 = time.perf_counter()
     db, add_s = setup.build(path, chunks, segments=BUILD_SEGMENTS, seed=0)
     out["build_s"] = time.perf_counter() - t0
@@ -448,12 +463,12 @@ def run(
     out["disk_bytes_per_chunk"] = seg_bytes / chunks
     out["disk_fixed_mb"] = (disk_bytes(path) - seg_bytes) / 1e6
 
-    log("compact")
+    log("compact", out)
     res = in_child(compact_step, str(path))
     out["compact_s"], out["compact_peak_rss_mb"] = res["s"], res["peak_rss_mb"]
     out["compact_rate"] = chunks / res["s"]
 
-    log("open, search, gather (fresh process)")
+    log("open, search, gather (fresh process)", out)
     res = in_child(read_step, str(path), str(qfile), threads)
     found = np.asarray(res.pop("found"))
     res.pop("peak_rss_mb")
@@ -463,9 +478,10 @@ def run(
         np.mean([np.isin(truth[i], found[i]).mean() for i in range(len(queries))])
     )
     out["gather_ratio_memmap"] = res["gather_ms"] / res["gather_memmap_ms"]
+    out["gather_ratio_memmap_raw"] = res["gather_ms"] / res["gather_memmap_raw_ms"]
     del vectors
 
-    log("verify")
+    log("verify", out)
     res = in_child(verify_step, str(path))
     out["verify_s"], out["verify_peak_rss_mb"], out["verify_ok"] = (
         res["s"],
@@ -473,15 +489,8 @@ def run(
         res["ok"],
     )
 
-    for engine in ("local", "ray"):
-        if engine in skip or "neighbours" in skip:
-            out[f"neighbours_rate_{engine}"] = None
-            continue
-        log(f"neighbours ({engine})")
-        res = in_child(neighbours_step, str(path), engine)
-        out[f"neighbours_rate_{engine}"] = chunks / res["s"]
-
-    log(f"add 1 % and {add_fixed:,}")
+    neighbours("local")
+    log(f"add 1 % and {add_fixed:,}", out)
     one_pct = max(1, chunks // 100)
     res = in_child(add_step, setup, str(path), one_pct, 1)
     out["add_1pct_s"] = res["s"]
@@ -490,7 +499,7 @@ def run(
     out["add_10k_s"] = res["s"]
     out["add_peak_rss_mb"] = max(peak, res["peak_rss_mb"])
 
-    log(f"the same add to a {add_fixed:,}-chunk database")
+    log(f"the same add to a {add_fixed:,}-chunk database", out)
     small = wd / f"db-small-{add_fixed}"
     db, _ = setup.build(small, add_fixed, segments=1, seed=7)
     del db
@@ -498,6 +507,7 @@ def run(
     out["add_10k_s_small_db"] = res["s"]
     out["add_10k_ratio"] = out["add_10k_s"] / res["s"]
     out["search_ratio_usearch"] = out["search_p50_ms"] / out["search_p50_ms_usearch"]
+    neighbours("ray")  # last: the slowest step to start
     return out
 
 
@@ -515,14 +525,23 @@ def make_setup(workdir: Path, centres_db: Path, kind: str) -> Setup:
 
 
 def default_centres() -> Path:
-    """The Python docs' library/ database (built once with the bundled encoder)."""
+    """The Python docs' library/ database as scripts/never_hurt.sh builds it (vocabulary
+    8,192, int8 all-MiniLM-L6-v2): that one when it exists, else built here once."""
+    shared = ROOT / "data" / "never-hurt" / "db"
+    if (shared / "CURRENT").exists():
+        return shared
     path = ROOT / "data" / "pydocs-library.retrodb"
     if not (path / "CURRENT").exists():
         from common import pydocs
 
+        from retrodb.config import EncoderConfig, TokenizerConfig
+
         print(f"building {path} for the centre keys (once; ~8 min on 2 cores)", file=sys.stderr)
         shutil.rmtree(path, ignore_errors=True)
-        RetroDB.build(path, [pydocs("library")])
+        config = DBConfig(
+            tokenizer=TokenizerConfig(vocab_size=8192), encoder=EncoderConfig(quantize="int8")
+        )
+        RetroDB.build(path, [pydocs("library")], config=config)
     return path
 
 
@@ -542,7 +561,8 @@ ROWS = [
     ("recall_at_10", "recall@10", "{:.4f}"),
     ("batch_qps", "batched queries/s", "{:,.0f}"),
     ("batch_qps_usearch", "  bare USearch", "{:,.0f}"),
-    ("gather_ratio_memmap", "gather / memmap", "{:.2f}"),
+    ("gather_ratio_memmap", "gather / memmap (int64)", "{:.2f}"),
+    ("gather_ratio_memmap_raw", "gather / memmap (raw)", "{:.2f}"),
     ("add_1pct_s", "add 1 % s", "{:.2f}"),
     ("add_10k_s", "add 10k s", "{:.2f}"),
     ("add_10k_ratio", "  / same add to 10k db", "{:.2f}"),
@@ -577,8 +597,10 @@ def main() -> None:
     setup = make_setup(workdir, args.centres_db or default_centres(), args.keys)
     t_start = time.perf_counter()
 
-    def log(msg: str) -> None:
+    def log(msg: str, partial: dict[str, Any]) -> None:
+        """Say which step starts, and keep what is measured so far (partial.json)."""
         print(f"[{time.perf_counter() - t_start:7.1f} s] {msg}", file=sys.stderr, flush=True)
+        (workdir / "partial.json").write_text(json.dumps(partial) + "\n")
 
     try:
         skip = set(filter(None, args.skip.split(",")))
@@ -589,6 +611,7 @@ def main() -> None:
         if not args.keep:
             for p in workdir.glob("db-*"):
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
+    (workdir / "result.json").write_text(json.dumps(out) + "\n")
     if args.json:
         print(json.dumps(out))
         return

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Does retrieval ever make held-out text worse, and what the overlap floor (--min-overlap)
 # changes: models trained from scratch by the recipe with --self-share 0.25 and 0.5 on the
-# Python library docs, evaluated on the docs' held-out documents and, cross-domain, on
-# git's documentation (Debian's git-doc, AsciiDoc), before and after `retrodb add` of it.
+# Python library docs, and the RETRO-fit of the plain decoder on the 0.25 set, evaluated
+# on the docs' held-out documents and, cross-domain, on git's documentation (Debian's
+# git-doc, AsciiDoc), before and after `retrodb add` of it.
 #   bash scripts/never_hurt.sh [WORKDIR]     (default: data/never-hurt; ~1.5 h on 2 cores)
 # Every step is skipped when its output exists, so an interrupted run resumes.
 # Knobs (environment): STEPS (300), SEQ_LEN (256), BATCH (4), DTYPE (bf16), MAX_TOKENS
-# (2048 scored tokens per document), FLOORS ("0,0.25,0.5"), SHARES ("0.25 0.5").
+# (2048 scored tokens per document), FLOORS ("0,0.25,0.5"), SHARES ("0.25 0.5"), RF_SHARE
+# (0.25: the set the RETRO-fit trains on).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${1:-data/never-hurt}
@@ -18,6 +20,7 @@ BATCH=${BATCH:-4}
 DTYPE=${DTYPE:-bf16}
 FLOORS=${FLOORS:-0,0.25,0.5}
 SHARES=${SHARES:-0.25 0.5}
+RF_SHARE=${RF_SHARE:-0.25}
 SRC=$(bash scripts/get-pydocs.sh data/pydocs)/library
 mkdir -p "$W"
 
@@ -73,6 +76,13 @@ for s in $SHARES; do
     >> "$W/train-ss$s.log" 2>&1 &
 done
 wait
+# The plain decoder (--no-retrieval), then its RETRO-fit (frozen decoder; CCA and the
+# neighbour encoder trained) on the RF_SHARE set, one after the other, two threads each.
+"$RETRODB" train "$W/db" --neighbours "ss$RF_SHARE" "${TRAIN[@]}" --threads 2 --preset small \
+  --no-retrieval --out "$W/retro-plain" >> "$W/train-plain.log" 2>&1
+"$RETRODB" train "$W/db" --neighbours "ss$RF_SHARE" "${TRAIN[@]}" --threads 2 \
+  --retrofit "$W/retro-plain" --out "$W/retro-rf$RF_SHARE" >> "$W/train-rf$RF_SHARE.log" 2>&1
+MODELS="$(for s in $SHARES; do printf 'ss%s ' "$s"; done)rf$RF_SHARE"
 
 # 4. Choose each model's overlap floor on the held-out set (the neighbour sets' validation
 #    split; neighbours from other documents only) and record it in the checkpoint
@@ -81,19 +91,19 @@ wait
 #    can retrieve itself: the copy gain), with no floor and with the recorded one.
 EVAL=(--max-tokens "${MAX_TOKENS:-2048}" --threads 1 --quiet)
 ev() { local out=$1; shift; [ -f "$out" ] || "$RETRODB" evaluate "$@" "${EVAL[@]}" -o "$out"; }
-for s in $SHARES; do
-  [ -f "$W/calibrate-ss$s.json" ] ||
-    "$RETRODB" calibrate "$W/retro-ss$s" "$W/db" "$W/heldout" --exclude-self --floors "$FLOORS" \
-      --max-tokens "${MAX_TOKENS:-2048}" --threads 1 --json > "$W/calibrate-ss$s.json" &
+for m in $MODELS; do
+  [ -f "$W/calibrate-$m.json" ] ||
+    "$RETRODB" calibrate "$W/retro-$m" "$W/db" "$W/heldout" --exclude-self --floors "$FLOORS" \
+      --max-tokens "${MAX_TOKENS:-2048}" --threads 1 --json > "$W/calibrate-$m.json" &
 done
 wait
-for s in $SHARES; do
-  a=$("$PY" -c "import json,sys; print(format(json.load(open(sys.argv[1]))['min_overlap'], 'g'))" "$W/calibrate-ss$s.json")
-  ev "$W/eval-ss$s-A0-git.json" "$W/retro-ss$s" "$W/db" "$W/git" --min-overlap 0 &
-  ev "$W/eval-ss$s-A$a-git.json" "$W/retro-ss$s" "$W/db" "$W/git" &
+for m in $MODELS; do
+  a=$("$PY" -c "import json,sys; print(format(json.load(open(sys.argv[1]))['min_overlap'], 'g'))" "$W/calibrate-$m.json")
+  ev "$W/eval-$m-A0-git.json" "$W/retro-$m" "$W/db" "$W/git" --min-overlap 0 &
+  ev "$W/eval-$m-A$a-git.json" "$W/retro-$m" "$W/db" "$W/git" &
   wait
-  ev "$W/eval-ss$s-A0-git-added.json" "$W/retro-ss$s" "$W/db.added" "$W/git" --min-overlap 0 &
-  ev "$W/eval-ss$s-A$a-git-added.json" "$W/retro-ss$s" "$W/db.added" "$W/git" &
+  ev "$W/eval-$m-A0-git-added.json" "$W/retro-$m" "$W/db.added" "$W/git" --min-overlap 0 &
+  ev "$W/eval-$m-A$a-git-added.json" "$W/retro-$m" "$W/db.added" "$W/git" &
   wait
 done
 "$PY" scripts/never_hurt_table.py "$W" "$W/never-hurt.md"
