@@ -225,6 +225,8 @@ def _search_index(
     dist = np.asarray(m.distances, dtype=np.float32).reshape(q, -1)
     # One query gives ``Matches`` (no ``counts``), several give ``BatchMatches``.
     counts = np.asarray(m.counts if hasattr(m, "counts") else [len(m.keys)]).reshape(q)
+    if (counts == keys.shape[1]).all():  # every query filled (the usual case)
+        return keys, dist
     valid = np.arange(keys.shape[1])[None, :] < counts[:, None]
     keys = np.where(valid, keys, -1)
     dist = np.where(valid, dist, np.inf).astype(np.float32)
@@ -516,10 +518,10 @@ class SideList:
             v = self.vectors
             d = (q * q).sum(1)[:, None] - 2 * q @ v.T + (v * v).sum(1)[None, :]
             return np.maximum(d, 0).astype(np.float32)
-        dot = q @ self.vectors.T
+        dot = q @ self.vectors.T  # float32 [q, s]
         if self.metric == "cos":
-            dot = dot / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-30)
-        return (1 - dot).astype(np.float32)
+            dot /= np.maximum(np.sqrt(np.einsum("ij,ij->i", q, q)), 1e-30)[:, None]
+        return np.subtract(1, dot, out=dot)
 
 
 def _round_like(dtype: str, x: np.ndarray) -> np.ndarray:
