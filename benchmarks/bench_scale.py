@@ -26,7 +26,8 @@ Measured at N, in this one run (every timing on the same machine, the same vecto
   search      one query at a time (k = 10), p50 / p99 over a second pass of the same 1,000
               queries (the first, right after open, is reported as ``search_p50_ms_cold``),
               vs bare USearch in memory; batched queries/s; recall@10 against exact search
-              over the same vectors
+              over the same vectors; the same with the indexes loaded into memory
+              (``RetroDB.open(load_indexes=True)``) instead of mapped
   gather      ``retrieve`` of 2,048 random keys (chunk + continuation) vs a numpy.memmap
               gather of the same rows, as int64 (``retrieve``'s tokens) and raw
   add         a new segment of 1 % of N and of 10k chunks, in a child (time, peak RSS);
@@ -306,7 +307,23 @@ def read_step(path: str, queries_file: str, threads: int) -> dict[str, Any]:
     batch_qps = len(queries) / (time.perf_counter() - t0)
     gather, memmap, raw = gather_times(db)
     ms = np.asarray(lat) * 1000
+    # The same searches with the indexes read into memory (RetroDB.open(load_indexes=True)).
+    del db
+    loaded = RetroDB.open(path, threads=threads, load_indexes=True)
+    t0 = time.perf_counter()
+    loaded.search_vectors(queries[:1], 10)
+    load_s = time.perf_counter() - t0
+    one_at_a_time(loaded, queries)
+    lat_loaded = np.asarray(one_at_a_time(loaded, queries)[0]) * 1000
+    t0 = time.perf_counter()
+    loaded.search_vectors(queries, 10)
+    batch_qps_loaded = len(queries) / (time.perf_counter() - t0)
     return {
+        "load_indexes_s": load_s,
+        "search_p50_ms_loaded": float(np.percentile(lat_loaded, 50)),
+        "search_p99_ms_loaded": float(np.percentile(lat_loaded, 99)),
+        "batch_qps_loaded": batch_qps_loaded,
+        "rss_anon_loaded_mb": status_mb("RssAnon"),
         "search_p50_ms_cold": float(np.percentile(np.asarray(cold) * 1000, 50)),
         "open_s": open_s,
         "first_query_s": first_s,
@@ -568,9 +585,11 @@ ROWS = [
     ("search_p50_ms", "search p50 ms", "{:.3f}"),
     ("search_p99_ms", "search p99 ms", "{:.3f}"),
     ("search_p50_ms_usearch", "  bare USearch p50 ms", "{:.3f}"),
+    ("search_p50_ms_loaded", "  indexes loaded p50 ms", "{:.3f}"),
     ("recall_at_10", "recall@10", "{:.4f}"),
     ("batch_qps", "batched queries/s", "{:,.0f}"),
     ("batch_qps_usearch", "  bare USearch", "{:,.0f}"),
+    ("batch_qps_loaded", "  indexes loaded", "{:,.0f}"),
     ("gather_ratio_memmap", "gather / memmap (int64)", "{:.2f}"),
     ("gather_ratio_memmap_raw", "gather / memmap (raw)", "{:.2f}"),
     ("add_1pct_s", "add 1 % s", "{:.2f}"),

@@ -89,8 +89,11 @@ class RetroDB:
         threads: int | None = None,
         device: str = "cpu",
         snapshot: Snapshot | None = None,
+        load_indexes: bool = False,
     ) -> None:
-        self.snapshot = snapshot or Snapshot.open(path, threads=threads, device=device)
+        self.snapshot = snapshot or Snapshot.open(
+            path, threads=threads, device=device, load_indexes=load_indexes
+        )
         """The committed generation this object reads (swapped by refresh and commits)."""
         self.threads = threads
         self.device = device
@@ -99,11 +102,21 @@ class RetroDB:
         """What :meth:`build` did (documents, chunks, skipped inputs); None when opened."""
 
     @classmethod
-    def open(cls, path: str | Path, *, threads: int | None = None, device: str = "cpu") -> RetroDB:
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        threads: int | None = None,
+        device: str = "cpu",
+        load_indexes: bool = False,
+    ) -> RetroDB:
         """Open the committed generation of the database at ``path``. ``threads``: the
         encoder's CPU threads; ``device``: where the encoder runs (``cpu``, ``cuda``,
-        ``cuda:N`` or ``auto``; checked when the encoder is first used)."""
-        return cls(path, threads=threads, device=device)
+        ``cuda:N`` or ``auto``; checked when the encoder is first used). ``load_indexes``:
+        read each segment's HNSW index into memory when first searched, instead of
+        memory-mapping it: faster single queries (no page faults, fewer TLB misses; see
+        docs/scale.md) for the index files' size in RAM. Default: mapped."""
+        return cls(path, threads=threads, device=device, load_indexes=load_indexes)
 
     def refresh(self) -> bool:
         """Move to the latest committed generation; True if it changed."""

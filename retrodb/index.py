@@ -384,9 +384,12 @@ class SegmentIndex:
         expected_size: int | None,
         config: IndexConfig,
         guard: tuple[int, int] | None = None,
+        load: bool = False,
     ) -> SegmentIndex:
         """Map ``path`` after checking its size and header against what the manifest says,
-        and its graph against the recorded ``guard`` (see the module docstring)."""
+        and its graph against the recorded ``guard`` (see the module docstring). ``load``:
+        read the index into memory instead (the file's size in RAM; a search then pays no
+        page faults and fewer TLB misses than through the map)."""
         try:
             st = path.stat()
         except FileNotFoundError as exc:
@@ -415,9 +418,12 @@ class SegmentIndex:
                 )
         index = new_index(ndim, config)
         try:
-            index.view(str(path))
+            if load:
+                index.load(str(path))
+            else:
+                index.view(str(path))
         except Exception as exc:  # usearch raises RuntimeError with its own message
-            raise CorruptError(f"{path}: cannot map index ({exc})") from exc
+            raise CorruptError(f"{path}: cannot {'load' if load else 'map'} index ({exc})") from exc
         # usearch's setter is declared apart from its property, which mypy reads as read-only
         index.expansion_search = config.expansion_search  # type: ignore[misc]
         side = SideList.open(path, index, config)

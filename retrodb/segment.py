@@ -123,8 +123,9 @@ class Segment:
         row = np.minimum(np.searchsorted(self.key_array, keys), n - 1)
         return np.where(self.key_array[row] == keys, row, -1)
 
-    def open_index(self, *, dim: int, config: IndexConfig) -> SegmentIndex:
-        """Map this segment's HNSW index (size, header and graph checked first)."""
+    def open_index(self, *, dim: int, config: IndexConfig, load: bool = False) -> SegmentIndex:
+        """Map this segment's HNSW index (size, header and graph checked first); ``load``:
+        read it into memory instead."""
         info = self.meta.files.get(INDEX_FILE)
         return SegmentIndex.open(
             self.dir / INDEX_FILE,
@@ -134,6 +135,7 @@ class Segment:
             expected_size=info.size if info else None,
             config=config,
             guard=self.meta.index_guard,
+            load=load,
         )
 
 

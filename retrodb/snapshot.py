@@ -64,7 +64,8 @@ class Snapshot:
 
     Open the committed generation with :meth:`open`; move to another with :meth:`at` or
     :meth:`latest`, which return new snapshots and leave this one as it is. ``threads`` and
-    ``device`` are the encoder's (checked when it is first used)."""
+    ``device`` are the encoder's (checked when it is first used); ``load_indexes``: read
+    the segments' indexes into memory on first use instead of mapping them."""
 
     def __init__(
         self,
@@ -75,6 +76,7 @@ class Snapshot:
         device: str = "cpu",
         tokenizer: Tokenizer | None = None,
         encoder: Encoder | None = None,
+        load_indexes: bool = False,
     ) -> None:
         config = DBConfig.from_dict(manifest.config)
         expected = manifest.tokenizer["fingerprint"]
@@ -93,6 +95,7 @@ class Snapshot:
         self.threads = threads
         self.device = device
         """Where the encoder runs: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``."""
+        self.load_indexes = load_indexes
         self.chunk_size = m
         self.token_dtype = token_dtype
         self.pad_id = int(manifest.tokenizer["pad_id"])
@@ -119,22 +122,32 @@ class Snapshot:
         threads: int | None = None,
         device: str = "cpu",
         encoder: Encoder | None = None,
+        load_indexes: bool = False,
     ) -> Snapshot:
         """The generation CURRENT names. If one of its files vanished because a writer
         committed (and cleaned up) in between, the newer generation instead; raise only if
         that fails too. ``encoder``: an encoder already open on this database's files (it
-        is used when its fingerprint is the manifest's)."""
+        is used when its fingerprint is the manifest's); ``load_indexes``: see the class."""
         storage = path if isinstance(path, Storage) else Storage(path)
         name = storage.current_name()
+
+        def snapshot(manifest: Manifest) -> Snapshot:
+            return cls(
+                storage,
+                manifest,
+                threads=threads,
+                device=device,
+                encoder=encoder,
+                load_indexes=load_indexes,
+            )
+
         try:
-            manifest = storage.read_manifest(name)
-            return cls(storage, manifest, threads=threads, device=device, encoder=encoder)
+            return snapshot(storage.read_manifest(name))
         except CorruptError:
             newer = storage.current_name()
             if newer == name:
                 raise
-            manifest = storage.read_manifest(newer)
-            return cls(storage, manifest, threads=threads, device=device, encoder=encoder)
+            return snapshot(storage.read_manifest(newer))
 
     def at(self, manifest: Manifest) -> Snapshot:
         """The snapshot of ``manifest`` (a generation of the same database), sharing this
@@ -146,6 +159,7 @@ class Snapshot:
             device=self.device,
             tokenizer=self.tokenizer,
             encoder=self._encoder,
+            load_indexes=self.load_indexes,
         )
 
     def at_generation(self, generation: int) -> Snapshot:
@@ -214,7 +228,8 @@ class Snapshot:
         if self._indexes is None:
             try:
                 self._indexes = [
-                    s.open_index(dim=self.dim, config=self.config.index) for s in self.segments
+                    s.open_index(dim=self.dim, config=self.config.index, load=self.load_indexes)
+                    for s in self.segments
                 ]
             except CorruptError as exc:
                 newer = self.storage.current_name()

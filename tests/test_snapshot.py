@@ -63,3 +63,17 @@ def test_failed_write_keeps_the_snapshot(db: RetroDB, tmp_path: Path) -> None:
     with pytest.raises(Exception, match="files.txt"):
         db.add([write_corpus(tmp_path / "dup", {"files.txt": "again"})])  # a duplicate id
     assert db.snapshot is snap and db.generation == 1
+
+
+def test_loaded_indexes_answer_as_mapped_ones_and_follow_commits(
+    db: RetroDB, tmp_path: Path
+) -> None:
+    loaded = RetroDB.open(db.path, load_indexes=True)
+    queries = ["regular expressions", "sorting a list", "threads and locks"]
+    mapped = db.search(queries, k=3)
+    got = loaded.search(queries, k=3)
+    assert np.array_equal(got.keys, mapped.keys)
+    assert np.allclose(got.distances, mapped.distances)
+    db.add([write_corpus(tmp_path / "more", ASYNCIO)])
+    assert loaded.refresh() and loaded.snapshot.load_indexes  # the next generation loads too
+    assert np.array_equal(loaded.search(queries, k=3).keys, db.search(queries, k=3).keys)
