@@ -11,6 +11,9 @@ Importing retrodb never imports torch.
 
 from __future__ import annotations
 
+import os
+from typing import TYPE_CHECKING
+
 # First: retrodb.index makes the system libstdc++ global before it imports USearch, whose
 # wheel bundles a private libstdc++ that otherwise breaks onnxruntime (docs/reliability.md).
 from . import index as _index  # noqa: F401
@@ -30,6 +33,9 @@ from .errors import (
     WriteError,
 )
 from .snapshot import Snapshot
+
+if TYPE_CHECKING:
+    from .serve.client import RemoteDB
 
 __version__ = "0.2.0"
 
@@ -57,10 +63,32 @@ __all__ = [
     "StaleError",
     "TokenizerConfig",
     "WriteError",
+    "connect",
     "open",
 ]
 
 
-def open(path: str, *, threads: int | None = None, device: str = "cpu") -> RetroDB:  # noqa: A001
-    """Open the database at ``path`` (the committed generation); mirrors ``zarr.open``."""
-    return RetroDB.open(path, threads=threads, device=device)
+def open(  # noqa: A001
+    path: str | os.PathLike[str],
+    *,
+    threads: int | None = None,
+    device: str = "cpu",
+    token: str | None = None,
+) -> RetroDB | RemoteDB:
+    """Open the database at ``path`` (the committed generation); mirrors ``zarr.open``. An
+    ``http://`` or ``https://`` address gives the database `retrodb serve` serves there
+    (:func:`connect`; ``token``: its bearer token, default ``$RETRODB_TOKEN``)."""
+    from .serve.client import is_url
+
+    if is_url(path):
+        return connect(str(path), token=token)
+    return RetroDB.open(os.fspath(path), threads=threads, device=device)
+
+
+def connect(url: str, *, token: str | None = None, timeout: float = 30.0) -> RemoteDB:
+    """The database `retrodb serve` serves at ``url``, with the read API of
+    :class:`RetroDB` (:class:`retrodb.serve.client.RemoteDB`). ``token``: the server's
+    bearer token (default ``$RETRODB_TOKEN``); ``timeout``: seconds to wait for an answer."""
+    from .serve.client import RemoteDB
+
+    return RemoteDB(url, token=token or os.environ.get("RETRODB_TOKEN"), timeout=timeout)

@@ -195,6 +195,7 @@ class RetroDB:
 
     doc_index = _read(Snapshot.doc_index)
     locate = _read(Snapshot.locate)
+    doc_number = _read(Snapshot.doc_number)
     key_documents = _read(Snapshot.key_documents)
     key_doc_numbers = _read(Snapshot.key_doc_numbers)
     deleted_mask = _read(Snapshot.deleted_mask)

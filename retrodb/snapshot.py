@@ -270,6 +270,11 @@ class Snapshot:
         """Segment number and row of each key; -1 for -1 or unknown keys."""
         return self.keymap.locate(keys)
 
+    def doc_number(self, doc_id: str) -> int:
+        """The global number of document ``doc_id`` (what an :class:`Exclusion` names);
+        -1 when this generation does not hold it."""
+        return self.keymap.doc_number(doc_id)
+
     def key_documents(self, keys: np.ndarray) -> list[str | None]:
         """The document id of each key (None for -1)."""
         return self.keymap.documents_of(keys)

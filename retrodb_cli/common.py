@@ -95,6 +95,23 @@ class Command(_PlainFlags, TyperCommand):
 
 
 DBArg = Annotated[Path, typer.Argument(help="Path of the database directory.")]
+DBOrURLArg = Annotated[
+    str,
+    typer.Argument(
+        help="Path of the database directory, or the http:// address of `retrodb serve` "
+        "(token: $RETRODB_TOKEN)."
+    ),
+]
+
+
+def open_db(target: str | Path, *, threads: int | None = None, device: str = "cpu") -> Any:
+    """The database at a path (:class:`RetroDB`) or served at an http(s) address (the
+    client, with the same read API)."""
+    import retrodb
+
+    return retrodb.open(target, threads=threads, device=device)
+
+
 InputsArg = Annotated[
     list[str],
     typer.Argument(
@@ -180,7 +197,7 @@ DeviceOpt = Annotated[
 
 def say_device(db: RetroDB, device: str, quiet: bool) -> None:
     """Say where the encoder ran (stderr), unless quiet or it is the default CPU."""
-    enc = db.open_encoder
+    enc = getattr(db, "open_encoder", None)  # a served database encodes on its server
     if quiet or enc is None or (device == "cpu" and enc.device == "cpu"):
         return
     err_console.print(

@@ -19,9 +19,11 @@ from retrodb.db import RetroDB
 
 from . import model as model_commands
 from . import neighbours as neighbour_commands
+from . import serve as serve_commands
 from .common import (
     Command,
     DBArg,
+    DBOrURLArg,
     DeviceOpt,
     ErrorsOpt,
     ExactOpt,
@@ -36,6 +38,7 @@ from .common import (
     ThreadsOpt,
     fail,
     handle_errors,
+    open_db,
     progress_bars,
     read_lines,
     say_device,
@@ -205,7 +208,7 @@ def add(
 @app.command(cls=Command)
 @handle_errors
 def query(
-    db: DBArg,
+    db: DBOrURLArg,
     texts: Annotated[
         list[str] | None, typer.Argument(help="Query texts; each is one query.")
     ] = None,
@@ -235,7 +238,7 @@ def query(
         fail("no query: give TEXT arguments or --input FILE")
     if k <= 0:
         fail(f"-k must be positive, got {k}")
-    rdb = RetroDB.open(db, threads=threads, device=device)
+    rdb = open_db(db, threads=threads, device=device)
     results = rdb.query(queries, k=k, exact=exact, rerank=rerank.value, fetch=fetch)
     say_device(rdb, device, as_json)
     for result in results:
@@ -259,10 +262,10 @@ def _indent(text: str, dim: bool = False) -> str:
 
 @app.command(cls=Command)
 @handle_errors
-def info(db: DBArg, as_json: JsonOpt = False) -> None:
+def info(db: DBOrURLArg, as_json: JsonOpt = False) -> None:
     """Documents, chunks (live and stored), tokens, segments, generation, configuration,
     the tokenizer's training settings, fingerprints and sizes."""
-    d = RetroDB.open(db).info()
+    d = open_db(db).info()
     if as_json:
         typer.echo(json.dumps(d, indent=1))
         return
@@ -430,6 +433,7 @@ def compact(
 
 # Commands defined in other modules of this package, after the database commands.
 neighbour_commands.register(app)
+serve_commands.register(app)
 model_commands.register(app)
 
 

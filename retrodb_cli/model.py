@@ -21,7 +21,6 @@ from typing import Annotated, Any
 import typer
 
 from retrodb.corpus import plural
-from retrodb.db import RetroDB
 from retrodb_model.config import FLOORS, EvalArgs, TrainArgs
 from retrodb_model.options import Option, eval_options, from_options, train_options
 from retrodb_model.threads import RULE as THREADS_RULE
@@ -29,7 +28,7 @@ from retrodb_model.threads import default_threads
 
 from .common import (
     Command,
-    DBArg,
+    DBOrURLArg,
     FetchOpt,
     QuietOpt,
     Rerank,
@@ -38,6 +37,7 @@ from .common import (
     err_console,
     fail,
     handle_errors,
+    open_db,
     progress_bars,
 )
 
@@ -161,7 +161,7 @@ def _train(**options: Any) -> None:
 
 def evaluate(
     directory: DirArg,
-    db: DBArg,
+    db: DBOrURLArg,
     inputs: Annotated[
         list[str], typer.Argument(help="Held-out documents: folders, files, .jsonl.")
     ],
@@ -184,7 +184,7 @@ def evaluate(
     from retrodb_model.evaluate import evaluate_checkpoint
 
     args = from_options(EvalArgs, options)
-    rdb = RetroDB.open(db, threads=_set_threads(threads))
+    rdb = open_db(db, threads=_set_threads(threads))
     with progress_bars(quiet or as_json) as progress:
         res = evaluate_checkpoint(directory, rdb, inputs, args, progress=progress)
     written = res.save(out if out is not None else Path(directory) / "evaluation.json")
@@ -226,7 +226,7 @@ _FLOORS_TEXT = ",".join(format(a, "g") for a in FLOORS)
 
 def calibrate(
     directory: DirArg,
-    db: DBArg,
+    db: DBOrURLArg,
     inputs: Annotated[
         list[str],
         typer.Argument(help="Validation documents (with --exclude-self when in the database)."),
@@ -255,7 +255,7 @@ def calibrate(
     if not grid or any(not 0.0 <= a <= 1.0 for a in grid):
         fail(f"--floors: give fractions between 0 and 1, got {floors!r}")
     args = from_options(EvalArgs, options)
-    rdb = RetroDB.open(db, threads=_set_threads(threads))
+    rdb = open_db(db, threads=_set_threads(threads))
     with progress_bars(quiet or as_json) as progress:
         settings = calibrate_floor(directory, rdb, inputs, args, floors=grid, progress=progress)
     if as_json:
@@ -280,7 +280,7 @@ def calibrate(
 
 def generate(
     directory: DirArg,
-    db: DBArg,
+    db: DBOrURLArg,
     prompt: Annotated[str, typer.Argument(help="The prompt ('-' reads it from stdin).")],
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="New tokens.", min=0)] = 128,
     temperature: Annotated[
@@ -325,7 +325,7 @@ def generate(
 
     if prompt == "-":
         prompt = sys.stdin.read()
-    rdb = RetroDB.open(db, threads=_set_threads(threads))
+    rdb = open_db(db, threads=_set_threads(threads))
     model, ckpt = load_model(directory, db=rdb)
 
     def echo(text: str) -> None:

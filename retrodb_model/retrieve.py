@@ -67,7 +67,7 @@ class LiveRetriever:
     def doc_number(self, doc_id: str) -> int:
         """The database's global number of document ``doc_id`` (-2 when it is not stored:
         never equal to a key's document, nor to -1 for "no key")."""
-        n = self.db.keymap.doc_number(doc_id)
+        n = self.db.doc_number(doc_id)
         return n if n >= 0 else -2
 
     def __call__(
