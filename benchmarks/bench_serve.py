@@ -111,6 +111,21 @@ class Server:
         self.dir.cleanup()
 
 
+def encoder_rates(
+    db: RetroDB, texts: list[str], sizes: tuple[int, ...] = (1, 4, 16, 64)
+) -> dict[str, float]:
+    """Texts/s of the database's encoder when given batches of each size (the same 128
+    texts): what micro-batching can buy on this device."""
+    enc = db.encoder
+    out = {}
+    for b in sizes:
+        t0 = time.perf_counter()
+        for i in range(0, 128, b):
+            enc.encode(texts[i : i + b])
+        out[str(b)] = 128 / (time.perf_counter() - t0)
+    return out
+
+
 def generate_rate(checkpoint: Path, db: Any, tokens: int) -> float:
     from retrodb_model.checkpoint import load_model
     from retrodb_model.generate import generate
@@ -147,6 +162,7 @@ def main() -> None:
         "requests_per_client": args.requests,
         "threads": args.threads,
     }
+    out["encoder_texts_per_s_by_batch"] = encoder_rates(local, texts)
     rows: dict[str, dict[int, dict[str, float]]] = {}
     rows["in-process"] = {
         c: load(lambda db, t: db.search(t, k=4), lambda: local, texts, c, args.requests)
@@ -195,6 +211,10 @@ def main() -> None:
             for r in rows.values()
         ]
         print(f"| {c} | " + " | ".join(cells) + " |")
+    print(
+        "encoder texts/s by batch size:",
+        {b: round(r) for b, r in out["encoder_texts_per_s_by_batch"].items()},
+    )
     if "batching_stats" in out:
         print("batching:", out["batching_stats"])
     if args.checkpoint is not None:

@@ -34,12 +34,14 @@ def serve(
         ),
     ] = None,
     batching: Annotated[
-        bool,
+        bool | None,
         typer.Option(
             "--batching/--no-batching",
-            help="Gather concurrent requests' texts into shared encoder runs.",
+            help="Gather concurrent requests' texts into shared encoder runs (default: on "
+            "when the encoder runs on a GPU, off on a CPU, where it costs throughput).",
+            show_default=False,
         ),
-    ] = True,
+    ] = None,
     batch_wait_ms: Annotated[
         float,
         typer.Option("--batch-wait-ms", help="How long a batch waits for more texts, ms."),

@@ -68,7 +68,7 @@ def db_path(pristine: Path, tmp_path: Path) -> Path:
 
 @pytest.fixture
 def served(db_path: Path) -> Iterator[Running]:
-    run = Running(Service(db_path, threads=1, follow_s=0.0))
+    run = Running(Service(db_path, threads=1, follow_s=0.0, batching=True))
     yield run
     run.stop()
 
@@ -191,6 +191,7 @@ def test_bad_requests_get_4xx(db_path: Path) -> None:
 
 def test_token_is_required_when_set(db_path: Path) -> None:
     run = Running(Service(db_path, threads=1), token=TOKEN)
+    assert run.service.batcher is None  # on a CPU encoder batching is off by default
     try:
         assert httpx.get(run.url + "/healthz").status_code == 200  # health needs no token
         assert httpx.get(run.url + "/info").status_code == 401

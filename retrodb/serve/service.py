@@ -131,7 +131,10 @@ class BatchedEncoder:
 
 class Service:
     """The database at ``path`` as a server reads it (see the module docstring).
-    ``batching=False`` encodes each request on its own thread (for comparison)."""
+    ``batching``: gather requests' texts into shared encoder runs; False encodes each
+    request on its own thread; None (the default) batches when the encoder runs on a GPU
+    and not on a CPU, where a batch of texts costs more per text than texts one by one
+    (docs/serve.md has the measurement)."""
 
     def __init__(
         self,
@@ -139,7 +142,7 @@ class Service:
         *,
         threads: int | None = None,
         device: str = "cpu",
-        batching: bool = True,
+        batching: bool | None = None,
         max_batch: int = 256,
         wait_s: float = 0.001,
         follow_s: float = 0.2,
@@ -147,6 +150,8 @@ class Service:
     ) -> None:
         first = Snapshot.open(path, threads=threads, device=device, load_indexes=load_indexes)
         self.batcher: BatchedEncoder | None = None
+        if batching is None:
+            batching = not str(first.encoder.device).startswith("cpu")
         if batching:
             self.batcher = BatchedEncoder(first.encoder, max_batch=max_batch, wait_s=wait_s)
             first = Snapshot.open(
