@@ -428,3 +428,33 @@ def test_cli_calibrate_records_the_smallest_floor_that_never_hurts(
     assert read_checkpoint(ckpt).min_overlap == settings["min_overlap"]
     bad = CliRunner().invoke(app, ["calibrate", str(ckpt), str(db.path), corpus, "--floors", "2"])
     assert bad.exit_code == 1 and "--floors" in bad.output
+
+
+def test_cli_generate_and_evaluate_through_a_server(
+    db: RetroDB, run_dir: Path, tmp_path: Path
+) -> None:
+    """`generate CKPT URL` and `evaluate CKPT URL` give what they give on the path."""
+    from retrodb.serve.service import Service
+
+    from .serve_helpers import Running
+
+    served = Running(Service(db.path, threads=1))
+    try:
+        prompt = ["kalo mine ru sa tivo pe da gu", "-n", "24", "-t", "0", "--json"]
+        outs = []
+        for where in (str(db.path), served.url):
+            res = CliRunner().invoke(app, ["generate", str(run_dir), where, *prompt])
+            assert res.exit_code == 0, res.output
+            outs.append(json.loads(res.output))
+        assert outs[1]["text"] == outs[0]["text"] and outs[1]["retrievals"] == outs[0]["retrievals"]
+        corpus = str(db.path.parent / "corpus")
+        evals = []
+        for i, where in enumerate((str(db.path), served.url)):
+            args = ["evaluate", str(run_dir), where, corpus, "--exclude-self", "--json"]
+            res = CliRunner().invoke(app, [*args, "-o", str(tmp_path / f"e{i}.json")])
+            assert res.exit_code == 0, res.output
+            evals.append(json.loads(res.output))
+        assert evals[1]["db"] == served.url and evals[1]["generation"] == 1
+        assert evals[1]["bpb"] == pytest.approx(evals[0]["bpb"], rel=1e-5)
+    finally:
+        served.stop()
