@@ -276,7 +276,7 @@ def test_shards_on_ray_serve_match_one_database(tmp_path: Path, tiny_encoder_dir
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    url = shards.deploy(paths, port=port, threads=1)
+    url = shards.deploy(paths, port=port, threads=1, replicas=2)
     try:
         with retrodb.connect(url) as remote:
             texts = ["how to open a file", "sorting a list", "threads share memory", "regex groups"]
@@ -295,5 +295,18 @@ def test_shards_on_ray_serve_match_one_database(tmp_path: Path, tiny_encoder_dir
                 h.text for h in whole.query(texts[:1], k=2)[0].neighbours
             ]
             assert remote.info()["chunks"] == whole.info()["chunks"]
+            # a replica that dies: the other one answers (Ray Serve replaces it meanwhile)
+            import ray
+
+            names = [
+                a["name"]
+                for a in ray.util.list_named_actors(all_namespaces=True)
+                if "shard-0" in a["name"] and "REPLICA" in a["name"].upper()
+            ]
+            assert len(names) == 2, names
+            ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+            for t in texts * 5:
+                assert remote.search(t, k=3).keys.shape == (1, 3)
+            assert np.array_equal(remote.search(texts, k=3).keys, got.keys)
     finally:
         shards.shutdown()
