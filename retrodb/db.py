@@ -114,8 +114,9 @@ class RetroDB:
         encoder's CPU threads; ``device``: where the encoder runs (``cpu``, ``cuda``,
         ``cuda:N`` or ``auto``; checked when the encoder is first used). ``load_indexes``:
         read each segment's HNSW index into memory when first searched, instead of
-        memory-mapping it: faster single queries (no page faults, fewer TLB misses; see
-        docs/scale.md) for the index files' size in RAM. Default: mapped."""
+        memory-mapping it: the first queries after open pay no page faults, for the index
+        files' size in RAM (warm single queries measured the same; docs/scale.md).
+        Default: mapped."""
         return cls(path, threads=threads, device=device, load_indexes=load_indexes)
 
     def refresh(self) -> bool:

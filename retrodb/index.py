@@ -388,8 +388,8 @@ class SegmentIndex:
     ) -> SegmentIndex:
         """Map ``path`` after checking its size and header against what the manifest says,
         and its graph against the recorded ``guard`` (see the module docstring). ``load``:
-        read the index into memory instead (the file's size in RAM; a search then pays no
-        page faults and fewer TLB misses than through the map)."""
+        read the index into memory instead (the file's size in RAM; no page faults on the
+        first searches)."""
         try:
             st = path.stat()
         except FileNotFoundError as exc:

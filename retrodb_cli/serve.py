@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -117,7 +118,7 @@ def serve(
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
     server = uvicorn.Server(config)
     if port_file is not None:
-        _announce_when_started(server, port_file)
+        when_listening(server, lambda bound: _write_port(port_file, bound))
     err_console.print(
         f"serving {service.path} (generation {service.snapshot().generation}) on "
         f"http://{host}:{port if port else '<any>'}",
@@ -169,25 +170,23 @@ def _serve_shards(
         shards.shutdown()
 
 
-def _announce_when_started(server: object, port_file: Path) -> None:
-    """Write the port uvicorn bound to ``port_file`` once it listens (for --port 0)."""
-    import uvicorn
-
-    assert isinstance(server, uvicorn.Server)
+def when_listening(server: Any, callback: Callable[[int], None]) -> None:
+    """Call ``callback(port)`` once the uvicorn ``server`` listens (the port it bound,
+    which ``--port 0`` leaves to the system): the handshake of --port-file and the tests."""
     startup = server.startup
 
-    async def started(sockets: object = None) -> None:
-        await startup(sockets)  # type: ignore[arg-type]
-        for s in server.servers:
-            for sock in s.sockets:
-                port = sock.getsockname()[1]
-                tmp = port_file.with_name(port_file.name + ".tmp")
-                tmp.write_text(f"{port}\n")
-                tmp.replace(port_file)
-                err_console.print(f"listening on port {port}", highlight=False)
-                return
+    async def started(sockets: Any = None) -> None:
+        await startup(sockets)
+        callback(server.servers[0].sockets[0].getsockname()[1])
 
-    server.startup = started  # type: ignore[method-assign]
+    server.startup = started
+
+
+def _write_port(port_file: Path, port: int) -> None:
+    tmp = port_file.with_name(port_file.name + ".tmp")
+    tmp.write_text(f"{port}\n")
+    tmp.replace(port_file)
+    err_console.print(f"listening on port {port}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -9,6 +9,7 @@ import uvicorn
 
 from retrodb.serve.app import make_app
 from retrodb.serve.service import Service
+from retrodb_cli.serve import when_listening
 
 
 class Running:
@@ -21,18 +22,12 @@ class Running:
         )
         self.server = uvicorn.Server(config)
         started = threading.Event()
-        startup = self.server.startup
-
-        async def announce(sockets: Any = None) -> None:
-            await startup(sockets)
-            started.set()
-
-        self.server.startup = announce  # type: ignore[method-assign]
+        ports: list[int] = []
+        when_listening(self.server, lambda port: (ports.append(port), started.set()))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         assert started.wait(60), "the server did not start"
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"http://127.0.0.1:{ports[0]}"
 
     def stop(self) -> None:
         self.server.should_exit = True

@@ -105,7 +105,7 @@ def _flag(body: dict[str, Any], name: str) -> bool:
     return value
 
 
-def _texts(body: dict[str, Any]) -> list[str] | None:
+def texts_field(body: dict[str, Any]) -> list[str] | None:
     texts = body.get("texts")
     if texts is None:
         return None
@@ -118,7 +118,7 @@ def _texts(body: dict[str, Any]) -> list[str] | None:
 
 def encode_request(snap: Snapshot, body: dict[str, Any]) -> np.ndarray:
     """The key vectors a request's ``texts``, ``chunks`` (+ ``lengths``) or ``vectors`` give."""
-    texts = _texts(body)
+    texts = texts_field(body)
     given = [n for n in ("texts", "chunks", "vectors") if body.get(n) is not None]
     if len(given) != 1:
         raise BadInputError("give exactly one of 'texts', 'chunks' or 'vectors'")
@@ -146,10 +146,8 @@ def _exclusion(snap: Snapshot, body: dict[str, Any], queries: int) -> Exclusion 
     return Exclusion(own_doc=np.asarray([n if n >= 0 else -2 for n in own], np.int64))
 
 
-def _keys(body: dict[str, Any], snap: Snapshot, *, flat: bool = False) -> np.ndarray:
-    keys = wire.array(body.get("keys"), "keys", dtype=np.int64, ndim=1 if flat else None)
-    snap.keymap.locate_known(keys.ravel())  # unknown keys: a one-line 400
-    return keys
+def _keys(body: dict[str, Any], *, flat: bool = False) -> np.ndarray:
+    return wire.array(body.get("keys"), "keys", dtype=np.int64, ndim=1 if flat else None)
 
 
 # ------------------------------------------------------------------ the reads
@@ -169,12 +167,13 @@ def do_encode(snap: Snapshot, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def do_retrieve(snap: Snapshot, body: dict[str, Any]) -> dict[str, Any]:
-    got = snap.retrieve(_keys(body, snap))
+    got = snap.retrieve(_keys(body))  # unknown keys: a one-line BadInputError (400)
     return {"tokens": got.tokens, "mask": got.mask}
 
 
 def do_lookup(snap: Snapshot, body: dict[str, Any]) -> dict[str, Any]:
-    keys = _keys(body, snap, flat=True)
+    keys = _keys(body, flat=True)
+    snap.keymap.locate_known(keys)  # unknown keys: a one-line 400
     return {
         "texts": snap.decode(keys),
         "continuations": snap.continuation_text(keys),
@@ -183,7 +182,7 @@ def do_lookup(snap: Snapshot, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def do_query(snap: Snapshot, body: dict[str, Any]) -> dict[str, Any]:
-    texts = _texts(body)
+    texts = texts_field(body)
     if texts is None:
         raise BadInputError("missing field 'texts'")
     rerank = body.get("rerank", "none")
@@ -326,4 +325,12 @@ def make_app(
     return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
 
 
-__all__ = ["DEFAULT_MAX_BODY", "GENERATION_HEADER", "READS", "Backend", "LocalBackend", "make_app"]
+__all__ = [
+    "DEFAULT_MAX_BODY",
+    "GENERATION_HEADER",
+    "READS",
+    "Backend",
+    "LocalBackend",
+    "make_app",
+    "texts_field",
+]

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ..encoder import Encoder
-from ..errors import CorruptError, NotFoundError
+from ..errors import CorruptError
 from ..snapshot import Snapshot
 
 T = TypeVar("T")
@@ -192,7 +192,7 @@ class Service:
         snap = self.snapshot()
         try:
             return read(snap), snap.generation
-        except (CorruptError, NotFoundError, FileNotFoundError):
+        except (CorruptError, FileNotFoundError):  # NotFoundError is one too
             newer = self.snapshot(force=True)
             if newer is snap:
                 raise

@@ -27,7 +27,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import BadInputError, MismatchError
+from ..query import Hit, QueryResult
 from ..search import check_k
+from . import wire
+from .app import DEFAULT_MAX_BODY, LocalBackend, make_app, texts_field
+from .service import Service
 
 APP_NAME = "retrodb"
 
@@ -50,30 +54,25 @@ class ShardReplica:
     """One replica of one shard: the HTTP API's reads on its own database."""
 
     def __init__(self, path: str, threads: int | None, device: str) -> None:
-        from .service import Service
-
         self.service = Service(path, threads=threads, device=device)
+        self.backend = LocalBackend(self.service)
 
-    def fingerprints(self) -> dict[str, Any]:
-        info = self.service.snapshot().info()
-        return {
-            "tokenizer": info["tokenizer"],
-            "encoder": info["encoder"],
-            "config": info["config"],
-        }
+    def generation(self) -> int:
+        return self.backend.generation()
+
+    def layout(self) -> tuple[int, int]:
+        """The padding token id and the chunk size (the same on every shard)."""
+        snap = self.service.snapshot()
+        return snap.pad_id, snap.chunk_size
 
     def info(self) -> tuple[dict[str, Any], int]:
-        return self.service.run(lambda s: s.info())
+        return self.backend.info()
 
     def tokenizer(self) -> tuple[bytes, str, int]:
-        from .app import LocalBackend
-
-        return LocalBackend(self.service).tokenizer()
+        return self.backend.tokenizer()
 
     def read(self, path: str, body: dict[str, Any]) -> tuple[dict[str, Any], int]:
-        from .app import LocalBackend
-
-        return LocalBackend(self.service).read(path, body)
+        return self.backend.read(path, body)
 
 
 class ShardedBackend:
@@ -84,6 +83,7 @@ class ShardedBackend:
         self.handles = list(handles)
         self.n = len(self.handles)
         self._next = itertools.count()
+        self._layout: tuple[int, int] | None = None  # (pad id, m), asked of a shard once
 
     def _all(self, method: str, *args: Any) -> list[Any]:
         calls = [getattr(h, method).remote(*args) for h in self.handles]
@@ -94,7 +94,7 @@ class ShardedBackend:
         return getattr(h, method).remote(*args).result()
 
     def generation(self) -> list[int]:
-        return [info["generation"] for info, _ in self._all("info")]
+        return list(self._all("generation"))
 
     def info(self) -> tuple[dict[str, Any], list[int]]:
         infos = [info for info, _ in self._all("info")]
@@ -157,9 +157,7 @@ class ShardedBackend:
         return out, [g for _, g in answers]
 
     def _by_key(self, path: str, body: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
-        keys = np.asarray(body.get("keys") if body.get("keys") is not None else [], np.int64)
-        if body.get("keys") is None:
-            raise BadInputError("missing field 'keys'")
+        keys = wire.array(body.get("keys"), "keys", dtype=np.int64)
         flat = keys.ravel()
         shard, local = split_keys(flat, self.n)
         calls = {}
@@ -169,21 +167,17 @@ class ShardedBackend:
                 calls[i] = (sel, self.handles[i].read.remote(path, {"keys": local[sel]}))
         gens = []
         if path == "/retrieve":
-            any_h = self.handles[0]
-            m2 = None
-            parts = {i: (sel, c.result()) for i, (sel, c) in calls.items()}
-            if not parts:  # only -1: ask shard 0 for the padding rows
-                pad, g = any_h.read.remote(path, {"keys": flat}).result()
-                return {"tokens": pad["tokens"], "mask": pad["mask"]}, [g]
-            m2 = next(iter(parts.values()))[1][0]["tokens"].shape[-1]
-            pad_row, _ = any_h.read.remote(path, {"keys": np.array([-1])}).result()
-            tokens = np.repeat(np.asarray(pad_row["tokens"]).reshape(1, m2), flat.size, axis=0)
-            mask = np.zeros((flat.size, m2), bool)
-            for sel, (out, g) in parts.values():
-                tokens[sel] = np.asarray(out["tokens"]).reshape(-1, m2)
-                mask[sel] = np.asarray(out["mask"]).reshape(-1, m2)
+            if self._layout is None:
+                self._layout = self._any("layout")
+            pad, m = self._layout
+            tokens = np.full((flat.size, 2 * m), pad, np.int64)  # key -1: all padding
+            mask = np.zeros((flat.size, 2 * m), bool)
+            for sel, call in calls.values():
+                out, g = call.result()
+                tokens[sel] = np.asarray(out["tokens"]).reshape(-1, 2 * m)
+                mask[sel] = np.asarray(out["mask"]).reshape(-1, 2 * m)
                 gens.append(g)
-            shape = (*keys.shape, m2)
+            shape = (*keys.shape, 2 * m)
             return {"tokens": tokens.reshape(shape), "mask": mask.reshape(shape)}, gens
         texts = [""] * flat.size
         conts = [""] * flat.size
@@ -198,35 +192,28 @@ class ShardedBackend:
         return {"texts": texts, "continuations": conts, "documents": docs}, gens
 
     def _query(self, body: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
-        texts = body.get("texts")
         if body.get("rerank", "none") != "none":
             raise BadInputError("re-ranking is not available on a sharded server")
-        if isinstance(texts, str):
-            texts = [texts]
-        if not isinstance(texts, list) or not texts:
-            raise BadInputError("field 'texts' must be a non-empty list of strings")
+        texts = texts_field(body)
+        if texts is None:
+            raise BadInputError("missing field 'texts'")
         found, gens = self._search(
             {"texts": texts, "k": body.get("k", 4), "exact": body.get("exact", False)}
         )
         keys, dist = found["keys"], found["distances"]
-        looked, _ = self._by_key("/lookup", {"keys": keys[keys >= 0]})
-        results, at = [], 0
-        for q, row, drow in zip(texts, keys, dist, strict=True):
-            hits = []
-            for key, d in zip(row, drow, strict=True):
-                if key < 0:
-                    continue
-                hits.append(
-                    {
-                        "key": int(key),
-                        "doc": str(looked["documents"][at]),
-                        "distance": float(d),
-                        "text": looked["texts"][at],
-                        "continuation": looked["continuations"][at],
-                    }
-                )
-                at += 1
-            results.append({"query": q, "neighbours": hits})
+        real = keys >= 0
+        looked, _ = self._by_key("/lookup", {"keys": keys[real]})
+        hits = iter(
+            Hit(key=int(k), doc=str(d), distance=float(x), text=t, continuation=c)
+            for k, x, d, t, c in zip(
+                keys[real], dist[real], looked["documents"], looked["texts"],
+                looked["continuations"], strict=True,
+            )
+        )  # fmt: skip
+        results = [
+            QueryResult(query=q, neighbours=[next(hits) for _ in range(int(n))]).to_dict()
+            for q, n in zip(texts, real.sum(axis=1), strict=True)
+        ]
         return {"results": results}, gens
 
 
@@ -267,7 +254,6 @@ def deploy(
     from ray import serve
 
     from ..snapshot import Snapshot
-    from .app import DEFAULT_MAX_BODY, make_app
 
     paths = [Path(p).resolve() for p in paths]
     check_same([Snapshot.open(p).info() for p in paths], paths)  # before anything starts

@@ -80,16 +80,12 @@ def array(value: Any, name: str, *, dtype: Any, ndim: int | None = None) -> np.n
         raise BadInputError(f"missing field {name!r}")
     try:
         a = np.asarray(value)
-        if a.dtype == object or (
-            a.size and not (np.issubdtype(a.dtype, np.number) or a.dtype == bool)
-        ):
-            raise ValueError("not a rectangular array of numbers")
-        out = a.astype(
-            dtype, casting="same_kind" if a.dtype.kind == np.dtype(dtype).kind else "unsafe"
-        )
-    except (ValueError, TypeError) as exc:
+    except ValueError as exc:  # ragged nested lists
         raise BadInputError(f"field {name!r}: {exc}") from exc
-    if np.dtype(dtype).kind in "iu" and a.dtype.kind == "f" and a.size and not np.all(a == out):
+    if a.size and a.dtype.kind not in "biuf":
+        raise BadInputError(f"field {name!r} must be a rectangular array of numbers")
+    out = a.astype(dtype)
+    if out.dtype.kind in "iu" and a.dtype.kind == "f" and not np.array_equal(a, out):
         raise BadInputError(f"field {name!r} must hold integers")
     if ndim is not None and out.ndim != ndim:
         raise BadInputError(f"field {name!r} must be {ndim}-D, got shape {list(out.shape)}")
