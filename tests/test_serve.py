@@ -5,6 +5,7 @@ the encoder's micro-batching."""
 from __future__ import annotations
 
 import json
+import queue
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -216,6 +217,19 @@ class _GatedEncoder:
         return np.array([[len(t), i] for i, t in enumerate(texts)], np.float32)
 
 
+class _CountingQueue(queue.Queue):  # type: ignore[type-arg]
+    """A queue that says when it has held ``n`` items."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n, self.reached = n, threading.Event()
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        if self.qsize() >= self.n:
+            self.reached.set()
+
+
 def test_batching_gathers_waiting_requests() -> None:
     inner = _GatedEncoder()
     batched = BatchedEncoder(inner, max_batch=64, wait_s=0.0)  # type: ignore[arg-type]
@@ -223,9 +237,10 @@ def test_batching_gathers_waiting_requests() -> None:
         with ThreadPoolExecutor(6) as pool:
             first = pool.submit(batched.encode, ["a"])
             assert inner.entered.wait(60)  # the encoder is busy with the first request
+            queued = _CountingQueue(5)  # the batcher is busy: it reads the queue only later
+            batched._queue = queued
             rest = [pool.submit(batched.encode, ["b" * (i + 1), "c"]) for i in range(5)]
-            while batched._queue.qsize() < 5:  # handshake: all five are queued
-                threading.Event().wait(0.001)
+            assert queued.reached.wait(60)  # handshake: all five are queued
             inner.release.set()
             assert first.result()[0, 0] == 1
             for i, f in enumerate(rest):
