@@ -41,7 +41,13 @@ from .common import (
     progress_bars,
 )
 
-DirArg = Annotated[Path, typer.Argument(help="The checkpoint directory (from `retrodb train`).")]
+DirArg = Annotated[
+    Path,
+    typer.Argument(
+        help="The checkpoint directory (from `retrodb train`), or a pretrained model (a "
+        "Hugging Face folder or a .gguf file) to use as a plain decoder."
+    ),
+]
 ThreadsOpt = Annotated[
     int | None,
     typer.Option("--threads", help=f"torch and encoder threads ({THREADS_RULE}).", min=1),

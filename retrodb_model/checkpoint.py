@@ -34,7 +34,7 @@ from retrodb.encoder_files import same_fingerprint
 from retrodb.errors import CorruptError, MismatchError, NotFoundError
 from retrodb.fsutil import fsync_path, write_file_atomic
 from retrodb_model.config import RetroConfig
-from retrodb_model.model import RetroModel
+from retrodb_model.model import RetrievalParts, RetroModel
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -56,6 +56,9 @@ class Checkpoint:
     db_info: dict[str, Any]
     retrieval_settings: dict[str, Any] = field(default_factory=dict)
     """What ``retrieval.json`` holds (empty without one)."""
+    base: dict[str, Any] | None = None
+    """A retrofit of a pretrained decoder: its path, sha256, format and tokenizer
+    (``retrodb_model.hf.base_info``); None for a model that retrodb trained whole."""
 
     @property
     def min_overlap(self) -> float:
@@ -121,7 +124,7 @@ def _json_writer(obj: Any, **kw: Any) -> Callable[[Path], object]:
 
 def save_checkpoint(
     directory: str | Path,
-    model: RetroModel,
+    model: RetrievalParts,
     *,
     train_args: dict[str, Any],
     state: dict[str, Any],
@@ -137,13 +140,14 @@ def save_checkpoint(
     if state.get("step", 0) > 0 and (out / STATE).exists():
         (out / STATE).unlink()  # from here until the rename below, the checkpoint is incomplete
     tensors = {
-        name: t.detach().to("cpu").contiguous()
-        for name, t in model.state_dict().items()
-        if not (model.cfg.tie_embeddings and name == "lm_head.weight")
+        name: t.detach().to("cpu").contiguous() for name, t in model.checkpoint_tensors().items()
     }
     meta = {"format": "retrodb-retro"}
     write_file_atomic(out / WEIGHTS, lambda p: save_file(tensors, str(p), metadata=meta))
-    config = {"model": model.cfg.to_dict(), "train": train_args}
+    config: dict[str, Any] = {"model": model.cfg.to_dict(), "train": train_args}
+    info = getattr(model, "info", None)
+    if info:  # a retrofit of a pretrained decoder: which base it belongs to
+        config["base"] = info
     write_file_atomic(out / CONFIG, _json_writer(config, indent=1))
     write_file_atomic(out / DB_INFO, _json_writer(db_meta, indent=1))
     if optimizer is not None:
@@ -177,6 +181,7 @@ def read_checkpoint(directory: str | Path) -> Checkpoint:
         state=state,
         db_info=info,
         retrieval_settings=settings,
+        base=config.get("base"),
     )
 
 
@@ -188,7 +193,9 @@ def write_retrieval_settings(directory: str | Path, settings: dict[str, Any]) ->
     return path
 
 
-def load_weights(model: RetroModel, directory: str | Path, *, decoder_only: bool = False) -> None:
+def load_weights(
+    model: RetrievalParts, directory: str | Path, *, decoder_only: bool = False
+) -> None:
     """Load ``model.safetensors`` from ``directory`` into ``model`` (strict).
 
     ``decoder_only``: parameters of the retrieval modules (encoder, CCA) that the file
@@ -198,6 +205,12 @@ def load_weights(model: RetroModel, directory: str | Path, *, decoder_only: bool
     if not path.is_file():
         raise CorruptError(f"{path}: missing from the checkpoint")
     tensors = load_file(str(path))
+    if not isinstance(model, RetroModel):  # a retrofit: the trained modules only
+        from retrodb_model.hf import RetrofitModel
+
+        assert isinstance(model, RetrofitModel)
+        model.load_checkpoint_tensors(tensors, where=str(path))
+        return
     if model.cfg.tie_embeddings:
         tensors["lm_head.weight"] = tensors["wte.weight"]
     missing, unexpected = model.load_state_dict(tensors, strict=False)
@@ -212,16 +225,84 @@ def load_weights(model: RetroModel, directory: str | Path, *, decoder_only: bool
         )
 
 
+def open_retrofit(ckpt: Checkpoint, *, base: str | Path | None = None) -> RetrievalParts:
+    """The retrofit model of ``ckpt`` on its pretrained base (``base``: the base's file or
+    folder when it moved; by default the path the checkpoint recorded). A base whose
+    fingerprint differs from the recorded one is refused."""
+    from retrodb_model.hf import RetrofitModel, base_fingerprint, load_base
+
+    assert ckpt.base is not None
+    path = Path(base if base is not None else ckpt.base["path"])
+    if not path.exists():
+        raise NotFoundError(
+            f"{path}: the base of {ckpt.path} is not there (give its new place with --base)"
+        )
+    found = base_fingerprint(path)
+    if found != ckpt.base["sha256"]:
+        raise MismatchError(
+            f"{path}: not the base {ckpt.path} was trained on (sha256 {found[7:19]}…, "
+            f"recorded {ckpt.base['sha256'][7:19]}…)"
+        )
+    model = RetrofitModel(ckpt.config, load_base(path), info=ckpt.base)
+    load_weights(model, ckpt.path)
+    return model
+
+
+def open_base(path: str | Path, *, db: RetroDB | None = None) -> tuple[RetrievalParts, Checkpoint]:
+    """A pretrained decoder (a Hugging Face folder or a .gguf file) as a plain decoder:
+    the model (a retrofit at initialisation, which is exactly its base) and a checkpoint
+    that says it was trained without retrieval. Given ``db``, its tokenizer must be the
+    base's."""
+    from retrodb.tokenizer import Tokenizer
+    from retrodb_model.config import TrainArgs
+    from retrodb_model.hf import RetrofitModel, base_info, config_for_base, load_base
+
+    tok = Tokenizer.load(path).fingerprint
+    m = db.chunk_size if db is not None else 64
+    where = Path(path)
+    info = {"tokenizer_fingerprint": tok, "chunk_size": m}
+    if db is not None:
+        check_db(info, db, where=where)
+    base = load_base(path)
+    cfg = config_for_base(base, chunk_size=m, k=2)
+    model = RetrofitModel(cfg, base, info=base_info(path, base, tok))
+    ckpt = Checkpoint(
+        path=where,
+        config=cfg,
+        train_args={"no_retrieval": True, "seq_len": TrainArgs.seq_len},
+        state={"step": 0},
+        db_info=info,
+        base=model.info,
+    )
+    return model, ckpt
+
+
 def load_model(
-    directory: str | Path, *, db: RetroDB | None = None, device: str | torch.device = "cpu"
-) -> tuple[RetroModel, Checkpoint]:
+    directory: str | Path,
+    *,
+    db: RetroDB | None = None,
+    device: str | torch.device = "cpu",
+    base: str | Path | None = None,
+) -> tuple[RetrievalParts, Checkpoint]:
     """The model of a checkpoint, in eval mode, and its metadata. Given ``db``, refuses it
-    unless its tokenizer is the one the model was trained with."""
+    unless its tokenizer is the one the model was trained with.
+
+    ``directory`` may also be a pretrained base (a Hugging Face folder or a .gguf file),
+    which is then a plain decoder (:func:`open_base`); a retrofit checkpoint opens on its
+    recorded base, or on ``base`` when given (:func:`open_retrofit`)."""
+    from retrodb_model.hf import is_base_path
+
+    if is_base_path(directory):
+        plain, ckpt = open_base(directory, db=db)
+        return plain.to(device).eval(), ckpt
     ckpt = read_checkpoint(directory)
     if db is not None:
         check_db(ckpt.db_info, db, where=ckpt.path)
-    model = RetroModel(ckpt.config)
-    load_weights(model, ckpt.path)
+    if ckpt.base is not None:
+        model: RetrievalParts = open_retrofit(ckpt, base=base)
+    else:
+        model = RetroModel(ckpt.config)
+        load_weights(model, ckpt.path)
     return model.to(device).eval(), ckpt
 
 
@@ -231,6 +312,8 @@ __all__ = [
     "db_info",
     "load_model",
     "load_weights",
+    "open_base",
+    "open_retrofit",
     "read_checkpoint",
     "save_checkpoint",
 ]

@@ -411,7 +411,11 @@ class TrainArgs:
     no_retrieval: bool = False
     """Train without neighbours: a plain decoder (the baseline, and a retrofit base)."""
     retrofit: str | None = None
-    """A checkpoint trained with no_retrieval: freeze it, train only CCA and the encoder."""
+    """The decoder to RETRO-fit (frozen; only CCA and the neighbour encoder train): a
+    checkpoint trained with --no-retrieval, or a pretrained model: a Hugging Face
+    checkpoint folder or a .gguf file (Llama family or GPT-2; a .gguf needs retrodb[hf]),
+    whose tokenizer the database must use (retrodb build --tokenizer BASE). --model
+    retro_layers=[24,27,30] chooses the layers CCA follows (default: every third from 6)."""
     k: int | None = None
     """Neighbours per chunk (default: all the neighbour set has)."""
     val_fraction: float = 0.05

@@ -55,7 +55,7 @@ from retrodb.rerank import longest_run
 from retrodb.tokenizer import Tokenizer
 from retrodb_model.config import FLOORS, NEVER_HURT, EvalArgs, RetroConfig
 from retrodb_model.kernels import IGNORE_INDEX
-from retrodb_model.model import RetroModel
+from retrodb_model.model import RetrievalParts
 from retrodb_model.retrieve import LiveRetriever, Neighbours
 
 #: Overlap thresholds of bpb(alpha), in percent of the chunk length.
@@ -263,7 +263,7 @@ def _retrieve(
 
 
 def _score(
-    model: RetroModel,
+    model: RetrievalParts,
     windows: list[_Window],
     toks: list[np.ndarray],
     retrieved: _Retrieved | None,
@@ -399,7 +399,7 @@ class _Totals:
 
 @torch.no_grad()
 def evaluate(
-    model: RetroModel,
+    model: RetrievalParts,
     db: RetroDB,
     documents: Sequence[tuple[str, str]],
     args: EvalArgs = EvalArgs(),

@@ -24,7 +24,7 @@ import torch
 
 from retrodb.db import RetroDB
 from retrodb.errors import BadInputError
-from retrodb_model.model import RetroModel
+from retrodb_model.model import RetrievalParts
 from retrodb_model.retrieve import LiveRetriever, Neighbours
 
 
@@ -194,7 +194,7 @@ class _Stepper:
     """Logits of the next token of a growing sequence: one cached decoder step per call
     (the cache holds everything already read), or a full forward (``use_cache=False``)."""
 
-    def __init__(self, model: RetroModel, *, retrieval: bool, max_len: int, use_cache: bool):
+    def __init__(self, model: RetrievalParts, *, retrieval: bool, max_len: int, use_cache: bool):
         self.model, self.m = model, model.cfg.chunk_size
         self.cache = model.new_cache(1, retrieval=retrieval, max_len=max_len) if use_cache else None
 
@@ -257,7 +257,7 @@ def _live_neighbours(
 
 @torch.no_grad()
 def generate(
-    model: RetroModel,
+    model: RetrievalParts,
     db: RetroDB | None,
     prompt: str,
     *,

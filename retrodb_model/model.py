@@ -521,7 +521,204 @@ class NeighbourEncoder(nn.Module):
 # the model
 
 
-class RetroModel(nn.Module):
+class RetrievalParts(nn.Module):
+    """What every RETRO model shares, whatever its decoder: the optimizer over the
+    trainable parameters, the checks of a call's neighbours, encoding the neighbours of the
+    chunks a call completes, and what each CCA attends to. A subclass has ``cfg``, the
+    neighbour ``encoder``, the CCA rotary table ``rope`` and :meth:`embed_neighbours`:
+    :class:`RetroModel` (our decoder) and ``retrodb_model.hf.RetrofitModel`` (a frozen
+    pretrained one)."""
+
+    cfg: RetroConfig
+    encoder: NeighbourEncoder
+    rope: Rotary
+
+    def embed_neighbours(self, ids: Tensor) -> Tensor:
+        """The decoder's token embedding of neighbour ids (..., r) -> (..., r, D)."""
+        raise NotImplementedError
+
+    def retrieval_modules(self) -> list[nn.Module]:
+        """The modules only retrieval uses: the neighbour encoder and every CCA."""
+        raise NotImplementedError
+
+    def checkpoint_tensors(self) -> dict[str, Tensor]:
+        """The tensors a checkpoint stores."""
+        raise NotImplementedError
+
+    def freeze_for_retrofit(self) -> tuple[int, int]:
+        """Train only the retrieval modules; (trainable, total) parameter counts."""
+        raise NotImplementedError
+
+    def new_cache(
+        self,
+        batch_size: int,
+        *,
+        retrieval: bool = True,
+        max_len: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> RetroCache:
+        """An empty generation cache for :meth:`forward_step`."""
+        raise NotImplementedError
+
+    def forward_step(
+        self,
+        tokens: Tensor,
+        cache: RetroCache,
+        retrieved: Tensor | None = None,
+        retrieved_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Logits of the next tokens of the sequences in ``cache``."""
+        raise NotImplementedError
+
+    def configure_optimizer(
+        self,
+        weight_decay: float,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.95),
+        **adamw_kwargs: Any,
+    ) -> torch.optim.AdamW:
+        """AdamW over the trainable parameters, with weight decay only on weight
+        matrices (linear layers and the embedding), none on norm gains or the CCA
+        position bias.
+
+        Uses the fused AdamW kernel (one pass per tensor; several times faster than the
+        default on CPU) unless `fused` or `foreach` is given."""
+        named = {id(p): (n, p) for n, p in self.named_parameters() if p.requires_grad}
+        decay = {i for i, (n, p) in named.items() if p.dim() >= 2 and n.endswith(".weight")}
+        params = [p for _, p in named.values()]
+        groups = [
+            {
+                "params": [p for i, (_, p) in named.items() if i in decay],
+                "weight_decay": weight_decay,
+            },
+            {"params": [p for i, (_, p) in named.items() if i not in decay], "weight_decay": 0.0},
+        ]
+        if "foreach" not in adamw_kwargs:
+            adamw_kwargs.setdefault("fused", all(p.is_floating_point() for p in params))
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, **adamw_kwargs)
+
+    def _neighbour_validity(self, retrieved: Tensor, mask: Tensor | None) -> Tensor | None:
+        """(..., r) bool validity of retrieved tokens, or None when every token is real."""
+        valid = retrieved >= 0
+        if mask is not None:
+            if mask.shape != retrieved.shape:
+                raise ValueError(
+                    f"retrieved_mask shape {tuple(mask.shape)} differs from retrieved "
+                    f"{tuple(retrieved.shape)}"
+                )
+            valid = valid & mask.bool()
+        elif self.cfg.pad_id is not None:
+            valid = valid & (retrieved != self.cfg.pad_id)
+        return None if bool(valid.all()) else valid
+
+    def _check_inputs(
+        self,
+        tokens: Tensor,
+        retrieved: Tensor | None,
+        retrieved_mask: Tensor | None,
+        cache: RetroCache | None,
+    ) -> Tensor | None:
+        """Check a call's shapes against the config and the cache; returns the neighbours
+        to encode ((B, n_new, k, r), empty when no chunk completes), None without
+        retrieval."""
+        cfg = self.cfg
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be (B, T), got shape {tuple(tokens.shape)}")
+        B, T = tokens.shape
+        start = 0 if cache is None else cache.pos
+        capacity = cfg.max_seq_len if cache is None else cache.max_len
+        if start + T > capacity:
+            raise ValueError(f"{start + T} tokens exceed the model/cache capacity {capacity}")
+        if cache is not None and B != cache.batch_size:
+            raise ValueError(f"batch of {B}, but the cache was made for {cache.batch_size}")
+        retrieval = retrieved is not None if cache is None else cache.retrieval
+        if not retrieval:
+            if retrieved is not None or retrieved_mask is not None:
+                raise ValueError("this cache was made with retrieval=False: pass no neighbours")
+            return None
+        m = cfg.chunk_size
+        n_new = (start + T) // m - start // m  # chunks completed by this call
+        if retrieved is None:
+            if n_new > 0:
+                raise ValueError(f"these tokens complete {n_new} chunk(s): pass their neighbours")
+            return tokens.new_zeros(B, 0, 1, cfg.neighbour_len)
+        if retrieved.dim() != 4 or retrieved.shape[:2] != (B, n_new):
+            raise ValueError(
+                f"retrieved must be (B={B}, {n_new}, k, r) for {start + T} tokens in "
+                f"chunks of {m}, got {tuple(retrieved.shape)}"
+            )
+        if retrieved.shape[3] != cfg.neighbour_len:
+            raise ValueError(
+                f"neighbours have {retrieved.shape[3]} tokens, config neighbour_len is "
+                f"{cfg.neighbour_len}"
+            )
+        return retrieved
+
+    def _encode_new_chunks(
+        self,
+        x: Tensor,
+        tokens: Tensor,
+        retrieved: Tensor,
+        retrieved_mask: Tensor | None,
+        cache: RetroCache | None,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
+        """Encode the neighbours of the chunks this call completes.
+
+        x: (B, T, D) decoder activations at the conditioning layer's input; tokens (B, T)
+        this call's token ids (the overlap gate compares them with the neighbours).
+        Returns None when no chunk completes, else (encoded (B, n_new, k*r, E), validity
+        (B, n_new, k*r) or None when all real, overlap (B, n_new, k) with the overlap gate
+        or None). The cache keeps the states and tokens of the unfinished chunk."""
+        m = self.cfg.chunk_size
+        B, n_new, k, r = retrieved.shape
+        if cache is None:
+            states, tokens = x[:, : n_new * m], tokens[:, : n_new * m]
+        else:
+            states, tokens = cache.chunk_states(x, tokens, n_new)
+        if n_new == 0:
+            return None
+        valid = self._neighbour_validity(retrieved, retrieved_mask)  # (B, n_new, k, r)
+        gate = self.cfg.cca_overlap_gate
+        overlap = None
+        if gate != "none":
+            chunk_tokens = tokens[:, : n_new * m].reshape(B, n_new, m)
+            if gate == "shift":
+                retrieved, valid = align_neighbours(chunk_tokens, retrieved, valid)
+            overlap = neighbour_overlap(chunk_tokens, retrieved, valid, aligned=gate != "run")
+        emb = self.embed_neighbours(retrieved.clamp(min=0))  # (B, n_new, k, r, D)
+        chunk_states = states.reshape(B, n_new, m, -1)  # (B, n_new, m, D)
+        encoded = self.encoder(emb, valid, chunk_states)  # (B, n_new, k*r, E)
+        if valid is not None:
+            valid = valid.view(B, n_new, k * r)  # (B, n_new, k*r)
+        return encoded, valid, overlap
+
+    def _cca_inputs(
+        self,
+        i: int,
+        cca: ChunkedCrossAttention,
+        encoded: tuple[Tensor, Tensor | None, Tensor | None] | None,
+        cache: RetroCache | None,
+        start: int,
+        n_tokens: int,
+    ) -> CCAInputs | None:
+        """What the CCA of decoder layer i (0-based) attends to in this call: the new
+        chunks' keys and values, or with a cache every completed chunk the call's tokens
+        attend to (the new ones are added to the cache first)."""
+        new = None
+        if encoded is not None:
+            # (B, n_new, H, k*r, hd) each
+            keys, values = cca.neighbour_kv(encoded[0], self.rope, self.cfg.neighbour_len)
+            new = CCAInputs(keys, values, encoded[1], first_chunk=0, overlap=encoded[2])
+        if cache is None:
+            return new  # None: shorter than a chunk, nothing to attend to
+        if new is not None:
+            first = i + 1 == self.cfg.retro_layers[0]
+            cache.add_chunks(i, new.keys, new.values, new.valid, new.overlap, first=first)
+        return cache.cca_inputs(i, start, n_tokens)
+
+
+class RetroModel(RetrievalParts):
     """RETRO: a decoder-only transformer with chunked cross-attention to retrieved text."""
 
     def __init__(self, cfg: RetroConfig) -> None:
@@ -566,6 +763,14 @@ class RetroModel(nn.Module):
                 mods.append(block.cca)
         return mods
 
+    def embed_neighbours(self, ids: Tensor) -> Tensor:
+        return self.wte(ids)
+
+    def checkpoint_tensors(self) -> dict[str, Tensor]:
+        """What a checkpoint stores: every weight, a tied output head once (as wte.weight)."""
+        tied = self.cfg.tie_embeddings
+        return {k: t for k, t in self.state_dict().items() if not (tied and k == "lm_head.weight")}
+
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameter count, a shared tensor once; optionally without the token embedding
         (and the output head when it is not tied)."""
@@ -587,33 +792,6 @@ class RetroModel(nn.Module):
         params = {id(p): p for p in self.parameters()}.values()
         trainable = sum(p.numel() for p in params if p.requires_grad)
         return trainable, sum(p.numel() for p in params)
-
-    def configure_optimizer(
-        self,
-        weight_decay: float,
-        lr: float,
-        betas: tuple[float, float] = (0.9, 0.95),
-        **adamw_kwargs: Any,
-    ) -> torch.optim.AdamW:
-        """AdamW over the trainable parameters, with weight decay only on weight
-        matrices (linear layers and the embedding), none on norm gains or the CCA
-        position bias.
-
-        Uses the fused AdamW kernel (one pass per tensor; several times faster than the
-        default on CPU) unless `fused` or `foreach` is given."""
-        named = {id(p): (n, p) for n, p in self.named_parameters() if p.requires_grad}
-        decay = {i for i, (n, p) in named.items() if p.dim() >= 2 and n.endswith(".weight")}
-        params = [p for _, p in named.values()]
-        groups = [
-            {
-                "params": [p for i, (_, p) in named.items() if i in decay],
-                "weight_decay": weight_decay,
-            },
-            {"params": [p for i, (_, p) in named.items() if i not in decay], "weight_decay": 0.0},
-        ]
-        if "foreach" not in adamw_kwargs:
-            adamw_kwargs.setdefault("fused", all(p.is_floating_point() for p in params))
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, **adamw_kwargs)
 
     # ---- forward ------------------------------------------------------------------------
 
@@ -691,63 +869,6 @@ class RetroModel(nn.Module):
 
     # ---- the body shared by forward and forward_step ------------------------------------
 
-    def _neighbour_validity(self, retrieved: Tensor, mask: Tensor | None) -> Tensor | None:
-        """(..., r) bool validity of retrieved tokens, or None when every token is real."""
-        valid = retrieved >= 0
-        if mask is not None:
-            if mask.shape != retrieved.shape:
-                raise ValueError(
-                    f"retrieved_mask shape {tuple(mask.shape)} differs from retrieved "
-                    f"{tuple(retrieved.shape)}"
-                )
-            valid = valid & mask.bool()
-        elif self.cfg.pad_id is not None:
-            valid = valid & (retrieved != self.cfg.pad_id)
-        return None if bool(valid.all()) else valid
-
-    def _check_inputs(
-        self,
-        tokens: Tensor,
-        retrieved: Tensor | None,
-        retrieved_mask: Tensor | None,
-        cache: RetroCache | None,
-    ) -> Tensor | None:
-        """Check a call's shapes against the config and the cache; returns the neighbours
-        to encode ((B, n_new, k, r), empty when no chunk completes), None without
-        retrieval."""
-        cfg = self.cfg
-        if tokens.dim() != 2:
-            raise ValueError(f"tokens must be (B, T), got shape {tuple(tokens.shape)}")
-        B, T = tokens.shape
-        start = 0 if cache is None else cache.pos
-        capacity = cfg.max_seq_len if cache is None else cache.max_len
-        if start + T > capacity:
-            raise ValueError(f"{start + T} tokens exceed the model/cache capacity {capacity}")
-        if cache is not None and B != cache.batch_size:
-            raise ValueError(f"batch of {B}, but the cache was made for {cache.batch_size}")
-        retrieval = retrieved is not None if cache is None else cache.retrieval
-        if not retrieval:
-            if retrieved is not None or retrieved_mask is not None:
-                raise ValueError("this cache was made with retrieval=False: pass no neighbours")
-            return None
-        m = cfg.chunk_size
-        n_new = (start + T) // m - start // m  # chunks completed by this call
-        if retrieved is None:
-            if n_new > 0:
-                raise ValueError(f"these tokens complete {n_new} chunk(s): pass their neighbours")
-            return tokens.new_zeros(B, 0, 1, cfg.neighbour_len)
-        if retrieved.dim() != 4 or retrieved.shape[:2] != (B, n_new):
-            raise ValueError(
-                f"retrieved must be (B={B}, {n_new}, k, r) for {start + T} tokens in "
-                f"chunks of {m}, got {tuple(retrieved.shape)}"
-            )
-        if retrieved.shape[3] != cfg.neighbour_len:
-            raise ValueError(
-                f"neighbours have {retrieved.shape[3]} tokens, config neighbour_len is "
-                f"{cfg.neighbour_len}"
-            )
-        return retrieved
-
     def _decode(
         self,
         tokens: Tensor,
@@ -773,65 +894,3 @@ class RetroModel(nn.Module):
         if cache is not None:
             cache.pos = start + T
         return self.norm_out(x)
-
-    def _encode_new_chunks(
-        self,
-        x: Tensor,
-        tokens: Tensor,
-        retrieved: Tensor,
-        retrieved_mask: Tensor | None,
-        cache: RetroCache | None,
-    ) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
-        """Encode the neighbours of the chunks this call completes.
-
-        x: (B, T, D) decoder activations at the conditioning layer's input; tokens (B, T)
-        this call's token ids (the overlap gate compares them with the neighbours).
-        Returns None when no chunk completes, else (encoded (B, n_new, k*r, E), validity
-        (B, n_new, k*r) or None when all real, overlap (B, n_new, k) with the overlap gate
-        or None). The cache keeps the states and tokens of the unfinished chunk."""
-        m = self.cfg.chunk_size
-        B, n_new, k, r = retrieved.shape
-        if cache is None:
-            states, tokens = x[:, : n_new * m], tokens[:, : n_new * m]
-        else:
-            states, tokens = cache.chunk_states(x, tokens, n_new)
-        if n_new == 0:
-            return None
-        valid = self._neighbour_validity(retrieved, retrieved_mask)  # (B, n_new, k, r)
-        gate = self.cfg.cca_overlap_gate
-        overlap = None
-        if gate != "none":
-            chunk_tokens = tokens[:, : n_new * m].reshape(B, n_new, m)
-            if gate == "shift":
-                retrieved, valid = align_neighbours(chunk_tokens, retrieved, valid)
-            overlap = neighbour_overlap(chunk_tokens, retrieved, valid, aligned=gate != "run")
-        emb = self.wte(retrieved.clamp(min=0))  # (B, n_new, k, r, D)
-        chunk_states = states.reshape(B, n_new, m, -1)  # (B, n_new, m, D)
-        encoded = self.encoder(emb, valid, chunk_states)  # (B, n_new, k*r, E)
-        if valid is not None:
-            valid = valid.view(B, n_new, k * r)  # (B, n_new, k*r)
-        return encoded, valid, overlap
-
-    def _cca_inputs(
-        self,
-        i: int,
-        cca: ChunkedCrossAttention,
-        encoded: tuple[Tensor, Tensor | None, Tensor | None] | None,
-        cache: RetroCache | None,
-        start: int,
-        n_tokens: int,
-    ) -> CCAInputs | None:
-        """What the CCA of decoder layer i (0-based) attends to in this call: the new
-        chunks' keys and values, or with a cache every completed chunk the call's tokens
-        attend to (the new ones are added to the cache first)."""
-        new = None
-        if encoded is not None:
-            # (B, n_new, H, k*r, hd) each
-            keys, values = cca.neighbour_kv(encoded[0], self.rope, self.cfg.neighbour_len)
-            new = CCAInputs(keys, values, encoded[1], first_chunk=0, overlap=encoded[2])
-        if cache is None:
-            return new  # None: shorter than a chunk, nothing to attend to
-        if new is not None:
-            first = i + 1 == self.cfg.retro_layers[0]
-            cache.add_chunks(i, new.keys, new.values, new.valid, new.overlap, first=first)
-        return cache.cca_inputs(i, start, n_tokens)

@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from retrodb.db import RetroDB
-from retrodb.errors import BadInputError, MismatchError
+from retrodb.errors import BadInputError, MismatchError, NotFoundError
 from retrodb_model import checkpoint as ckpt_mod
 from retrodb_model.config import RetroConfig, TrainArgs, default_lr
 from retrodb_model.data import (
@@ -58,7 +58,7 @@ from retrodb_model.data import (
 )
 from retrodb_model.evaluate import LN2, token_byte_lengths
 from retrodb_model.kernels import IGNORE_INDEX
-from retrodb_model.model import RetroModel
+from retrodb_model.model import RetrievalParts, RetroModel
 from retrodb_model.threads import default_threads
 
 LogFn = Callable[[dict[str, Any]], None]
@@ -208,6 +208,42 @@ def _resolve_args(args: TrainArgs) -> tuple[TrainArgs, ckpt_mod.Checkpoint | Non
 RETROFIT_FIELDS = ("cca_position_bias", "enc_input", "cca_null", "cca_overlap_gate")
 
 
+def _pretrained_retrofit(
+    args: TrainArgs, db: RetroDB, k: int, resumed: ckpt_mod.Checkpoint | None
+) -> RetrievalParts | None:
+    """The model of a retrofit of a pretrained decoder (a Hugging Face folder or a .gguf
+    file): the resumed checkpoint's on its recorded base, or a fresh one on --retrofit
+    (its tokenizer must be the database's, checked before the weights are read). None for
+    any other run."""
+    from retrodb.tokenizer import Tokenizer
+    from retrodb_model import hf
+
+    if resumed is not None:
+        if resumed.base is None:
+            return None
+        ckpt_mod.check_db(resumed.db_info, db, where=resumed.path)
+        return ckpt_mod.open_retrofit(resumed)
+    if not args.retrofit or not hf.is_base_path(args.retrofit):
+        return None
+    path = Path(args.retrofit)
+    if not path.exists():
+        raise NotFoundError(f"{path}: base model not found")
+    tok = Tokenizer.load(path).fingerprint
+    if tok != db.manifest.tokenizer["fingerprint"]:
+        raise MismatchError(
+            f"{path}: its tokenizer ({tok[:19]}…) is not the one of {db.path} "
+            f"({db.manifest.tokenizer['fingerprint'][:19]}…); build the database with "
+            f"--tokenizer {path}"
+        )
+    base = hf.load_base(path)
+    try:
+        config = hf.config_for_base(base, chunk_size=db.chunk_size, k=k, **args.model)
+    except (TypeError, ValueError) as exc:
+        raise BadInputError(f"--model: {exc}") from exc
+    torch.manual_seed(args.seed)
+    return hf.RetrofitModel(config, base, info=hf.base_info(path, base, tok))
+
+
 def _model_config(
     args: TrainArgs, db: RetroDB, k: int, resumed: ckpt_mod.Checkpoint | None
 ) -> RetroConfig:
@@ -234,6 +270,10 @@ def _model_config(
             config = config.replace(max_seq_len=args.seq_len)
     else:
         config = build_config(args, db, k)
+    return _check_config(config, args, db)
+
+
+def _check_config(config: RetroConfig, args: TrainArgs, db: RetroDB) -> RetroConfig:
     if config.chunk_size != db.chunk_size:
         raise MismatchError(
             f"the model's chunk size {config.chunk_size} differs from {db.path}'s {db.chunk_size}"
@@ -241,6 +281,10 @@ def _model_config(
     if args.seq_len % config.chunk_size:
         raise BadInputError(
             f"seq_len {args.seq_len} is not a multiple of the chunk size {config.chunk_size}"
+        )
+    if args.seq_len > config.max_seq_len:
+        raise BadInputError(
+            f"seq_len {args.seq_len} exceeds the model's max_seq_len {config.max_seq_len}"
         )
     return config
 
@@ -301,7 +345,7 @@ class Trainer:
         *,
         db: RetroDB,
         data: tuple[RetroDataset, RetroDataset],
-        model: RetroModel,
+        model: RetrievalParts,
         counts: tuple[int, int],
         resumed: ckpt_mod.Checkpoint | None,
     ) -> None:
@@ -367,14 +411,22 @@ class Trainer:
             split_seed=args.split_seed,
             k=args.k,
         )
-        config = _model_config(args, db, data[0].k, resumed)
+        pretrained = _pretrained_retrofit(args, db, data[0].k, resumed)
+        if pretrained is not None:
+            config = _check_config(pretrained.cfg, args, db)
+        else:
+            config = _model_config(args, db, data[0].k, resumed)
         if args.lr is None:  # recorded in the checkpoint: a resumed run keeps it
             args = dataclasses.replace(args, lr=default_lr(config.dim))
-        model, trainable, total = _build_model(args, config, resumed)
-        counts = (trainable, total)
+        if pretrained is not None:
+            model: RetrievalParts = pretrained
+            counts = pretrained.freeze_for_retrofit()
+        else:
+            model, *sizes = _build_model(args, config, resumed)
+            counts = (sizes[0], sizes[1])
         return cls(args, d, log, db=db, data=data, model=model, counts=counts, resumed=resumed)
 
-    def _wrap(self, model: RetroModel) -> torch.nn.Module:
+    def _wrap(self, model: RetrievalParts) -> torch.nn.Module:
         if self.d.world == 1:
             return model
         from torch.nn.parallel import DistributedDataParallel

@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Reproduce docs/results-retrofit.md: RETRO-fitting a pretrained decoder (SmolLM2-135M,
+# from its .gguf) on the Python 3.11 library docs, with the split of docs/results-model.md.
+#   bash scripts/results_retrofit.sh [WORKDIR]   (default: data/results-retrofit)
+# Every step is skipped when its output exists, so an interrupted run resumes.
+# Knobs (environment): STEPS (1500), SEQ_LEN (256), BATCH (4), DTYPE (bf16), THREADS (2),
+# LAYERS ([15,20,25,30]: the base layers CCA follows), ENC_DIM (384), MAX_TOKENS (2048
+# scored tokens per evaluated document), BASE (the .gguf; fetched by get-smollm2.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+W=${1:-data/results-retrofit}
+PY=${PY:-.venv/bin/python}
+RETRODB=${RETRODB:-.venv/bin/retrodb}
+STEPS=${STEPS:-1500}
+SEQ_LEN=${SEQ_LEN:-256}
+BATCH=${BATCH:-4}
+DTYPE=${DTYPE:-bf16}
+THREADS=${THREADS:-2}
+LAYERS=${LAYERS:-[15,20,25,30]}
+ENC_DIM=${ENC_DIM:-384}
+BASE=${BASE:-$(bash scripts/get-smollm2.sh data/smollm2)}
+SRC=$(bash scripts/get-pydocs.sh data/pydocs)/library
+mkdir -p "$W" docs/img
+
+# 1. The split of docs/results-model.md: a stable-hashed ~5 % of library/ are "new"
+#    documents, kept out of the database and of training; the neighbour set's own 5 %
+#    validation split (seed 0) is the held-out set.
+if [ ! -d "$W/db-corpus" ]; then
+  "$PY" - "$SRC" "$W" <<'PYEOF'
+import shutil, sys
+from pathlib import Path
+from retrodb.split import is_validation
+src, w = Path(sys.argv[1]), Path(sys.argv[2])
+for f in sorted(src.iterdir()):
+    if f.is_file():
+        dest = w / ("new" if is_validation(f.name, 0.05, seed=1) else "db-corpus")
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, dest / f.name)
+PYEOF
+fi
+if [ ! -d "$W/heldout" ]; then
+  "$PY" - "$W" <<'PYEOF'
+import shutil, sys
+from pathlib import Path
+from retrodb.split import is_validation
+w = Path(sys.argv[1])
+(w / "heldout").mkdir()
+for f in sorted((w / "db-corpus").iterdir()):
+    if is_validation(f.name, 0.05, seed=0):
+        shutil.copyfile(f, w / "heldout" / f.name)
+PYEOF
+fi
+
+# 2. The database in the base's own tokens (its tokenizer, read from the .gguf), int8
+#    MiniLM keys, and the recipe's neighbour set (--self-share 0.25).
+if [ ! -e "$W/db/CURRENT" ]; then
+  rm -rf "$W/db" "$W/db.added"
+  "$RETRODB" build "$W/db" "$W/db-corpus" --tokenizer "$BASE" --quantize int8 --quiet
+  "$RETRODB" neighbours "$W/db" train -k 2 --self-share 0.25 --quiet
+fi
+
+# 3. RETRO-fit: the base frozen, CCA after LAYERS and a 2-layer encoder of width ENC_DIM
+#    trained, with the model's defaults (RMSNorm encoder input, null key, shift overlap
+#    gate, learning rate by width).
+"$RETRODB" train "$W/db" --neighbours train --retrofit "$BASE" --out "$W/retrofit" \
+  --model "retro_layers=$LAYERS" --model "enc_dim=$ENC_DIM" --model enc_heads=6 \
+  --steps "$STEPS" --seq-len "$SEQ_LEN" --batch-size "$BATCH" --warmup 50 --dtype "$DTYPE" \
+  --eval-every 250 --eval-batches 10 --log-every 25 --save-every 250 --threads "$THREADS" \
+  --resume >> "$W/train.log" 2>&1
+tail -n 1 "$W/train.log"
+
+# 4. Training speed beside the base's own forward + backward, same batch, same run.
+[ -f "$W/speed.json" ] || "$PY" benchmarks/bench_retrofit_step.py "$BASE" --checkpoint "$W/retrofit" \
+  --seq-len "$SEQ_LEN" --batch-size "$BATCH" --threads "$THREADS" --json > "$W/speed.json"
+
+# 5. Evaluations: the base alone (a plain decoder) and the retrofit (on, shuffled, off) on
+#    the held-out documents (neighbours from other documents only) and on the new ones,
+#    before and after `retrodb add` puts them in the database (no retraining).
+if [ ! -e "$W/db.added/CURRENT" ]; then
+  rm -rf "$W/db.added"; cp -a "$W/db" "$W/db.added"
+  "$RETRODB" add "$W/db.added" "$W/new" --quiet
+fi
+EVAL=(--max-tokens "${MAX_TOKENS:-2048}" --seq-len "$SEQ_LEN" --threads "$THREADS" --quiet)
+ev() { local out=$1; shift; [ -f "$out" ] || "$RETRODB" evaluate "$@" "${EVAL[@]}" -o "$out"; }
+ev "$W/eval-base-heldout.json" "$BASE" "$W/db" "$W/heldout" --exclude-self
+ev "$W/eval-retrofit-heldout.json" "$W/retrofit" "$W/db" "$W/heldout" --exclude-self
+ev "$W/eval-base-new.json" "$BASE" "$W/db" "$W/new"
+ev "$W/eval-retrofit-new-before.json" "$W/retrofit" "$W/db" "$W/new"
+ev "$W/eval-retrofit-new-after.json" "$W/retrofit" "$W/db.added" "$W/new"
+
+# 6. Five greedy generations from the opening of new documents after the add, beside the
+#    base's own.
+mkdir -p "$W/gen"
+for f in $(ls "$W/new" | head -n 5); do
+  prompt=$("$PY" -c "import sys; print(open(sys.argv[1]).read()[:300])" "$W/new/$f")
+  [ -f "$W/gen/$f.retrofit.json" ] || "$RETRODB" generate "$W/retrofit" "$W/db.added" "$prompt" \
+    -t 0 -n 64 --threads "$THREADS" --json > "$W/gen/$f.retrofit.json"
+  [ -f "$W/gen/$f.base.json" ] || "$RETRODB" generate "$BASE" "$W/db.added" "$prompt" \
+    -t 0 -n 64 --no-retrieval --threads "$THREADS" --json > "$W/gen/$f.base.json"
+done
+
+"$PY" scripts/results_retrofit_table.py "$W" docs/results-retrofit.md
