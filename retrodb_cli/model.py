@@ -320,11 +320,29 @@ def generate(
     no_cache: Annotated[
         bool, typer.Option("--no-cache", help="Recompute every step (slow; for checking).")
     ] = False,
+    compare: Annotated[
+        bool,
+        typer.Option(
+            "--compare",
+            help="Two greedy generations, retrieval off and on, side by side, with the "
+            "neighbours used per chunk (--json: {prompt, off, on}). Implies -t 0.",
+        ),
+    ] = False,
+    base: Annotated[
+        Path | None,
+        typer.Option(
+            "--base",
+            help="A retrofit's pretrained base, where it is not at the recorded path "
+            "(it must be the same file: its sha256 is checked).",
+        ),
+    ] = None,
     as_json: ResultJsonOpt = False,
     threads: ThreadsOpt = None,
 ) -> None:
     """Continue PROMPT, retrieving k neighbours after every completed chunk. The text
-    streams as it is generated (control characters escaped); timing goes to stderr."""
+    streams as it is generated (control characters escaped); timing goes to stderr.
+    DIR may be a retrodb checkpoint, a RETRO-fit of a pretrained model, or the pretrained
+    model itself (a Hugging Face folder or a .gguf file, without retrieval)."""
     from retrodb_model.checkpoint import load_model
     from retrodb_model.generate import generate as run
     from retrodb_model.generate import printable
@@ -332,7 +350,20 @@ def generate(
     if prompt == "-":
         prompt = sys.stdin.read()
     rdb = open_db(db, threads=_set_threads(threads))
-    model, ckpt = load_model(directory, db=rdb)
+    model, ckpt = load_model(directory, db=rdb, base=base)
+    if compare:
+        if no_retrieval or not ckpt.retrieval:
+            fail("--compare sets retrieval off beside on: give a model trained with retrieval")
+        floor = ckpt.min_overlap if min_overlap is None else min_overlap
+        runs = {
+            name: run(
+                model, rdb, prompt, max_tokens=max_tokens, temperature=0.0, retrieval=name == "on",
+                k=k, use_cache=not no_cache, rerank=rerank.value, fetch=fetch, min_overlap=floor,
+            )
+            for name in ("off", "on")
+        }  # fmt: skip
+        _print_comparison(prompt, runs["off"], runs["on"], as_json=as_json)
+        return
 
     def echo(text: str) -> None:
         if text:
@@ -376,6 +407,34 @@ def generate(
         ),
         err=True,
     )
+
+
+def _print_comparison(prompt: str, off: Any, on: Any, *, as_json: bool) -> None:
+    """`generate --compare`: the two continuations side by side, then every chunk's
+    neighbours (as in the paper's example); or one JSON object {prompt, off, on}."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from retrodb_model.generate import printable
+
+    if as_json:
+        typer.echo(
+            json.dumps({"prompt": prompt, "off": off.to_dict(), "on": on.to_dict()}, indent=1)
+        )
+        return
+    table = Table(show_lines=True, expand=True)
+    table.add_column("retrieval off", ratio=1, overflow="fold")
+    table.add_column("retrieval on", ratio=1, overflow="fold")
+    table.add_row(printable(off.prompt_text), printable(on.prompt_text), style="dim")
+    table.add_row(printable(off.text), printable(on.text))
+    Console(highlight=False, soft_wrap=False).print(table)
+    for r in on.retrievals:
+        typer.echo(typer.style(f"[chunk {r.chunk}] {printable(r.chunk_text)!r}", bold=True))
+        for rank, (key, doc, text) in enumerate(zip(r.keys, r.docs, r.texts, strict=True), 1):
+            if key >= 0:
+                typer.echo(
+                    f"  {rank}. {doc} key {key}: {printable(text.replace(chr(10), ' '))[:160]}"
+                )
 
 
 def register(app: typer.Typer) -> None:

@@ -458,3 +458,17 @@ def test_cli_generate_and_evaluate_through_a_server(
         assert evals[1]["bpb"] == pytest.approx(evals[0]["bpb"], rel=1e-5)
     finally:
         served.stop()
+
+
+def test_cli_generate_compare_equals_two_separate_generations(db: RetroDB, run_dir: Path) -> None:
+    base = ["generate", str(run_dir), str(db.path), "kalo mine ru sa tivo pe da gu", "-n", "20"]
+    runner = CliRunner()
+    res = runner.invoke(app, [*base, "--compare", "--json"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    both = json.loads(res.output)
+    off = json.loads(runner.invoke(app, [*base, "-t", "0", "--no-retrieval", "--json"]).output)
+    on = json.loads(runner.invoke(app, [*base, "-t", "0", "--json"]).output)
+    assert both["off"]["text"] == off["text"] and both["on"]["text"] == on["text"]
+    assert both["on"]["retrievals"] == on["retrievals"] and both["off"]["retrievals"] == []
+    res = runner.invoke(app, [*base, "--compare"], catch_exceptions=False)
+    assert res.exit_code == 0 and "retrieval off" in res.output and "[chunk 0]" in res.output
