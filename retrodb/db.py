@@ -128,7 +128,9 @@ class RetroDB:
     path: Path = _field("path", "The database directory.")
     manifest: Manifest = _field("manifest", "The manifest of the current generation.")
     config: DBConfig = _field("config", "The configuration the database was built with.")
-    tokenizer: Tokenizer = _field("tokenizer", "The database's SentencePiece tokenizer.")
+    tokenizer: Tokenizer = _field(
+        "tokenizer", "The database's tokenizer (SentencePiece or Hugging Face)."
+    )
     keymap: KeyMap = _field("keymap", "Keys to segments, rows and documents.")
     chunk_size: int = _field("chunk_size", "Tokens per chunk (m).")
     token_dtype: np.dtype = _field("token_dtype", "The stored tokens' dtype.")
@@ -160,13 +162,15 @@ class RetroDB:
     ) -> RetroDB:
         """Build a new database at ``path`` from ``inputs``.
 
-        ``tokenizer``: an existing SentencePiece model file (else one is trained on the
-        inputs). ``encoder``: a local Hugging Face BERT checkpoint, an encoder directory or
-        an exported ``.onnx`` (else the bundled all-MiniLM-L6-v2). ``engine``: where the
-        segments are written (e.g. ``retrodb.ray_engine.RayEngine(workers=4)``; default:
-        one segment, in this process). A failed build leaves nothing behind. What was
-        built, and which inputs were skipped and why, is in :attr:`last_build` of the
-        returned database."""
+        ``tokenizer``: an existing tokenizer (else a SentencePiece model is trained on the
+        inputs): a SentencePiece model, a Hugging Face ``tokenizer.json`` or model folder,
+        or a ``.gguf`` file (its tokenizer; needs ``retrodb[hf]``), see
+        :meth:`~retrodb.tokenizer.Tokenizer.load`. ``encoder``: a local Hugging Face BERT
+        checkpoint, an encoder directory or an exported ``.onnx`` (else the bundled
+        all-MiniLM-L6-v2). ``engine``: where the segments are written (e.g.
+        ``retrodb.ray_engine.RayEngine(workers=4)``; default: one segment, in this
+        process). A failed build leaves nothing behind. What was built, and which inputs
+        were skipped and why, is in :attr:`last_build` of the returned database."""
         enc, result = writer.build(
             Path(path),
             inputs,

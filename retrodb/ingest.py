@@ -7,7 +7,7 @@ windows of ``ENCODE_WINDOW``, detokenized, encoded and added to the index. Only 
 being built lives in RAM.
 
 :func:`encode_ids` is the only way token ids become keys: stored chunks, query texts
-(after a SentencePiece round trip) and query chunks all go through it, so the index and
+(after a tokenizer round trip) and query chunks all go through it, so the index and
 its queries see the same detokenization, BERT special tokens, truncation and pooling.
 """
 
@@ -56,7 +56,7 @@ def encode_ids(
     *,
     progress: ProgressFn = no_progress,
 ) -> np.ndarray:
-    """Keys ``[n, d]`` of token-id rows (each row only its real tokens): SentencePiece
+    """Keys ``[n, d]`` of token-id rows (each row only its real tokens): the tokenizer
     decodes each row to text, which the encoder turns into a pooled key."""
     return encoder.encode(tokenizer.decode_many(rows), progress=progress)
 

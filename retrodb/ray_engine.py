@@ -61,7 +61,7 @@ from .shards import (
     tokenize_shard,
     write_shard,
 )
-from .storage import ENCODER_DIR, SEGMENTS, TOKENIZER_FILE, SegmentMeta, Storage
+from .storage import ENCODER_DIR, SEGMENTS, SegmentMeta, Storage
 from .threads import available_cores
 
 if TYPE_CHECKING:
@@ -215,7 +215,7 @@ class RayEngine:
             return self._build(
                 storage,
                 shards,
-                job.tokenizer.fingerprint,
+                job.tokenizer.manifest_entry(),
                 job.config,
                 corpus.errors,
                 workers=workers,
@@ -229,7 +229,7 @@ class RayEngine:
         self,
         storage: Storage,
         shards: Sequence[Shard],
-        fingerprint: str,
+        tokenizer: dict[str, Any],
         config: DBConfig,
         errors: corpus_mod.Errors,
         *,
@@ -250,7 +250,7 @@ class RayEngine:
             _tokenize_row,
             fn_kwargs={
                 "root": root,
-                "fingerprint": fingerprint,
+                "tokenizer": tokenizer,
                 "chunk_size": config.chunk.chunk_size,
                 "errors": errors,
                 "part_rows": self.part_rows or PART_ROWS["cuda" if self.gpu else "cpu"],
@@ -273,7 +273,7 @@ class RayEngine:
             _EncodeParts,
             fn_constructor_kwargs={
                 "root": root,
-                "fingerprint": fingerprint,
+                "tokenizer": tokenizer,
                 "config": config.encoder,
                 "device": self.device,
                 "threads": self.threads or max(1, int(self.actor_cpus)),
@@ -394,7 +394,7 @@ def _tokenize_row(
     row: dict[str, Any],
     *,
     root: str,
-    fingerprint: str,
+    tokenizer: dict[str, Any],
     chunk_size: int,
     errors: corpus_mod.Errors,
     part_rows: int,
@@ -403,7 +403,7 @@ def _tokenize_row(
     """Ray Data ``flat_map``: one shard -> its parts (rows of plain columns)."""
     kill_hook("tokenize")
     shard = Shard.from_json(str(row["shard"]))
-    tok = load_tokenizer(Path(root) / TOKENIZER_FILE, fingerprint)
+    tok = load_tokenizer(Path(root), tokenizer)
     parts = tokenize_shard(shard, tok, chunk_size=chunk_size, errors=errors, part_rows=part_rows)
     _add(tally, "tokenize", len(shard.refs))
     return [p.to_row() for p in parts]
@@ -426,7 +426,7 @@ class _EncodeParts:
         self,
         *,
         root: str,
-        fingerprint: str,
+        tokenizer: dict[str, Any],
         config: EncoderConfig,
         device: str,
         threads: int,
@@ -434,7 +434,7 @@ class _EncodeParts:
     ) -> None:
         from .ingest import open_encoder
 
-        self.tokenizer = load_tokenizer(Path(root) / TOKENIZER_FILE, fingerprint)
+        self.tokenizer = load_tokenizer(Path(root), tokenizer)
         self.encoder = open_encoder(
             Path(root) / ENCODER_DIR, config, threads=threads, device=device
         )

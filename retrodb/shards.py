@@ -40,7 +40,7 @@ from .corpus import DocumentRef
 from .errors import BadInputError, CorruptError, MismatchError, NotFoundError
 from .ingest import _document_ids, encode_ids
 from .segment import SegmentWriter
-from .storage import SegmentMeta, Storage
+from .storage import SegmentMeta, Storage, tokenizer_file, tokenizer_kind
 from .tokenizer import PieceTokenizer, Tokenizer
 
 if TYPE_CHECKING:
@@ -268,16 +268,21 @@ def kill_hook(point: str) -> None:
     os._exit(1)
 
 
-def load_tokenizer(path: Path, expected: str) -> Tokenizer:
-    """The database's tokenizer as a worker sees it, refused unless it is the driver's."""
+def load_tokenizer(root: Path, tokenizer: dict[str, Any]) -> Tokenizer:
+    """The tokenizer of the database at ``root`` as a worker sees it, refused unless it is
+    the driver's. ``tokenizer``: the driver's tokenizer as the manifest records it
+    (:meth:`~retrodb.tokenizer.Tokenizer.manifest_entry`: kind, file, fingerprint, special
+    ids)."""
+    path = root / tokenizer_file(tokenizer)
     try:
-        tok = Tokenizer.load(path)
-    except NotFoundError as exc:
+        data = path.read_bytes()
+    except FileNotFoundError as exc:
         raise NotFoundError(
             f"{path}: not found on this worker; the database directory must be on a "
             f"filesystem every worker sees"
         ) from exc
-    if tok.fingerprint != expected:
+    tok = Tokenizer.from_bytes(data, kind=tokenizer_kind(tokenizer), path=path, special=tokenizer)
+    if tok.fingerprint != tokenizer["fingerprint"]:
         raise MismatchError(f"{path}: this worker sees another tokenizer than the driver")
     return tok
 

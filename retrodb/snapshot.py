@@ -16,7 +16,7 @@ engine's workers. Only the facade (:mod:`.db`) swaps them.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +31,7 @@ from .keys import KeyMap, Retrieved
 from .progress import ProgressFn, no_progress
 from .search import Exclusion, SearchResult, check_k, search_filtered
 from .segment import Segment
-from .storage import ENCODER_DIR, TOKENIZER_FILE, Manifest, Storage
+from .storage import ENCODER_DIR, Manifest, Storage, tokenizer_file, tokenizer_kind
 from .tokenizer import Tokenizer, fingerprint
 
 if TYPE_CHECKING:
@@ -42,21 +42,23 @@ def _manifest_name(generation: int) -> str:
     return f"{generation:06d}.json"
 
 
-def load_tokenizer(root: Path, expected: str) -> Tokenizer:
-    """The database's SentencePiece model, hashed before it is parsed: a damaged or
-    replaced model is reported, never handed to SentencePiece."""
-    path = root / TOKENIZER_FILE
+def load_tokenizer(root: Path, tokenizer: Mapping[str, Any]) -> Tokenizer:
+    """The database's tokenizer as the manifest's tokenizer section ``tokenizer`` records it
+    (its kind, file and special ids), hashed before it is parsed: a damaged or replaced
+    file is reported, never handed to the tokenizer library."""
+    path = root / tokenizer_file(tokenizer)
+    expected = str(tokenizer["fingerprint"])
     try:
         data = path.read_bytes()
     except FileNotFoundError as exc:
-        raise CorruptError(f"{path}: tokenizer model missing") from exc
+        raise CorruptError(f"{path}: tokenizer file missing") from exc
     found = fingerprint(data)
     if found != expected:
         raise MismatchError(
             f"{path}: tokenizer fingerprint {found[:19]}… does not match the "
             f"manifest's {expected[:19]}… (the file was replaced or is damaged)"
         )
-    return Tokenizer(data, path=path)
+    return Tokenizer.from_bytes(data, kind=tokenizer_kind(tokenizer), path=path, special=tokenizer)
 
 
 class Snapshot:
@@ -81,7 +83,7 @@ class Snapshot:
         config = DBConfig.from_dict(manifest.config)
         expected = manifest.tokenizer["fingerprint"]
         if tokenizer is None or tokenizer.fingerprint != expected:
-            tokenizer = load_tokenizer(storage.root, expected)
+            tokenizer = load_tokenizer(storage.root, manifest.tokenizer)
         token_dtype = np.dtype(manifest.tokenizer["token_dtype"])
         m = config.chunk.chunk_size
         segments = [
@@ -293,7 +295,7 @@ class Snapshot:
         self, texts: Sequence[str] | str, *, progress: ProgressFn = no_progress
     ) -> np.ndarray:
         """Keys of query texts (one string is one query): the text goes through the
-        database's SentencePiece round trip, so it is normalised exactly as stored chunks
+        database's tokenizer round trip, so it is normalised exactly as stored chunks
         are, then the one encode function."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         for t in texts:
@@ -399,9 +401,13 @@ class Snapshot:
 
         ``documents`` and ``live_chunks`` count what searches can return; ``chunks`` and
         ``tokens`` count what is stored, the rows of deleted documents included until
-        compaction. ``tokenizer.trainer`` is how the tokenizer was trained (None when it
-        was given, or for databases built before it was recorded); ``bytes.shared``: bytes
-        that are hard links shared with other databases (the encoder)."""
+        compaction. ``tokenizer.kind`` is ``sentencepiece`` or ``huggingface``;
+        ``tokenizer.trainer`` is how the tokenizer was trained (None when it was given, or
+        for databases built before it was recorded), ``tokenizer.source`` the path a given
+        one was loaded from (None for a trained one, or before it was recorded);
+        ``eos_id`` and ``bos_id`` are None in databases built before they were recorded;
+        ``bytes.shared``: bytes that are hard links shared with other databases (the
+        encoder)."""
         m = self.manifest
         return {
             "path": str(self.path),
@@ -426,15 +432,20 @@ class Snapshot:
             "next_key": m.next_key,
             "config": m.config,
             "tokenizer": {
-                k: m.tokenizer.get(k)
-                for k in ("fingerprint", "vocab_size", "pad_id", "token_dtype", "trainer")
+                "kind": tokenizer_kind(m.tokenizer),
+                "file": tokenizer_file(m.tokenizer),
+                **{
+                    k: m.tokenizer.get(k)
+                    for k in ("fingerprint", "vocab_size", "pad_id", "eos_id", "bos_id")
+                    + ("token_dtype", "trainer", "source")
+                },
             },
             "encoder": {
                 # ``sha256:<hex>``, also for databases whose manifest records the bare hex
                 "fingerprint": "sha256:" + str(m.encoder["fingerprint"]).removeprefix("sha256:"),
                 "dim": m.encoder["dim"],
             },
-            "bytes": self.storage.disk_usage(),
+            "bytes": self.storage.disk_usage(tokenizer_file(m.tokenizer)),
         }
 
 

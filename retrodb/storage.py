@@ -51,7 +51,10 @@ LOCK = "LOCK"
 MANIFESTS = "manifests"
 SEGMENTS = "segments"
 NEIGHBOURS = "neighbours"
+#: The tokenizer's file: a SentencePiece model (the only kind before the manifest's
+#: ``tokenizer.kind``), or a Hugging Face tokenizer.json.
 TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILES = {"sentencepiece": TOKENIZER_FILE, "huggingface": "tokenizer.json"}
 ENCODER_DIR = "encoder"
 INDEX_FILE = "index.usearch"
 #: Old manifests kept after a commit (for debugging and for readers that are slow to start).
@@ -60,6 +63,22 @@ KEEP_MANIFESTS = 5
 EXPLICIT_KEYS = "explicit-keys"
 
 _MANIFEST_RE = re.compile(r"^\d{6,}\.json$")
+
+
+def tokenizer_kind(tokenizer: Mapping[str, Any]) -> str:
+    """The kind of tokenizer a manifest's tokenizer section records (``sentencepiece``
+    in manifests written before ``kind`` existed)."""
+    return str(tokenizer.get("kind", "sentencepiece"))
+
+
+def tokenizer_file(tokenizer: Mapping[str, Any]) -> str:
+    """The tokenizer's file name in the database, from a manifest's tokenizer section
+    (``tokenizer.model`` in manifests without ``file``). Only the known names are
+    accepted: a manifest never points outside the database."""
+    name = str(tokenizer.get("file", TOKENIZER_FILES.get(tokenizer_kind(tokenizer), "")))
+    if name not in TOKENIZER_FILES.values():
+        raise CorruptError(f"manifest: unknown tokenizer file {name!r}")
+    return name
 
 
 # ---------------------------------------------------------------- manifest objects
@@ -133,8 +152,11 @@ class Manifest:
     generation: int
     config: dict[str, Any]
     tokenizer: dict[str, Any]
-    """file, fingerprint, vocab_size, pad_id, token_dtype, size, and trainer (how it was
-    trained; absent for a given tokenizer and in databases built before it was recorded)."""
+    """kind, file, fingerprint, vocab_size, pad_id, eos_id, bos_id, token_dtype, size,
+    trainer (how it was trained; absent for a given tokenizer and in databases built before
+    it was recorded) and source (the path it was loaded from, for a given tokenizer).
+    Databases built before ``kind`` hold a SentencePiece model in ``tokenizer.model``
+    (:func:`tokenizer_kind`, :func:`tokenizer_file`)."""
     encoder: dict[str, Any]
     """dir, fingerprint (``sha256:<hex>``; bare hex in databases built before), dim, files."""
     next_key: int
@@ -501,11 +523,12 @@ class Storage:
             remove_path(p)
         return removed
 
-    def disk_usage(self) -> dict[str, int]:
+    def disk_usage(self, tokenizer: str = TOKENIZER_FILE) -> dict[str, int]:
         """Bytes on disk per part of the database, and ``shared``: how many of them are
         hard links that other databases (or the encoder store) share, so deleting this
         database does not free them. Safe while a writer works: files that vanish during
-        the walk (a writer's temporary files) are skipped."""
+        the walk (a writer's temporary files) are skipped. ``tokenizer``: the tokenizer's
+        file name (:func:`tokenizer_file`)."""
         shared = 0
 
         def files(p: Path) -> Iterator[tuple[str, int]]:
@@ -525,7 +548,7 @@ class Storage:
             return sum(n for _, n in files(p))
 
         usage = {
-            "tokenizer": size(self.root / TOKENIZER_FILE),
+            "tokenizer": size(self.root / tokenizer),
             "encoder": size(self.root / ENCODER_DIR),
             "manifests": size(self.root / MANIFESTS),
             "neighbours": size(self.root / NEIGHBOURS),

@@ -19,7 +19,7 @@ from .errors import CorruptError
 from .fsutil import sha256_file
 from .progress import ProgressFn, no_progress
 from .segment import Segment
-from .storage import ENCODER_DIR, TOKENIZER_FILE
+from .storage import ENCODER_DIR, tokenizer_file
 from .tokenizer import fingerprint
 
 if TYPE_CHECKING:
@@ -111,7 +111,7 @@ def verify(
         if problem:
             problems.append(problem)
         progress("verify", i + 1, total)
-    tok = snap.path / TOKENIZER_FILE
+    tok = snap.path / tokenizer_file(m.tokenizer)
     if not tok.is_file():
         problems.append(f"{tok}: missing")
     elif fingerprint(tok.read_bytes()) != m.tokenizer["fingerprint"]:

@@ -31,7 +31,6 @@ from .segment import SegmentWriter, merge_segments
 from .storage import (
     ENCODER_DIR,
     EXPLICIT_KEYS,
-    TOKENIZER_FILE,
     Manifest,
     SegmentMeta,
     Storage,
@@ -245,7 +244,7 @@ def build(
             progress("tokenizer", 0, 1)
             tok = Tokenizer.train((t for _, t in corpus.iter_pieces()), config=config.tokenizer)
             progress("tokenizer", 1, 1)
-        tok.save(tmp / TOKENIZER_FILE)
+        tok.save(tmp / tok.file_name)
         prepare_encoder(encoder, tmp / ENCODER_DIR, config=config.encoder, progress=progress)
         encoder_files = file_table(tmp / ENCODER_DIR)
         shared = share_encoder(tmp / ENCODER_DIR, encoder_files)
@@ -256,15 +255,7 @@ def build(
         first = Manifest(
             generation=0,
             config=config.to_dict(),
-            tokenizer={
-                "file": TOKENIZER_FILE,
-                "fingerprint": tok.fingerprint,
-                "vocab_size": tok.vocab_size,
-                "pad_id": tok.pad_id,
-                "token_dtype": tok.token_dtype.name,
-                "size": (tmp / TOKENIZER_FILE).stat().st_size,
-                **({"trainer": tok.trainer} if tok.trainer is not None else {}),
-            },
+            tokenizer=tok.manifest_entry(),
             encoder={
                 "dir": ENCODER_DIR,
                 "fingerprint": enc.fingerprint,
@@ -340,7 +331,7 @@ def add(
             tokenizer is not None
             and Tokenizer.load(tokenizer).fingerprint != cur.tokenizer.fingerprint
         ):
-            ours = cur.path / TOKENIZER_FILE
+            ours = cur.path / cur.tokenizer.file_name
             raise MismatchError(f"{tokenizer}: tokenizer does not match the database's ({ours})")
         if encoder is not None:
             cur.check_encoder_matches(Path(encoder))

@@ -77,6 +77,13 @@ def _main(
     """An on-disk, memory-mapped RETRO retrieval database."""
 
 
+#: What --tokenizer accepts (build and add).
+TOKENIZER_HELP = (
+    "A SentencePiece model, a Hugging Face tokenizer (tokenizer.json or a model folder) or a "
+    ".gguf file (its tokenizer; needs retrodb[hf])."
+)
+
+
 class Quantize(StrEnum):
     none = "none"
     int8 = "int8"
@@ -91,13 +98,18 @@ def build(
         int,
         typer.Option(
             "--vocab-size",
-            help="SentencePiece vocabulary (a soft limit on small corpora).",
+            help="SentencePiece vocabulary (a soft limit on small corpora); not used with "
+            "--tokenizer.",
             min=300,
         ),
     ] = 32000,
     tokenizer: Annotated[
         Path | None,
-        typer.Option("--tokenizer", help="Use this SentencePiece model instead of training one."),
+        typer.Option(
+            "--tokenizer",
+            help=TOKENIZER_HELP + " Use it instead of training a SentencePiece model; "
+            "chunks are --chunk-size tokens of it.",
+        ),
     ] = None,
     encoder: Annotated[
         Path | None,
@@ -168,7 +180,11 @@ def add(
     inputs: InputsArg,
     tokenizer: Annotated[
         Path | None,
-        typer.Option("--tokenizer", help="Refuse unless the database uses this tokenizer."),
+        typer.Option(
+            "--tokenizer",
+            help=TOKENIZER_HELP + " Refuse unless the database uses this tokenizer (the same "
+            "fingerprint).",
+        ),
     ] = None,
     encoder: Annotated[
         Path | None, typer.Option("--encoder", help="Refuse unless the database uses this encoder.")
@@ -296,7 +312,12 @@ def info(db: DBOrURLArg, as_json: JsonOpt = False) -> None:
     )
     typer.echo(f"segments     {d['segments']}")
     tok = d["tokenizer"]
-    typer.echo(f"tokenizer    vocabulary {tok['vocab_size']:,}  {tok['fingerprint'][:23]}…")
+    typer.echo(
+        f"tokenizer    {tok.get('kind', 'sentencepiece')}, vocabulary {tok['vocab_size']:,}  "
+        f"{tok['fingerprint'][:23]}…"
+    )
+    if tok.get("source"):
+        typer.echo(f"             from {tok['source']}")
     trainer = tok.get("trainer")
     if trainer:
         opts = trainer["options"]

@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import time
 import warnings
 from collections.abc import Sequence
@@ -61,26 +60,12 @@ from retrodb_model.retrieve import LiveRetriever, Neighbours
 #: Overlap thresholds of bpb(alpha), in percent of the chunk length.
 ALPHAS = (0.0, 12.5, 25.0, 50.0, 75.0, 100.0)
 LN2 = math.log(2.0)
-_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 def token_byte_lengths(tok: Tokenizer) -> np.ndarray:
-    """UTF-8 bytes each token id stands for, ``[V]`` int64: its piece with '▁' as the space
-    it encodes, 1 for a byte-fallback piece, 0 for control pieces (pad, bos, eos).
-
-    Summed over a span of a document's tokens this is the byte length of the span's
-    decoded text; SentencePiece's ``decode`` of a whole text drops its leading space,
-    which here is counted (inside a document it is real text)."""
-    out = np.zeros(tok.vocab_size, dtype=np.int64)
-    for i in range(tok.vocab_size):
-        piece = tok.id_to_piece(i)
-        if _BYTE_PIECE.fullmatch(piece):
-            out[i] = 1
-        elif tok.decode([i]) == "":
-            out[i] = 0
-        else:
-            out[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
-    return out
+    """UTF-8 bytes each token id stands for inside a document, ``[V]`` int64 (0 for special
+    and control tokens): :meth:`retrodb.tokenizer.Tokenizer.token_byte_lengths`."""
+    return tok.token_byte_lengths()
 
 
 def longest_common_run(a: np.ndarray, b: np.ndarray) -> np.ndarray:

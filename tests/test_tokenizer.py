@@ -6,7 +6,7 @@ import pytest
 from retrodb.chunking import chunk_documents, chunk_tokens, continuation_rows, num_chunks
 from retrodb.config import TokenizerConfig
 from retrodb.errors import BadInputError, CorruptError, NotFoundError
-from retrodb.tokenizer import PAD_ID, Tokenizer
+from retrodb.tokenizer import PAD_ID, SentencePieceTokenizer, Tokenizer
 
 from .conftest import TOPICS
 
@@ -117,4 +117,4 @@ def test_training_is_deterministic_and_records_its_settings() -> None:
     assert rec["options"]["num_threads"] >= 1 and rec["options"]["vocab_size"] == 500
     assert rec["input_sentence_size"] == TokenizerConfig().input_sentence_size
     assert rec["sampled"] == rec["sentences"] > 0
-    assert Tokenizer(one.model_bytes).trainer is None  # a loaded model knows nothing of it
+    assert SentencePieceTokenizer(one.model_bytes).trainer is None  # a loaded one knows nothing

@@ -9,7 +9,7 @@ the database is the one the server was started on.
 =================  ==========================================================================
 ``GET /healthz``   ``{"ok": true, "generation": g}``; never needs the token
 ``GET /info``      what `retrodb info --json` prints, plus ``server`` (batching figures)
-``GET /tokenizer`` the database's SentencePiece model (bytes), for clients
+``GET /tokenizer`` the database's tokenizer file (bytes; ``/info`` says its kind), for clients
 ``POST /encode``   ``texts`` or ``chunks`` (+ ``lengths``) -> ``vectors [q, d]``
 ``POST /search``   ``texts``, ``chunks`` (+ ``lengths``) or ``vectors``; ``k``, ``exact``,
                    ``exclude_docs`` (per query, a document id or null) -> ``keys``,
@@ -44,7 +44,6 @@ from ..errors import BadInputError, MismatchError, RetroDBError
 from ..rerank import RERANKS
 from ..search import Exclusion, check_k
 from ..snapshot import Snapshot
-from ..storage import TOKENIZER_FILE
 from . import wire
 from .service import Service
 
@@ -237,8 +236,7 @@ class LocalBackend:
 
     def tokenizer(self) -> tuple[bytes, str, int]:
         snap = self.service.snapshot()
-        data = (snap.path / TOKENIZER_FILE).read_bytes()
-        return data, snap.tokenizer.fingerprint, snap.generation
+        return snap.tokenizer.model_bytes, snap.tokenizer.fingerprint, snap.generation
 
     def read(self, path: str, body: dict[str, Any]) -> tuple[dict[str, Any], int]:
         fn = READS[path]

@@ -26,6 +26,7 @@ from ..errors import BadInputError, MismatchError, RetroDBError
 from ..keys import Retrieved
 from ..query import Hit, QueryResult
 from ..search import Exclusion, SearchResult, check_k
+from ..storage import tokenizer_kind
 from ..tokenizer import Tokenizer
 from . import wire
 
@@ -82,7 +83,8 @@ class RemoteDB:
         sharded server)."""
         self._set_info(self.info())
         raw = self._call("GET", "/tokenizer", raw=True)
-        self.tokenizer = Tokenizer(raw)
+        section = self.manifest.tokenizer
+        self.tokenizer = Tokenizer.from_bytes(raw, kind=tokenizer_kind(section), special=section)
         if self.tokenizer.fingerprint != self.manifest.tokenizer["fingerprint"]:
             raise MismatchError(f"{self.url}: the served tokenizer does not match /info")
 
