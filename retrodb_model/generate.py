@@ -123,6 +123,11 @@ class TextStream:
         self._tok = tokenizer
         self._pieces: dict[int, str | int] = {}  # token id -> its text, or its byte value
         self._bytes = codecs.getincrementaldecoder("utf-8")(errors="backslashreplace")
+        # a Hugging Face tokenizer (byte-level BPE: no '▁' or <0xNN> pieces) decodes the
+        # tokens so far and gives what is new, holding back an unfinished character
+        self._whole = getattr(tokenizer, "kind", "sentencepiece") != "sentencepiece"
+        self._ids: list[int] = []
+        self._given = 0  # characters of the decoded tokens already given
 
     def _piece(self, token: int) -> str | int:
         if token not in self._pieces:
@@ -138,6 +143,13 @@ class TextStream:
 
     def push(self, token: int) -> str:
         """The printable text that ``token`` completes ("" while bytes are pending)."""
+        if self._whole:
+            self._ids.append(token)
+            text = self._tok.decode(self._ids)
+            if text.endswith("\ufffd"):  # the character's bytes have not all come
+                return ""
+            new, self._given = text[self._given :], len(text)
+            return printable(new)
         piece = self._piece(token)
         if isinstance(piece, int):
             return printable(self._bytes.decode(bytes([piece])))
@@ -145,6 +157,10 @@ class TextStream:
 
     def flush(self) -> str:
         """Pending bytes that never formed a character, escaped (call it at the end)."""
+        if self._whole:
+            text = self._tok.decode(self._ids)
+            new, self._given = text[self._given :], len(text)
+            return printable(new)
         text = self._bytes.decode(b"", final=True)
         self._bytes.reset()
         return printable(text)

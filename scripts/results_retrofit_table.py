@@ -67,7 +67,8 @@ def results(w: Path) -> tuple[list[str], dict[str, dict[str, Any]]]:
         on, sh, off = (r["bpb"][m] for m in ("retrieval", "shuffled", "no_retrieval"))
         out.append(
             f"| {label} | {r['documents']} | {r['tokens']:,} | {b['bpb']['no_retrieval']:.4f} "
-            f"| {on:.4f} | {sh:.4f} | {off:.4f} | {on - off:+.4f} | {fmt(worst_bucket(r), '+.4f')} |"
+            f"| {on:.4f} | {sh:.4f} | {off:.4f} | {on - off:+.4f} "
+            f"| {fmt(worst_bucket(r), '+.4f')} |"
         )
     rules = []
     h, a = evals["heldout"], evals["new-after"]
@@ -162,7 +163,8 @@ def generations(w: Path) -> list[str]:
         rf, base = load(path), load(w / "gen" / f"{name}.base.json")
         used = sum(1 for r in rf["retrievals"] for d in r["docs"] if d == name)
         out += [
-            f"**{name}**: prompt (its first 300 characters) ends `…{_one_line(rf['prompt'][-80:])}`",
+            f"**{name}**: the prompt (its first 300 characters) ends "
+            f"`…{_one_line(rf['prompt'][-80:])}`",
             "",
             f"- base alone: `{_one_line(base['text'])}`",
             f"- retrofit, retrieval on: `{_one_line(rf['text'])}`",

@@ -275,9 +275,11 @@ def test_train_evaluate_generate_a_retrofit_of_a_hf_folder(hf_setup: dict[str, A
     assert rf.bpb["retrieval"] is not None
     # generation: cached equals uncached, with retrieval, and the neighbours are shown
     text = (hf_setup["corpus"] / "doc00.txt").read_text()[:120]
-    a = generate(model, db, text, max_tokens=12, temperature=0.0)
+    streamed: list[str] = []
+    a = generate(model, db, text, max_tokens=12, temperature=0.0, on_text=streamed.append)
     b = generate(model, db, text, max_tokens=12, temperature=0.0, use_cache=False)
     assert a.tokens == b.tokens and a.retrievals
+    assert "".join(streamed) == a.text
     # resuming continues on the same base
     more = train(_args(hf_setup, out, steps=6, resume=True))
     assert more["step"] == 6
