@@ -325,7 +325,7 @@ def generate(
         typer.Option(
             "--compare",
             help="Two greedy generations, retrieval off and on, side by side, with the "
-            "neighbours used per chunk (--json: {prompt, off, on}). Implies -t 0.",
+            "neighbours used per chunk (--json: an object with prompt, off and on). Implies -t 0.",
         ),
     ] = False,
     base: Annotated[
