@@ -676,14 +676,20 @@ def _load_folder(path: Path) -> HFTokenizer:
     return _from_transformers(auto, path)
 
 
+def require_gguf(path: Path) -> None:
+    """Refuse ``path`` (a .gguf file) when the gguf package that transformers reads it
+    with is missing, naming the extra that installs it."""
+    try:
+        import gguf  # noqa: F401
+    except ImportError as exc:
+        raise BadInputError(f"{path}: {GGUF_EXTRA}") from exc
+
+
 def _load_gguf(path: Path) -> HFTokenizer:
     """The tokenizer inside a ``.gguf`` file, as transformers reads it. The file is read
     through a private folder that holds only a link to it, so a tokenizer.json beside the
     file is not taken instead."""
-    try:
-        import gguf  # noqa: F401  (transformers reads .gguf files with it)
-    except ImportError as exc:
-        raise BadInputError(f"{path}: {GGUF_EXTRA}") from exc
+    require_gguf(path)
     from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory(prefix="retrodb-gguf-") as tmp:

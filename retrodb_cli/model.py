@@ -345,7 +345,6 @@ def generate(
     model itself (a Hugging Face folder or a .gguf file, without retrieval)."""
     from retrodb_model.checkpoint import load_model
     from retrodb_model.generate import generate as run
-    from retrodb_model.generate import printable
 
     if prompt == "-":
         prompt = sys.stdin.read()
@@ -391,13 +390,7 @@ def generate(
         return
     typer.echo("")
     if show_neighbours:
-        for r in res.retrievals:
-            typer.echo(typer.style(f"\n[chunk {r.chunk}] {r.chunk_text!r}", bold=True))
-            for rank, (key, doc, text) in enumerate(zip(r.keys, r.docs, r.texts, strict=True), 1):
-                if key >= 0:
-                    typer.echo(
-                        f"  {rank}. {doc} key {key}: {printable(text.replace(chr(10), ' '))[:160]}"
-                    )
+        _print_retrievals(res.retrievals)
     typer.echo(
         typer.style(
             f"\n{len(res.tokens)} tokens in {res.seconds:.2f}s ({res.tokens_per_s:.1f} tok/s after "
@@ -428,8 +421,15 @@ def _print_comparison(prompt: str, off: Any, on: Any, *, as_json: bool) -> None:
     table.add_row(printable(off.prompt_text), printable(on.prompt_text), style="dim")
     table.add_row(printable(off.text), printable(on.text))
     Console(highlight=False, soft_wrap=False).print(table)
-    for r in on.retrievals:
-        typer.echo(typer.style(f"[chunk {r.chunk}] {printable(r.chunk_text)!r}", bold=True))
+    _print_retrievals(on.retrievals)
+
+
+def _print_retrievals(retrievals: Sequence[Any]) -> None:
+    """Every chunk's text and the neighbours retrieved for it (document, key, text)."""
+    from retrodb_model.generate import printable
+
+    for r in retrievals:
+        typer.echo(typer.style(f"\n[chunk {r.chunk}] {printable(r.chunk_text)!r}", bold=True))
         for rank, (key, doc, text) in enumerate(zip(r.keys, r.docs, r.texts, strict=True), 1):
             if key >= 0:
                 typer.echo(

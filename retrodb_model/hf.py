@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from retrodb.errors import BadInputError, MismatchError, NotFoundError
+from retrodb.tokenizer import require_gguf
 from retrodb_model.cache import RetroCache
 from retrodb_model.config import RetroConfig
 from retrodb_model.kernels import IGNORE_INDEX, head_cross_entropy
@@ -49,8 +50,6 @@ if TYPE_CHECKING:
 
 #: The ``model_type`` of the bases a retrofit accepts.
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
-#: The extra that installs what reading a .gguf file needs.
-HF_EXTRA = "retrodb[hf]"
 #: The files of a base folder that its fingerprint covers (the weights and the shape).
 _FINGERPRINTED = (".safetensors", ".bin", ".gguf")
 #: The RetroConfig fields a base decides; --model may not change them.
@@ -103,12 +102,7 @@ def load_base(path: str | Path) -> PreTrainedModel:
 
     try:
         if p.suffix == ".gguf":
-            try:
-                import gguf  # noqa: F401
-            except ImportError:
-                raise BadInputError(
-                    f"{p}: reading a .gguf file needs the gguf package: pip install '{HF_EXTRA}'"
-                ) from None
+            require_gguf(p)
             model = AutoModelForCausalLM.from_pretrained(
                 str(p.parent), gguf_file=p.name, local_files_only=True, dtype=torch.float32
             )
@@ -408,7 +402,6 @@ class RetrofitModel(RetrievalParts):
 
 
 __all__ = [
-    "HF_EXTRA",
     "SUPPORTED",
     "RetrofitCache",
     "RetrofitModel",
