@@ -298,7 +298,9 @@ def main() -> None:
             versions.append(Version(f"{label}, bias {'on' if bias else 'off'}", model, False))
     if args.levers != "on":  # ours, bias on, without the levers
         torch.manual_seed(0)
-        bare = cfg.replace(enc_input="raw", cca_null=False, cca_overlap_gate="none")
+        bare = cfg.replace(
+            enc_input="raw", cca_null=False, cca_overlap_gate="none", cca_copy_bias=False
+        )
         versions.append(Version("ours, no levers", RetroModel(bare), False))
         if args.levers == "off":
             versions = [v for v in versions if not v.name.startswith("ours, bias")]

@@ -21,7 +21,7 @@ from typing import Annotated, Any
 import typer
 
 from retrodb.corpus import plural
-from retrodb_model.config import FLOORS, EvalArgs, TrainArgs
+from retrodb_model.config import BOOSTS, FLOORS, EvalArgs, TrainArgs, check_null_boost
 from retrodb_model.options import Option, eval_options, from_options, train_options
 from retrodb_model.threads import RULE as THREADS_RULE
 from retrodb_model.threads import default_threads
@@ -228,6 +228,18 @@ def evaluate(
 # ---------------------------------------------------------------- calibrate
 
 _FLOORS_TEXT = ",".join(format(a, "g") for a in FLOORS)
+_BOOSTS_TEXT = ",".join(format(b, "g") for b in BOOSTS)
+
+
+def _grid(flag: str, text: str, lo: float, hi: float) -> list[float]:
+    """The numbers of a comma-separated option, each in [lo, hi], or a clear error."""
+    try:
+        grid = [float(a) for a in text.split(",") if a.strip()]
+    except ValueError:
+        fail(f"{flag}: not a comma-separated list of numbers: {text!r}")
+    if not grid or any(not lo <= a <= hi for a in grid):
+        fail(f"{flag}: give numbers between {lo:g} and {hi:g}, got {text!r}")
+    return grid
 
 
 def calibrate(
@@ -243,41 +255,52 @@ def calibrate(
             "--floors", help="The overlap floors to try, comma-separated fractions of a chunk."
         ),
     ] = _FLOORS_TEXT,
+    boosts: Annotated[
+        str,
+        typer.Option(
+            "--boosts",
+            help="The null boosts to try with every floor, comma-separated numbers >= 0 "
+            "(added to the score of CCA's null key).",
+        ),
+    ] = _BOOSTS_TEXT,
     as_json: ResultJsonOpt = False,
     threads: ThreadsOpt = None,
     quiet: QuietOpt = False,
     **options: Any,
 ) -> None:
-    """Choose the overlap floor (--min-overlap) on validation documents and record it in
-    DIR/retrieval.json: the smallest floor with which retrieval never hurts (on <= off +
-    0.002 overall and in every overlap bucket up to 50 %; shuffled no better than off).
-    evaluate and generate use the recorded floor by default."""
+    """Choose the overlap floor (--min-overlap) and the null boost (--null-boost) on
+    validation documents and record them in DIR/retrieval.json: of every pair with which
+    retrieval never hurts (on <= off + 0.002 overall and + 0.003 in every overlap bucket
+    up to 50 %; shuffled no better than off - 0.002), the one with the lowest bpb with
+    retrieval on; if none, the most cautious. evaluate and generate use them by default."""
     from retrodb_model.evaluate import calibrate_floor
 
-    try:
-        grid = [float(a) for a in floors.split(",") if a.strip()]
-    except ValueError:
-        fail(f"--floors: not a comma-separated list of numbers: {floors!r}")
-    if not grid or any(not 0.0 <= a <= 1.0 for a in grid):
-        fail(f"--floors: give fractions between 0 and 1, got {floors!r}")
+    grid = _grid("--floors", floors, 0.0, 1.0)
+    boost_grid = _grid("--boosts", boosts, 0.0, 1e6)
     args = from_options(EvalArgs, options)
     rdb = open_db(db, threads=_set_threads(threads))
     with progress_bars(quiet or as_json) as progress:
-        settings = calibrate_floor(directory, rdb, inputs, args, floors=grid, progress=progress)
+        settings = calibrate_floor(
+            directory, rdb, inputs, args, floors=grid, boosts=boost_grid, progress=progress
+        )
     if as_json:
         typer.echo(json.dumps(settings, indent=1))
         return
     if quiet:
         return
-    typer.echo(f"  {'floor':>5} {'on - off':>9} {'worst bucket':>13} {'off - shuffled':>15}  meets")
+    typer.echo(
+        f"  {'floor':>5} {'boost':>5} {'on - off':>9} {'worst bucket':>13} "
+        f"{'off - shuffled':>15}  meets"
+    )
     for t in settings["floors"]:
         h = t["hurt"]
         typer.echo(
-            f"  {t['min_overlap']:>5g} {_fmt(h['overall']):>9} {_fmt(h['bucket']):>13} "
-            f"{_fmt(h['shuffled']):>15}  {'yes' if t['meets'] else 'no'}"
+            f"  {t['min_overlap']:>5g} {t['null_boost']:>5g} {_fmt(h['overall']):>9} "
+            f"{_fmt(h['bucket']):>13} {_fmt(h['shuffled']):>15}  {'yes' if t['meets'] else 'no'}"
         )
     typer.echo(
-        f"recorded min_overlap {settings['min_overlap']:g} in {Path(directory) / 'retrieval.json'}"
+        f"recorded min_overlap {settings['min_overlap']:g}, null_boost "
+        f"{settings['null_boost']:g} in {Path(directory) / 'retrieval.json'}"
     )
 
 
@@ -317,6 +340,15 @@ def generate(
             max=1.0,
         ),
     ] = None,
+    null_boost: Annotated[
+        float | None,
+        typer.Option(
+            "--null-boost",
+            help="Added to the score of CCA's null key: more caution with every neighbour "
+            "(default: the checkpoint's retrieval.json, else 0).",
+            min=0.0,
+        ),
+    ] = None,
     no_cache: Annotated[
         bool, typer.Option("--no-cache", help="Recompute every step (slow; for checking).")
     ] = False,
@@ -350,6 +382,9 @@ def generate(
         prompt = sys.stdin.read()
     rdb = open_db(db, threads=_set_threads(threads))
     model, ckpt = load_model(directory, db=rdb, base=base)
+    if null_boost is not None:
+        check_null_boost(null_boost)
+        model.set_null_boost(null_boost)
     if compare:
         if no_retrieval or not ckpt.retrieval:
             fail("--compare sets retrieval off beside on: give a model trained with retrieval")
@@ -444,6 +479,8 @@ def register(app: typer.Typer) -> None:
     evaluate_command = with_options(evaluate, eval_options(), before="threads")
     app.command(name="evaluate", cls=Command)(handle_errors(evaluate_command))
     app.command(name="generate", cls=Command)(handle_errors(generate))
-    no_floor = [o for o in eval_options() if o.name not in ("min_overlap", "no_retrieval")]
+    no_floor = [
+        o for o in eval_options() if o.name not in ("min_overlap", "null_boost", "no_retrieval")
+    ]
     calibrate_command = with_options(calibrate, no_floor, before="threads")
     app.command(name="calibrate", cls=Command)(handle_errors(calibrate_command))

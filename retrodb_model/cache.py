@@ -10,9 +10,24 @@ layer's CCA attends to in one call, with or without a cache.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from retrodb_model.gate import COPY_RUN_MAX
+
+
+class Encoded(NamedTuple):
+    """The neighbours of the chunks one call completes, encoded: states (B, n, k*r, E),
+    validity (B, n, k*r) (None: every token real), each neighbour's overlap with its chunk
+    (B, n, k) (None: no overlap gate), and the tokens the states encode (B, n, k*r),
+    negative where not real (None: no copy bias)."""
+
+    states: Tensor
+    valid: Tensor | None
+    overlap: Tensor | None
+    tokens: Tensor | None
 
 
 @dataclass(frozen=True)
@@ -20,13 +35,18 @@ class CCAInputs:
     """What the CCA of one decoder layer attends to in one call: keys and values (B, c,
     H, k*r, hd) of the encoded neighbours of chunks first_chunk .. first_chunk + c - 1,
     their validity (B, c, k*r) bool (None: every token real), and each neighbour's overlap
-    with its chunk (B, c, k) for the overlap gate (None: no gate)."""
+    with its chunk (B, c, k) for the overlap gate (None: no gate); with the copy bias, the
+    neighbours' tokens and the text before and in the call."""
 
     keys: Tensor
     values: Tensor
     valid: Tensor | None
     first_chunk: int
     overlap: Tensor | None = None
+    # the copy bias's inputs: the neighbours' tokens (B, c, k*r), and the call's tokens
+    # after the COPY_RUN_MAX - 1 before it (B, COPY_RUN_MAX - 1 + T), negative = unknown
+    tokens: Tensor | None = None
+    text: Tensor | None = None
 
 
 @dataclass
@@ -57,6 +77,10 @@ class RetroCache:
     cca_valid: list[Tensor | None] = field(default_factory=list)
     # per completed chunk (overlap gate only): (B, k) overlap of its neighbours with it
     cca_overlap: list[Tensor] = field(default_factory=list)
+    # per completed chunk (copy bias only): (B, k*r) the tokens of its neighbours
+    cca_tokens: list[Tensor] = field(default_factory=list)
+    # the last COPY_RUN_MAX - 1 tokens consumed, (B, <= COPY_RUN_MAX - 1) (copy bias)
+    recent_tokens: Tensor | None = None
 
     @property
     def completed_chunks(self) -> int:
@@ -79,27 +103,31 @@ class RetroCache:
         self.pending_states, self.pending_tokens = x[:, cut:], tokens[:, cut:]
         return x[:, :cut], tokens[:, :cut]
 
-    def add_chunks(
-        self,
-        layer: int,
-        keys: Tensor,
-        values: Tensor,
-        valid: Tensor | None,
-        overlap: Tensor | None,
-        *,
-        first: bool,
-    ) -> None:
+    def text(self, tokens: Tensor) -> Tensor:
+        """The copy bias's text for a call with tokens (B, T): the COPY_RUN_MAX - 1 tokens
+        before them (-1 where there are fewer), then tokens."""
+        return text_with_history(tokens, self.recent_tokens)
+
+    def advance(self, tokens: Tensor) -> None:
+        """Count a call's tokens (B, T) as consumed: pos and the recent tokens move on."""
+        self.pos += tokens.shape[1]
+        self.recent_tokens = self.text(tokens)[:, -(COPY_RUN_MAX - 1) :]
+
+    def add_chunks(self, layer: int, new: CCAInputs, *, first: bool) -> None:
         """Keep the CCA keys and values (B, n, H, k*r, hd) of n newly completed chunks
         for decoder layer ``layer``; ``first``: the first RETRO layer, which also records
-        each chunk's validity (B, n, k*r) (None: all real) and its neighbours' overlap
-        (B, n, k) (None: no overlap gate)."""
-        self.cca_keys.setdefault(layer, []).extend(keys.unbind(1))
-        self.cca_values.setdefault(layer, []).extend(values.unbind(1))
+        each chunk's validity (B, n, k*r) (None: all real), its neighbours' overlap
+        (B, n, k) (None: no overlap gate) and their tokens (B, n, k*r) (None: no copy
+        bias)."""
+        self.cca_keys.setdefault(layer, []).extend(new.keys.unbind(1))
+        self.cca_values.setdefault(layer, []).extend(new.values.unbind(1))
         if first:
-            n = keys.shape[1]
-            self.cca_valid.extend([None] * n if valid is None else valid.unbind(1))
-            if overlap is not None:
-                self.cca_overlap.extend(overlap.unbind(1))
+            n = new.keys.shape[1]
+            self.cca_valid.extend([None] * n if new.valid is None else new.valid.unbind(1))
+            if new.overlap is not None:
+                self.cca_overlap.extend(new.overlap.unbind(1))
+            if new.tokens is not None:
+                self.cca_tokens.extend(new.tokens.unbind(1))
 
     def cca_inputs(self, layer: int, start: int, n_tokens: int) -> CCAInputs | None:
         """What the CCA of ``layer`` attends to for n_tokens tokens from position start:
@@ -119,9 +147,15 @@ class RetroCache:
                 [all_real if v is None else v for v in self.cca_valid[lo:hi]], dim=1
             )  # (B, c, k*r)
         overlap = torch.stack(self.cca_overlap[lo:hi], dim=1) if self.cca_overlap else None
-        # keys and values (B, c, H, k*r, hd), overlap (B, c, k)
+        tokens = torch.stack(self.cca_tokens[lo:hi], dim=1) if self.cca_tokens else None
+        # keys and values (B, c, H, k*r, hd), overlap (B, c, k), tokens (B, c, k*r)
         return CCAInputs(
-            torch.stack(keys, dim=1), torch.stack(values, dim=1), valid, lo, overlap=overlap
+            torch.stack(keys, dim=1),
+            torch.stack(values, dim=1),
+            valid,
+            lo,
+            overlap=overlap,
+            tokens=tokens,
         )
 
     def chunks_completed_by(self, n_tokens: int) -> int:
@@ -132,4 +166,13 @@ class RetroCache:
         return (self.pos + n_tokens) // m - self.pos // m
 
 
-__all__ = ["CCAInputs", "RetroCache"]
+def text_with_history(tokens: Tensor, recent: Tensor | None) -> Tensor:
+    """tokens (B, T) after the COPY_RUN_MAX - 1 tokens before them, from recent
+    (B, <= COPY_RUN_MAX - 1; None: none), -1 where there are fewer."""
+    before = tokens.new_full((tokens.shape[0], COPY_RUN_MAX - 1), -1)
+    if recent is not None and recent.shape[1]:
+        before[:, -recent.shape[1] :] = recent
+    return torch.cat((before, tokens), dim=1)
+
+
+__all__ = ["CCAInputs", "Encoded", "RetroCache", "text_with_history"]

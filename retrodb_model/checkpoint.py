@@ -9,8 +9,9 @@
       db.json             the database the model was trained against: tokenizer and encoder
                           fingerprints, chunk size, k, neighbour set, vocabulary, pad id
       log.jsonl           one JSON object per logged training step (appended)
-      retrieval.json      optional: how live retrieval is filtered at inference, e.g. the
-                          overlap floor ``min_overlap`` and the evaluation it was chosen on
+      retrieval.json      optional: how retrieval is judged at inference: the overlap
+                          floor ``min_overlap``, the ``null_boost`` and the evaluation
+                          they were chosen on
 
 A model only makes sense with the tokenizer it was trained with: :func:`check_db` (called by
 :func:`load_model` when given a database) refuses any other with a
@@ -64,6 +65,11 @@ class Checkpoint:
     def min_overlap(self) -> float:
         """The recorded overlap floor (0: every neighbour is kept)."""
         return float(self.retrieval_settings.get("min_overlap", 0.0))
+
+    @property
+    def null_boost(self) -> float:
+        """The recorded null boost (0: CCA's null key as trained)."""
+        return float(self.retrieval_settings.get("null_boost", 0.0))
 
     @property
     def step(self) -> int:
@@ -284,8 +290,9 @@ def load_model(
     device: str | torch.device = "cpu",
     base: str | Path | None = None,
 ) -> tuple[RetrievalParts, Checkpoint]:
-    """The model of a checkpoint, in eval mode, and its metadata. Given ``db``, refuses it
-    unless its tokenizer is the one the model was trained with.
+    """The model of a checkpoint, in eval mode, with its recorded null boost, and its
+    metadata. Given ``db``, refuses it unless its tokenizer is the one the model was
+    trained with.
 
     ``directory`` may also be a pretrained base (a Hugging Face folder or a .gguf file),
     which is then a plain decoder (:func:`open_base`); a retrofit checkpoint opens on its
@@ -303,6 +310,8 @@ def load_model(
     else:
         model = RetroModel(ckpt.config)
         load_weights(model, ckpt.path)
+    if ckpt.null_boost:
+        model.set_null_boost(ckpt.null_boost)
     return model.to(device).eval(), ckpt
 
 

@@ -15,6 +15,7 @@ Layer indices (`retro_layers`, `enc_cross_attn_layers`, `dec_enc_condition_layer
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -123,6 +124,14 @@ class RetroConfig:
     # (the default: on the Python docs it gains on held-out text where "aligned" only
     # breaks even; docs/results-model.md); "none": no gate
     cca_overlap_gate: str = "shift"
+    # copy bias (needs cca_null): every CCA score of a token against neighbour key j gets
+    # a learned per-head bias indexed by the length of the common token run that ends at
+    # the token and at neighbour token j - 1 (retrodb_model.gate.copy_runs). The overlap
+    # gate judges a neighbour once, by the chunk that retrieved it; the copy bias judges
+    # it at every token, so a neighbour whose continuation parts from the text is dropped
+    # there (the default: on held-out Python docs it quarters the worst overlap bucket's
+    # cost and doubles the gain; docs/results-model.md, section 7)
+    cca_copy_bias: bool = True
     # The model accepts any number of neighbours per chunk at run time (the encoder and
     # CCA are independent of k); num_neighbours is the training value and a check for data.
 
@@ -204,6 +213,11 @@ class RetroConfig:
             self.cca_null or self.cca_overlap_gate == "none",
             "cca_overlap_gate needs cca_null (the key a gated-out token attends to)",
         )
+        need(
+            self.cca_null or not self.cca_copy_bias,
+            "cca_copy_bias needs cca_null (the key a token attends to when no neighbour "
+            "follows its text)",
+        )
         need(self.num_neighbours >= 1, f"num_neighbours must be >= 1, got {self.num_neighbours}")
         if not self.neighbour_len:
             setd("neighbour_len", 2 * self.chunk_size)
@@ -253,6 +267,7 @@ class RetroConfig:
         # written before the encoder input could be scaled or normalised
         kwargs.setdefault("enc_input", "raw")
         kwargs.setdefault("cca_null", False)
+        kwargs.setdefault("cca_copy_bias", False)
         gate = kwargs.setdefault("cca_overlap_gate", "none")
         if isinstance(gate, bool):  # research checkpoints wrote a bool (True: "run")
             kwargs["cca_overlap_gate"] = "run" if gate else "none"
@@ -489,6 +504,14 @@ class TrainArgs:
 NEVER_HURT = {"overall": 0.002, "bucket": 0.003, "shuffled": 0.002}
 #: The overlap floors ``retrodb calibrate`` tries by default.
 FLOORS = (0.0, 0.25, 0.5, 0.75)
+#: The null boosts that `retrodb calibrate` tries by default (with every floor).
+BOOSTS = (0.0, 1.0, 2.0, 3.0, 4.0)
+
+
+def check_null_boost(boost: float | None) -> None:
+    """Refuse a null boost that is not a finite number >= 0 (None: the default)."""
+    if boost is not None and not (math.isfinite(boost) and boost >= 0):
+        raise BadInputError(f"null_boost must be a finite number >= 0, got {boost}")
 
 
 @dataclass(frozen=True)
@@ -519,12 +542,16 @@ class EvalArgs:
     min_overlap: float | None = None
     """The overlap floor A: a neighbour sharing a token run of fewer than A x the chunk's
     tokens becomes the null neighbour (default: the checkpoint's retrieval.json, else 0)."""
+    null_boost: float | None = None
+    """Added to the score of CCA's null key (RetrievalParts.set_null_boost): more caution
+    with every neighbour (default: the checkpoint's retrieval.json, else 0)."""
 
     def __post_init__(self) -> None:
         from retrodb.rerank import resolve_fetch  # checks rerank and fetch together
 
         if self.min_overlap is not None and not 0.0 <= self.min_overlap <= 1.0:
             raise BadInputError(f"min_overlap must be between 0 and 1, got {self.min_overlap}")
+        check_null_boost(self.null_boost)
 
         for name in ("k", "seq_len", "max_tokens"):
             value = getattr(self, name)

@@ -52,7 +52,7 @@ from retrodb.errors import BadInputError
 from retrodb.progress import ProgressFn, no_progress
 from retrodb.rerank import longest_run
 from retrodb.tokenizer import Tokenizer
-from retrodb_model.config import FLOORS, NEVER_HURT, EvalArgs, RetroConfig
+from retrodb_model.config import BOOSTS, FLOORS, NEVER_HURT, EvalArgs, RetroConfig
 from retrodb_model.kernels import IGNORE_INDEX
 from retrodb_model.model import RetrievalParts
 from retrodb_model.retrieve import LiveRetriever, Neighbours
@@ -114,6 +114,8 @@ class Evaluation:
     """The overlap floor (0: every neighbour kept)."""
     dropped: int
     """Neighbours the floor made null (of k per retrieving chunk)."""
+    null_boost: float
+    """What CCA added to its null key's score (0: as trained)."""
     shuffle_seed: int
     max_tokens_per_document: int | None
     db: str
@@ -324,13 +326,16 @@ def _alpha_table(
     neigh = np.where(got.mask, got.tokens, -1)[np.asarray(c_rows, dtype=np.int64)]
     overlap = longest_common_run(ctoks, neigh) / np.maximum(lens, 1)  # (C,)
     cb = np.asarray(c_bytes, dtype=np.float64)
-    table: dict[str, Any] = {"alpha": list(ALPHAS), "chunks": [], "fraction": []}
+    # chunks are counted whole, however short (the last target of a full window is a
+    # chunk of one token); "tokens" counts their targets, a share that short ones cannot skew
+    table: dict[str, Any] = {"alpha": list(ALPHAS), "chunks": [], "fraction": [], "tokens": []}
     for mode in modes:
         table[mode] = []
     for alpha in ALPHAS:
         sel = overlap <= alpha / 100.0 + 1e-9
         table["chunks"].append(int(sel.sum()))
         table["fraction"].append(float(sel.mean()) if sel.size else 0.0)
+        table["tokens"].append(int(lens[sel].sum()))
         for mode in modes:
             table[mode].append(_bpb(np.asarray(c_nll[mode])[sel].sum(), cb[sel].sum()))
     table["mean_overlap"] = float(overlap.mean()) if overlap.size else 0.0
@@ -397,7 +402,17 @@ def evaluate(
     default to the model's ``num_neighbours`` and ``max_seq_len``). ``args.no_retrieval``
     evaluates without retrieval only (no search at all); ``args.max_tokens`` scores only
     the first max_tokens targets of each document (a cheaper estimate); ``args.rerank``
-    and ``args.fetch`` choose the neighbours (:class:`~retrodb_model.retrieve.LiveRetriever`)."""
+    and ``args.fetch`` choose the neighbours (:class:`~retrodb_model.retrieve.LiveRetriever`);
+    ``args.null_boost``, when given, is the model's null boost for this evaluation."""
+    if args.null_boost is not None and args.null_boost != model.null_boost:
+        before = model.null_boost
+        model.set_null_boost(args.null_boost)
+        try:
+            return evaluate(
+                model, db, documents, dataclasses.replace(args, null_boost=None), progress=progress
+            )
+        finally:
+            model.set_null_boost(before)
     cfg = model.cfg
     m, L = cfg.chunk_size, _check_seq_len(cfg, args.seq_len)
     k = args.k or cfg.num_neighbours
@@ -442,6 +457,7 @@ def evaluate(
         fetch=int(retriever.fetch or 1),
         min_overlap=retriever.min_overlap,
         dropped=retriever.dropped,
+        null_boost=model.null_boost if retrieved is not None else 0.0,
         shuffle_seed=args.shuffle_seed,
         max_tokens_per_document=args.max_tokens,
         db=str(db.path),
@@ -479,6 +495,7 @@ def evaluate_checkpoint(
         seq_len=args.seq_len or int(ckpt.train_args.get("seq_len", model.cfg.max_seq_len)),
         no_retrieval=args.no_retrieval or not ckpt.retrieval,
         min_overlap=ckpt.min_overlap if args.min_overlap is None else args.min_overlap,
+        null_boost=ckpt.null_boost if args.null_boost is None else args.null_boost,
     )
     result = evaluate(model, db, read_documents(inputs), args, progress=progress)
     result.checkpoint, result.step = str(directory), ckpt.step
@@ -521,25 +538,41 @@ def calibrate_floor(
     args: EvalArgs = EvalArgs(),
     *,
     floors: Sequence[float] = FLOORS,
+    boosts: Sequence[float] = BOOSTS,
     progress: ProgressFn = no_progress,
 ) -> dict[str, Any]:
-    """Choose the checkpoint's overlap floor on ``inputs`` (its validation documents, with
-    ``args.exclude_self`` when they are in the database) and record it in its
-    retrieval.json: the smallest floor whose evaluation meets :data:`NEVER_HURT`, else the
-    largest tried. Returns what was recorded: the floor and every floor's figures."""
+    """Choose the checkpoint's overlap floor and null boost on ``inputs`` (its validation
+    documents, with ``args.exclude_self`` when they are in the database) and record them
+    in its retrieval.json. Every pair of ``floors`` x ``boosts`` is evaluated; of those
+    that meet :data:`NEVER_HURT` the one with the lowest bpb with retrieval on is chosen,
+    else the most cautious (the largest floor, then the largest boost). Returns what was
+    recorded: the choice and every pair's figures."""
     from retrodb_model.checkpoint import write_retrieval_settings
 
-    tried = []
+    tried: list[dict[str, Any]] = []
     for a in sorted(set(floors)):
-        res = evaluate_checkpoint(
-            directory, db, inputs, dataclasses.replace(args, min_overlap=a), progress=progress
-        )
-        tried.append(
-            {"min_overlap": a, "bpb": res.bpb, "hurt": hurt(res), "meets": never_hurts(res)}
-        )
-    chosen = next((t["min_overlap"] for t in tried if t["meets"]), tried[-1]["min_overlap"])
+        for b in sorted(set(boosts)):
+            res = evaluate_checkpoint(
+                directory,
+                db,
+                inputs,
+                dataclasses.replace(args, min_overlap=a, null_boost=b),
+                progress=progress,
+            )
+            tried.append(
+                {
+                    "min_overlap": a,
+                    "null_boost": b,
+                    "bpb": res.bpb,
+                    "hurt": hurt(res),
+                    "meets": never_hurts(res),
+                }
+            )
+    meeting = [t for t in tried if t["meets"]]
+    chosen = min(meeting, key=lambda t: t["bpb"]["retrieval"]) if meeting else tried[-1]
     settings = {
-        "min_overlap": chosen,
+        "min_overlap": chosen["min_overlap"],
+        "null_boost": chosen["null_boost"],
         "chosen_on": [str(i) for i in inputs],
         "exclude_self": args.exclude_self,
         "rules": NEVER_HURT,

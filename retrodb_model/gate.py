@@ -9,6 +9,14 @@ m; `add_overlap_scores`), and the null key starts ahead (`null_bias_prior`), so 
 neighbour that shares no text with its chunk starts ignored. Gate "shift" first moves
 each neighbour so that its longest common run sits at the chunk's offsets
 (`align_neighbours`). `locality_prior` is CCA's initial position bias.
+
+With `RetroConfig.cca_copy_bias`, each CCA score of a token against neighbour key j also
+gets a learned per-head bias indexed by the length of the common token run that ends at
+the token's own position in the text and at neighbour token j - 1 (`copy_runs`, capped at
+`COPY_RUN_MAX`; `copy_bias_prior` is its initial table): key j is the token that
+continues such a run, so a neighbour is attended where the text is following it right
+now, and ignored where its continuation has parted from the text. The run only looks at
+tokens up to the query's own, so it is causal.
 """
 
 from __future__ import annotations
@@ -159,6 +167,50 @@ def add_overlap_scores(
     return mask + gate  # (G, H, m, k*r)
 
 
+#: The longest common run `copy_runs` counts; longer runs are this long.
+COPY_RUN_MAX = 16
+#: The initial copy bias of keys that continue no run, and of keys that continue a run of
+#: COPY_RUN_MAX tokens; in between it grows with the log of the run's length.
+COPY_BIAS_RANGE = (-2.0, 2.0)
+
+
+def copy_bias_prior(n_heads: int) -> Tensor:
+    """The initial copy-bias table (H, COPY_RUN_MAX + 1): entry n is the score bias of a
+    key that continues a common run of n tokens, the same in every head, rising from
+    COPY_BIAS_RANGE[0] (no run: a neighbour whose continuation has left the text starts
+    behind the null key) to COPY_BIAS_RANGE[1] with log(1 + n)."""
+    lo, hi = COPY_BIAS_RANGE
+    n = torch.arange(COPY_RUN_MAX + 1, dtype=torch.float32)
+    row = lo + (hi - lo) * torch.log1p(n) / math.log1p(COPY_RUN_MAX)
+    return row.expand(n_heads, -1).clone()
+
+
+@torch.no_grad()
+def copy_runs(text: Tensor, neighbours: Tensor, r: int) -> Tensor:
+    """Run lengths for the copy bias.
+
+    text (B, c, m, R): for each query of c shifted chunks, its own token (index 0) and the
+    R - 1 tokens before it (index l: l tokens back), negative where unknown;
+    neighbours (B, c, k*r): the tokens of the k neighbours each chunk attends to, negative
+    where not real. Returns (B, c, m, k*r) int64: for key j, the length (at most R) of the
+    common run of the text ending at the query and the neighbour ending at token j - 1, in
+    the same neighbour (0 for each neighbour's first key)."""
+    B, c, m, R = text.shape
+    kr = neighbours.shape[-1]
+    k = kr // r
+    nb = neighbours.reshape(B, c, k, r).masked_fill(neighbours.reshape(B, c, k, r) < 0, -2)
+    nb = torch.nn.functional.pad(nb, (R + 1, 0), value=-2)  # (B, c, k, R + 1 + r)
+    alive = torch.ones(B, c, m, k, r, dtype=torch.bool, device=text.device)
+    run = torch.zeros(B, c, m, k, r, dtype=torch.int64, device=text.device)
+    for back in range(R):  # key j against neighbour token j - 1 - back
+        shifted = nb[..., R - back : R - back + r]  # (B, c, k, r)
+        alive &= text[:, :, :, back, None, None] == shifted[:, :, None]
+        run += alive
+        if not bool(alive.any()):
+            break
+    return run.view(B, c, m, kr)
+
+
 def with_null_key(
     k: Tensor, v: Tensor, mask: Tensor | None, null_key: Tensor, null_bias: Tensor
 ) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -186,10 +238,14 @@ def with_null_key(
 
 
 __all__ = [
+    "COPY_BIAS_RANGE",
+    "COPY_RUN_MAX",
     "NULL_MARGIN_INIT",
     "OVERLAP_WEIGHT_INIT",
     "add_overlap_scores",
     "align_neighbours",
+    "copy_bias_prior",
+    "copy_runs",
     "locality_prior",
     "neighbour_overlap",
     "null_bias_prior",

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from retrodb.errors import BadInputError, MismatchError, NotFoundError
 from retrodb.tokenizer import require_gguf
-from retrodb_model.cache import RetroCache
+from retrodb_model.cache import Encoded, RetroCache
 from retrodb_model.config import RetroConfig
 from retrodb_model.kernels import IGNORE_INDEX, head_cross_entropy
 from retrodb_model.model import (
@@ -203,7 +203,7 @@ class _Call:
     cache: RetroCache | None
     start: int
     n_tokens: int
-    encoded: tuple[Tensor, Tensor | None, Tensor | None] | None = None
+    encoded: Encoded | None = None
 
 
 class RetrofitModel(RetrievalParts):
@@ -364,7 +364,7 @@ class RetrofitModel(RetrievalParts):
         finally:
             self._call = None
         if cache is not None:
-            cache.pos = start + T
+            cache.advance(tokens)
         return out.last_hidden_state
 
     # ---- the hooks ----------------------------------------------------------------------
@@ -384,7 +384,7 @@ class RetrofitModel(RetrievalParts):
         if call is None:
             return None
         cca = cast(ChunkedCrossAttention, self.cca[str(layer + 1)])
-        inputs = self._cca_inputs(layer, cca, call.encoded, call.cache, call.start, call.n_tokens)
+        inputs = self._cca_inputs(layer, cca, call.encoded, call.cache, call.tokens, call.start)
         if inputs is None:
             return None
         h = output[0] if isinstance(output, tuple) else output  # (B, T, D)
@@ -397,6 +397,8 @@ class RetrofitModel(RetrievalParts):
             start=call.start,
             first_chunk=inputs.first_chunk,
             overlap=inputs.overlap,
+            text=inputs.text,
+            neighbour_tokens=inputs.tokens,
         )
         return (h, *output[1:]) if isinstance(output, tuple) else h
 

@@ -37,6 +37,7 @@ inside each neighbour (keys have positions 0..r-1 within each neighbour).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 from typing import Any, cast
@@ -45,12 +46,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from retrodb_model.cache import CCAInputs, RetroCache
+from retrodb.errors import BadInputError
+from retrodb_model.cache import CCAInputs, Encoded, RetroCache, text_with_history
 from retrodb_model.config import RetroConfig, ff_hidden
 from retrodb_model.gate import (
+    COPY_RUN_MAX,
     OVERLAP_WEIGHT_INIT,
     add_overlap_scores,
     align_neighbours,
+    copy_bias_prior,
+    copy_runs,
     locality_prior,
     neighbour_overlap,
     null_bias_prior,
@@ -273,8 +278,14 @@ class ChunkedCrossAttention(nn.Module):
             if cfg.cca_overlap_gate != "none"
             else None
         )
+        # the copy bias: a score bias per head and common-run length (0..COPY_RUN_MAX)
+        self.copy_bias = nn.Parameter(copy_bias_prior(cfg.n_heads)) if cfg.cca_copy_bias else None
+        # added to the null key's score at inference (RetrievalParts.set_null_boost): a
+        # setting chosen on validation text (retrodb calibrate), not a weight
+        self.null_boost = 0.0
         # the table index of (query offset j, key position p) inside one neighbour
         m, r = cfg.chunk_size, cfg.neighbour_len
+        self.neighbour_len = r
         offset = torch.arange(r)[None, :] - torch.arange(m)[:, None] - (m - 1)  # (m, r)
         self.register_buffer("bias_index", offset + (2 * m - 2), persistent=False)
 
@@ -307,6 +318,8 @@ class ChunkedCrossAttention(nn.Module):
         start: int,
         first_chunk: int,
         overlap: Tensor | None = None,
+        text: Tensor | None = None,
+        neighbour_tokens: Tensor | None = None,
     ) -> Tensor:
         """The CCA update (B, T, D) of decoder states x (B, T, D) at positions
         [start, start + T); exactly 0 for tokens that have no completed chunk yet.
@@ -316,6 +329,9 @@ class ChunkedCrossAttention(nn.Module):
         valid (B, c, k*r) bool, True = real neighbour token; None = all real.
         overlap (B, c, k) in [0, 1]: each neighbour's overlap with its chunk (used by the
         overlap gate; None = no gate).
+        text (B, COPY_RUN_MAX - 1 + T): the tokens of this call after the COPY_RUN_MAX - 1
+        before it (negative where unknown), and neighbour_tokens (B, c, k*r) the tokens
+        the keys encode (negative = not real): the copy bias's inputs (None = no bias).
         """
         B, T, D = x.shape
         m = self.chunk_size
@@ -355,8 +371,13 @@ class ChunkedCrossAttention(nn.Module):
         if self.overlap_weight is not None and overlap is not None:
             ov = overlap[:, c_lo : c_lo + n_c]  # (B, n_c, k)
             mask = add_overlap_scores(mask, ov, self.overlap_weight, kr, q.dtype)
+        if self.copy_bias is not None and text is not None and neighbour_tokens is not None:
+            mask = self._add_copy_bias(
+                mask, text, neighbour_tokens[:, c_lo : c_lo + n_c], skip, lead, n_c, q.dtype
+            )
         if self.null_key is not None and self.null_bias is not None:
-            k, v, mask = with_null_key(k, v, mask, self.null_key, self.null_bias)
+            null_bias = self.null_bias + self.null_boost if self.null_boost else self.null_bias
+            k, v, mask = with_null_key(k, v, mask, self.null_key, null_bias)
         drop = self.attn.dropout if self.training else 0.0
         y = attend(q.reshape(B * n_c, H, m, hd), k, v, mask=mask, dropout=drop).view(
             B, n_c, H, m, hd
@@ -366,6 +387,34 @@ class ChunkedCrossAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, H, n_c * m, hd)[:, :, lead : lead + L]  # (B, H, L, hd)
         y = self.attn.output(y)  # (B, L, D)
         return F.pad(y, (0, 0, skip, 0))  # (B, T, D): zeros for the first tokens
+
+    def _add_copy_bias(
+        self,
+        mask: Tensor | None,
+        text: Tensor,
+        neighbour_tokens: Tensor,
+        skip: int,
+        lead: int,
+        n_c: int,
+        dtype: torch.dtype,
+    ) -> Tensor:
+        """The score mask plus the copy bias (B*n_c, H, m, k*r) of the call's queries
+        (the last T - skip tokens, placed from offset lead of n_c shifted chunks) against
+        neighbour_tokens (B, n_c, k*r); see `retrodb_model.gate.copy_runs`."""
+        assert self.copy_bias is not None
+        B, m, R = text.shape[0], self.chunk_size, COPY_RUN_MAX
+        back = text.unfold(1, R, 1).flip(-1)[:, skip:]  # (B, L, R): a token, then back
+        L = back.shape[1]
+        back = F.pad(back, (0, 0, lead, n_c * m - lead - L), value=-1).view(B, n_c, m, R)
+        run = copy_runs(back, neighbour_tokens, self.neighbour_len)  # (B, n_c, m, k*r)
+        kr = run.shape[-1]
+        bias = self.copy_bias.to(dtype).t()[run]  # (B, n_c, m, k*r, H)
+        bias = bias.permute(0, 1, 4, 2, 3).reshape(B * n_c, -1, m, kr)  # (B*n_c, H, m, k*r)
+        if mask is None:
+            return bias
+        if mask.dtype == torch.bool:
+            return bias.masked_fill(~mask, float("-inf"))
+        return mask + bias
 
 
 class DecoderBlock(nn.Module):
@@ -404,6 +453,8 @@ class DecoderBlock(nn.Module):
                 start=start,
                 first_chunk=neighbours.first_chunk,
                 overlap=neighbours.overlap,
+                text=neighbours.text,
+                neighbour_tokens=neighbours.tokens,
             )
         return x + self.ff(self.norm_ff(x))
 
@@ -541,6 +592,22 @@ class RetrievalParts(nn.Module):
         """The modules only retrieval uses: the neighbour encoder and every CCA."""
         raise NotImplementedError
 
+    @property
+    def null_boost(self) -> float:
+        """What every CCA adds to its null key's score (0 unless set)."""
+        boosts = {c.null_boost for c in self.modules() if isinstance(c, ChunkedCrossAttention)}
+        return boosts.pop() if len(boosts) == 1 else 0.0
+
+    def set_null_boost(self, boost: float) -> None:
+        """Add ``boost`` to the null key's score in every CCA (an inference setting:
+        retrieval judged with more caution, down to off as boost grows). Refused for a
+        model without a null key unless 0."""
+        if boost and not self.cfg.cca_null:
+            raise BadInputError("a null boost needs a model with a null key (cca_null)")
+        for c in self.modules():
+            if isinstance(c, ChunkedCrossAttention):
+                c.null_boost = float(boost)
+
     def checkpoint_tensors(self) -> dict[str, Tensor]:
         """The tensors a checkpoint stores."""
         raise NotImplementedError
@@ -579,8 +646,8 @@ class RetrievalParts(nn.Module):
         **adamw_kwargs: Any,
     ) -> torch.optim.AdamW:
         """AdamW over the trainable parameters, with weight decay only on weight
-        matrices (linear layers and the embedding), none on norm gains or the CCA
-        position bias.
+        matrices (linear layers and the embedding), none on norm gains, the CCA
+        position and copy tables or the null keys.
 
         Uses the fused AdamW kernel (one pass per tensor; several times faster than the
         default on CPU) unless `fused` or `foreach` is given."""
@@ -662,14 +729,14 @@ class RetrievalParts(nn.Module):
         retrieved: Tensor,
         retrieved_mask: Tensor | None,
         cache: RetroCache | None,
-    ) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
+    ) -> Encoded | None:
         """Encode the neighbours of the chunks this call completes.
 
         x: (B, T, D) decoder activations at the conditioning layer's input; tokens (B, T)
         this call's token ids (the overlap gate compares them with the neighbours).
-        Returns None when no chunk completes, else (encoded (B, n_new, k*r, E), validity
-        (B, n_new, k*r) or None when all real, overlap (B, n_new, k) with the overlap gate
-        or None). The cache keeps the states and tokens of the unfinished chunk."""
+        Returns None when no chunk completes, else their `Encoded` states, validity,
+        overlap and tokens. The cache keeps the states and tokens of the unfinished
+        chunk."""
         m = self.cfg.chunk_size
         B, n_new, k, r = retrieved.shape
         if cache is None:
@@ -689,33 +756,42 @@ class RetrievalParts(nn.Module):
         emb = self.embed_neighbours(retrieved.clamp(min=0))  # (B, n_new, k, r, D)
         chunk_states = states.reshape(B, n_new, m, -1)  # (B, n_new, m, D)
         encoded = self.encoder(emb, valid, chunk_states)  # (B, n_new, k*r, E)
+        nb_tokens = None
+        if self.cfg.cca_copy_bias:  # the tokens the keys encode, -1 where not real
+            real = retrieved >= 0 if valid is None else valid & (retrieved >= 0)
+            nb_tokens = retrieved.masked_fill(~real, -1).view(B, n_new, k * r)
         if valid is not None:
             valid = valid.view(B, n_new, k * r)  # (B, n_new, k*r)
-        return encoded, valid, overlap
+        return Encoded(encoded, valid, overlap, nb_tokens)
 
     def _cca_inputs(
         self,
         i: int,
         cca: ChunkedCrossAttention,
-        encoded: tuple[Tensor, Tensor | None, Tensor | None] | None,
+        encoded: Encoded | None,
         cache: RetroCache | None,
+        tokens: Tensor,
         start: int,
-        n_tokens: int,
     ) -> CCAInputs | None:
-        """What the CCA of decoder layer i (0-based) attends to in this call: the new
-        chunks' keys and values, or with a cache every completed chunk the call's tokens
-        attend to (the new ones are added to the cache first)."""
+        """What the CCA of decoder layer i (0-based) attends to in this call of tokens
+        (B, T) from position start: the new chunks' keys and values, or with a cache every
+        completed chunk the call's tokens attend to (the new ones are added to the cache
+        first); with the copy bias, also the text it compares with the neighbours."""
         new = None
         if encoded is not None:
             # (B, n_new, H, k*r, hd) each
-            keys, values = cca.neighbour_kv(encoded[0], self.rope, self.cfg.neighbour_len)
-            new = CCAInputs(keys, values, encoded[1], first_chunk=0, overlap=encoded[2])
-        if cache is None:
+            keys, values = cca.neighbour_kv(encoded.states, self.rope, self.cfg.neighbour_len)
+            new = CCAInputs(
+                keys, values, encoded.valid, 0, overlap=encoded.overlap, tokens=encoded.tokens
+            )
+        if cache is not None:
+            if new is not None:
+                cache.add_chunks(i, new, first=i + 1 == self.cfg.retro_layers[0])
+            new = cache.cca_inputs(i, start, tokens.shape[1])
+        if new is None or new.tokens is None:
             return new  # None: shorter than a chunk, nothing to attend to
-        if new is not None:
-            first = i + 1 == self.cfg.retro_layers[0]
-            cache.add_chunks(i, new.keys, new.values, new.valid, new.overlap, first=first)
-        return cache.cca_inputs(i, start, n_tokens)
+        text = text_with_history(tokens, None) if cache is None else cache.text(tokens)
+        return dataclasses.replace(new, text=text)
 
 
 class RetroModel(RetrievalParts):
@@ -882,15 +958,15 @@ class RetroModel(RetrievalParts):
         start, T = (0 if cache is None else cache.pos), tokens.shape[1]
         x = self.drop(self.wte(tokens))  # (B, T, D)
         rot = self.rope(slice(start, start + T))  # (T, hd/2) complex
-        encoded: tuple[Tensor, Tensor | None, Tensor | None] | None = None
+        encoded: Encoded | None = None
         for i, block in enumerate(self.decoder_blocks()):
             if retrieved is not None and i + 1 == self.cfg.dec_enc_condition_layer:
                 encoded = self._encode_new_chunks(x, tokens, retrieved, retrieved_mask, cache)
             neighbours = None
             if retrieved is not None and block.cca is not None:
-                neighbours = self._cca_inputs(i, block.cca, encoded, cache, start, T)
+                neighbours = self._cca_inputs(i, block.cca, encoded, cache, tokens, start)
             kv_cache = None if cache is None else cache.layer_kv(i)
             x = block(x, rot, self.rope, start=start, kv_cache=kv_cache, neighbours=neighbours)
         if cache is not None:
-            cache.pos = start + T
+            cache.advance(tokens)
         return self.norm_out(x)

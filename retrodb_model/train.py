@@ -205,7 +205,13 @@ def _resolve_args(args: TrainArgs) -> tuple[TrainArgs, ckpt_mod.Checkpoint | Non
 
 
 #: The RetroConfig fields of the retrieval modules, which a retrofit starts afresh.
-RETROFIT_FIELDS = ("cca_position_bias", "enc_input", "cca_null", "cca_overlap_gate")
+RETROFIT_FIELDS = (
+    "cca_position_bias",
+    "enc_input",
+    "cca_null",
+    "cca_overlap_gate",
+    "cca_copy_bias",
+)
 
 
 def _pretrained_retrofit(

@@ -1,26 +1,32 @@
 #!/usr/bin/env bash
 # Does retrieval ever make held-out text worse, and what the overlap floor (--min-overlap)
-# changes: models trained from scratch by the recipe with --self-share 0.25 and 0.5 on the
+# and the null boost (--null-boost) change: models trained from scratch by the recipe with --self-share 0.25 and 0.5 on the
 # Python library docs, and the RETRO-fit of the plain decoder on the 0.25 set, evaluated
 # on the docs' held-out documents and, cross-domain, on git's documentation (Debian's
 # git-doc, AsciiDoc), before and after `retrodb add` of it.
 #   bash scripts/never_hurt.sh [WORKDIR]     (default: data/never-hurt; ~1.5 h on 2 cores)
 # Every step is skipped when its output exists, so an interrupted run resumes.
 # Knobs (environment): STEPS (300), SEQ_LEN (256), BATCH (4), DTYPE (bf16), MAX_TOKENS
-# (2048 scored tokens per document), FLOORS ("0,0.25,0.5"), SHARES ("0.25 0.5"), RF_SHARE
-# (0.25: the set the RETRO-fit trains on).
+# (2048 scored tokens per document), FLOORS ("0,0.25") and BOOSTS ("0,1,2,3,4": calibrate
+# tries every pair), SHARES ("0.25 0.5"; empty: only the RETRO-fit), RF_STEPS (the
+# RETRO-fit's steps; STEPS), RF_SHARE (0.25: the set the RETRO-fit trains on), MODEL (extra --model KEY=VALUE options of every
+# model trained, e.g. "cca_copy_bias=false" for the models before the copy bias).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${1:-data/never-hurt}
 PY=${PY:-.venv/bin/python}
 RETRODB=${RETRODB:-.venv/bin/retrodb}
 STEPS=${STEPS:-300}
+RF_STEPS=${RF_STEPS:-$STEPS}
 SEQ_LEN=${SEQ_LEN:-256}
 BATCH=${BATCH:-4}
 DTYPE=${DTYPE:-bf16}
-FLOORS=${FLOORS:-0,0.25,0.5}
-SHARES=${SHARES:-0.25 0.5}
+FLOORS=${FLOORS:-0,0.25}
+BOOSTS=${BOOSTS:-0,1,2,3,4}
+SHARES=${SHARES-0.25 0.5}
 RF_SHARE=${RF_SHARE:-0.25}
+MODEL_OPTS=()
+for kv in ${MODEL:-}; do MODEL_OPTS+=(--model "$kv"); done
 SRC=$(bash scripts/get-pydocs.sh data/pydocs)/library
 mkdir -p "$W"
 
@@ -70,7 +76,8 @@ fi
 
 # 3. Train, the recipe's defaults, one torch thread per process, the models side by side.
 TRAIN=(--steps "$STEPS" --seq-len "$SEQ_LEN" --batch-size "$BATCH" --warmup 30 --dtype "$DTYPE"
-       --eval-every 50 --eval-batches 10 --log-every 10 --save-every 100 --threads 1 --resume)
+       --eval-every 50 --eval-batches 10 --log-every 10 --save-every 100 --threads 1 --resume
+       ${MODEL_OPTS[@]+"${MODEL_OPTS[@]}"})
 for s in $SHARES; do
   "$RETRODB" train "$W/db" --neighbours "ss$s" "${TRAIN[@]}" --preset small --out "$W/retro-ss$s" \
     >> "$W/train-ss$s.log" 2>&1 &
@@ -80,30 +87,32 @@ wait
 # neighbour encoder trained) on the RF_SHARE set, one after the other, two threads each.
 "$RETRODB" train "$W/db" --neighbours "ss$RF_SHARE" "${TRAIN[@]}" --threads 2 --preset small \
   --no-retrieval --out "$W/retro-plain" >> "$W/train-plain.log" 2>&1
-"$RETRODB" train "$W/db" --neighbours "ss$RF_SHARE" "${TRAIN[@]}" --threads 2 \
+"$RETRODB" train "$W/db" --neighbours "ss$RF_SHARE" "${TRAIN[@]}" --threads 2 --steps "$RF_STEPS" \
   --retrofit "$W/retro-plain" --out "$W/retro-rf$RF_SHARE" >> "$W/train-rf$RF_SHARE.log" 2>&1
 MODELS="$(for s in $SHARES; do printf 'ss%s ' "$s"; done)rf$RF_SHARE"
 
-# 4. Choose each model's overlap floor on the held-out set (the neighbour sets' validation
-#    split; neighbours from other documents only) and record it in the checkpoint
-#    (retrodb calibrate). Then evaluate on git's documentation, never seen by the choice:
-#    before the add (every neighbour is another project's text) and after it (each chunk
-#    can retrieve itself: the copy gain), with no floor and with the recorded one.
+# 4. Choose each model's overlap floor and null boost on the held-out set (the neighbour
+#    sets' validation split; neighbours from other documents only) and record them in the
+#    checkpoint (retrodb calibrate). Then evaluate on git's documentation, never seen by
+#    the choice: before the add (every neighbour is another project's text) and after it
+#    (each chunk can retrieve itself: the copy gain), as trained (floor 0, boost 0) and
+#    with the recorded settings.
 EVAL=(--max-tokens "${MAX_TOKENS:-2048}" --threads 1 --quiet)
 ev() { local out=$1; shift; [ -f "$out" ] || "$RETRODB" evaluate "$@" "${EVAL[@]}" -o "$out"; }
 for m in $MODELS; do
   [ -f "$W/calibrate-$m.json" ] ||
     "$RETRODB" calibrate "$W/retro-$m" "$W/db" "$W/heldout" --exclude-self --floors "$FLOORS" \
+      --boosts "$BOOSTS" \
       --max-tokens "${MAX_TOKENS:-2048}" --threads 1 --json > "$W/calibrate-$m.json" &
 done
 wait
 for m in $MODELS; do
-  a=$("$PY" -c "import json,sys; print(format(json.load(open(sys.argv[1]))['min_overlap'], 'g'))" "$W/calibrate-$m.json")
-  ev "$W/eval-$m-A0-git.json" "$W/retro-$m" "$W/db" "$W/git" --min-overlap 0 &
-  ev "$W/eval-$m-A$a-git.json" "$W/retro-$m" "$W/db" "$W/git" &
+  ab=$("$PY" -c "import json,sys; d=json.load(open(sys.argv[1])); print(format(d['min_overlap'], 'g') + '-B' + format(d.get('null_boost', 0), 'g'))" "$W/calibrate-$m.json")
+  ev "$W/eval-$m-A0-B0-git.json" "$W/retro-$m" "$W/db" "$W/git" --min-overlap 0 --null-boost 0 &
+  ev "$W/eval-$m-A$ab-git.json" "$W/retro-$m" "$W/db" "$W/git" &
   wait
-  ev "$W/eval-$m-A0-git-added.json" "$W/retro-$m" "$W/db.added" "$W/git" --min-overlap 0 &
-  ev "$W/eval-$m-A$a-git-added.json" "$W/retro-$m" "$W/db.added" "$W/git" &
+  ev "$W/eval-$m-A0-B0-git-added.json" "$W/retro-$m" "$W/db.added" "$W/git" --min-overlap 0 --null-boost 0 &
+  ev "$W/eval-$m-A$ab-git-added.json" "$W/retro-$m" "$W/db.added" "$W/git" &
   wait
 done
 "$PY" scripts/never_hurt_table.py "$W" "$W/never-hurt.md"

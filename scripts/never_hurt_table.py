@@ -1,4 +1,5 @@
-"""The tables of scripts/never_hurt.sh: bpb on / shuffled / off per model, floor and set,
+"""The tables of scripts/never_hurt.sh: bpb on / shuffled / off per model, overlap floor A,
+null boost B and set,
 and whether each meets the rules of "retrieval must never hurt".
 
     .venv/bin/python scripts/never_hurt_table.py WORKDIR [OUT.md]
@@ -17,7 +18,8 @@ from pathlib import Path
 
 OVERALL, BUCKET, SHUFFLED, COPY = 0.002, 0.003, 0.002, 0.35
 NAME = re.compile(
-    r"eval-(?P<model>(?:ss|rf)[\d.]+)-A(?P<floor>[\d.]+)-(?P<set>heldout|git|git-added)\.json"
+    r"eval-(?P<model>(?:ss|rf)[\d.]+)-A(?P<floor>[\d.]+)(?:-B(?P<boost>[\d.]+))?"
+    r"-(?P<set>heldout|git|git-added)\.json"
 )
 #: Model names of the workdir: ``ssS`` from scratch with self-share S, ``rfS`` the RETRO-fit
 #: of the plain decoder on the set of self-share S.
@@ -43,7 +45,7 @@ def worst_bucket(result: dict) -> float | None:
     return max(gaps) if gaps else None
 
 
-def row(model: str, floor: str, kind: str, r: dict) -> str:
+def row(model: str, floor: str, boost: str, kind: str, r: dict) -> str:
     on, sh, off = (r["bpb"].get(m) for m in ("retrieval", "shuffled", "no_retrieval"))
     if kind == "git-added":
         ok = on <= COPY * off
@@ -54,23 +56,27 @@ def row(model: str, floor: str, kind: str, r: dict) -> str:
         rule = f"worst bucket {wb:+.4f}" if wb is not None else ""
     dropped = r.get("dropped", 0)
     return (
-        f"| {label(model)} | {floor} | {kind} | {on:.4f} | {sh:.4f} | {off:.4f} | {on - off:+.4f} "
+        f"| {label(model)} | {floor} | {boost} | {kind} | {on:.4f} | {sh:.4f} | {off:.4f} "
+        f"| {on - off:+.4f} "
         f"| {dropped} | {rule} | {'**yes**' if ok else 'no'} |"
     )
 
 
 def calibration_rows(work: Path) -> list[str]:
-    """The held-out figures of each floor ``retrodb calibrate`` tried, and its choice."""
+    """The held-out figures of each floor and boost ``retrodb calibrate`` tried, and its
+    choice."""
     out = []
     for path in sorted(work.glob("calibrate-*.json")):
         model = path.stem.removeprefix("calibrate-")
         settings = json.loads(path.read_text())
         for t in settings["floors"]:
             on, sh, off = (t["bpb"].get(m) for m in ("retrieval", "shuffled", "no_retrieval"))
-            chosen = " (recorded)" if t["min_overlap"] == settings["min_overlap"] else ""
+            b, b_rec = t.get("null_boost", 0.0), settings.get("null_boost", 0.0)
+            chosen = t["min_overlap"] == settings["min_overlap"] and b == b_rec
             wb = t["hurt"]["bucket"]
             out.append(
-                f"| {label(model)} | {t['min_overlap']:g}{chosen} | heldout | {on:.4f} | {sh:.4f} "
+                f"| {label(model)} | {t['min_overlap']:g} | {b:g}{' (recorded)' if chosen else ''} "
+                f"| heldout | {on:.4f} | {sh:.4f} "
                 f"| {off:.4f} | {on - off:+.4f} | | worst bucket "
                 f"{'-' if wb is None else format(wb, '+.4f')} "
                 f"| {'**yes**' if t['meets'] else 'no'} |"
@@ -85,14 +91,16 @@ def main() -> None:
         m = NAME.fullmatch(path.name)
         if m:
             r = json.loads(path.read_text())
-            rows.append((m["model"], float(m["floor"]), m["set"], m["floor"], r))
-    rows.sort(key=lambda t: (t[0], t[2], t[1]))
+            boost = m["boost"] or "0"
+            key = (m["model"], m["set"], float(m["floor"]), float(boost))
+            rows.append((*key, m["floor"], boost, r))
+    rows.sort(key=lambda t: t[:4])
     lines = [
-        "| model | floor A | set | on | shuffled | off | on - off | neighbours dropped "
-        "| | rules met |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | floor A | boost B | set | on | shuffled | off | on - off "
+        "| neighbours dropped | | rules met |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         *calibration_rows(work),
-        *(row(model, floor, kind, r) for model, _, kind, floor, r in rows),
+        *(row(model, a, b, kind, r) for model, kind, _, _, a, b, r in rows),
     ]
     text = "\n".join(lines) + "\n"
     if len(sys.argv) > 2:

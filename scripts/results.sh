@@ -112,7 +112,7 @@ if [ "${ABLATIONS:-1}" = 1 ]; then
     "$RETRODB" neighbours "$W/db.pristine" paper -k 2 --quiet
   "$RETRODB" train "$W/db.pristine" --neighbours paper "${TRAIN[@]}" --preset small --out "$W/retro-paper" >> "$W/train-retro-paper.log" 2>&1 &
   "$RETRODB" train "$W/db.pristine" --neighbours train "${TRAIN[@]}" --preset small --out "$W/retro-nogate" \
-    --model cca_null=false --model cca_overlap_gate=none >> "$W/train-retro-nogate.log" 2>&1 &
+    --model cca_null=false --model cca_overlap_gate=none --model cca_copy_bias=false >> "$W/train-retro-nogate.log" 2>&1 &
   "$RETRODB" train "$W/db.pristine" --neighbours train "${TRAIN[@]}" --preset small --out "$W/retro-aligned" \
     --model cca_overlap_gate=aligned >> "$W/train-retro-aligned.log" 2>&1 &
   wait

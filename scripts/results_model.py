@@ -346,7 +346,8 @@ retrodb train DB --neighbours train --retrofit runs/plain --out runs/retrofit
 
 with the model's defaults: the neighbour encoder's input goes through an RMSNorm
 (`enc_input = "{mcfg.get("enc_input", "?")}"`), CCA has a null key and an overlap gate
-(`cca_null = {mcfg.get("cca_null", "?")}`, `cca_overlap_gate = "{mcfg.get("cca_overlap_gate", "?")}"`), and the learning rate
+(`cca_null = {mcfg.get("cca_null", "?")}`, `cca_overlap_gate = "{mcfg.get("cca_overlap_gate", "?")}"`), the copy bias
+`cca_copy_bias = {mcfg.get("cca_copy_bias", False)}` (section 7 measures it), and the learning rate
 follows the width (`default_lr`: {fmt(targs.get("lr"), ".2g")} for the small preset). Why each
 lever is there: [model.md](model.md).
 
@@ -461,6 +462,7 @@ RETRO-fit, before the add (the sqlite3 documentation is not in the database yet)
 {read_text(w / "gen-retrofit-before-add.txt")}
 ```
 
+{kept_block(md)}
 ## What each lever does
 
 The recipe against the same model trained without one lever (same steps, data order and
@@ -485,6 +487,19 @@ the CCA position bias.
 ```
 """
     md.write_text(text)
+
+
+NEVER_HURT_BEGIN, NEVER_HURT_END = "<!-- never-hurt:begin -->", "<!-- never-hurt:end -->"
+
+
+def kept_block(md: Path) -> str:
+    """Section 7 (scripts/never_hurt.sh's results, written by hand from its tables), kept
+    from the existing ``md`` between its markers: this script does not reproduce it."""
+    old = md.read_text() if md.exists() else ""
+    if NEVER_HURT_BEGIN in old and NEVER_HURT_END in old:
+        start = old.index(NEVER_HURT_BEGIN)
+        return old[start : old.index(NEVER_HURT_END) + len(NEVER_HURT_END)] + "\n"
+    return f"{NEVER_HURT_BEGIN}\n{NEVER_HURT_END}\n"
 
 
 if __name__ == "__main__":

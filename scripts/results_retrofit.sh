@@ -5,7 +5,8 @@
 # Every step is skipped when its output exists, so an interrupted run resumes.
 # Knobs (environment): STEPS (1500), SEQ_LEN (256), BATCH (4), DTYPE (bf16), THREADS (2),
 # LAYERS ([15,20,25,30]: the base layers CCA follows), ENC_DIM (384), MAX_TOKENS (2048
-# scored tokens per evaluated document), BASE (the .gguf; fetched by get-smollm2.sh).
+# scored tokens per evaluated document), BASE (the .gguf; fetched by get-smollm2.sh), MODEL
+# (extra --model KEY=VALUE options, space-separated, e.g. "cca_copy_bias=false").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${1:-data/results-retrofit}
@@ -20,6 +21,8 @@ LAYERS=${LAYERS:-[15,20,25,30]}
 ENC_DIM=${ENC_DIM:-384}
 BASE=${BASE:-$(bash scripts/get-smollm2.sh data/smollm2)}
 SRC=$(bash scripts/get-pydocs.sh data/pydocs)/library
+MODEL_OPTS=()
+for kv in ${MODEL:-}; do MODEL_OPTS+=(--model "$kv"); done
 mkdir -p "$W" docs/img
 
 # 1. The split of docs/results-model.md: a stable-hashed ~5 % of library/ are "new"
@@ -64,6 +67,7 @@ fi
 #    gate, learning rate by width).
 "$RETRODB" train "$W/db" --neighbours train --retrofit "$BASE" --out "$W/retrofit" \
   --model "retro_layers=$LAYERS" --model "enc_dim=$ENC_DIM" --model enc_heads=6 \
+  ${MODEL_OPTS[@]+"${MODEL_OPTS[@]}"} \
   --steps "$STEPS" --seq-len "$SEQ_LEN" --batch-size "$BATCH" --warmup 50 --dtype "$DTYPE" \
   --eval-every 250 --eval-batches 10 --log-every 25 --save-every 250 --threads "$THREADS" \
   --resume >> "$W/train.log" 2>&1

@@ -46,7 +46,8 @@ GENERATE_JSON_FIELDS = [
 ]  # fmt: skip
 JSON_FIELDS = [
     "documents", "windows", "tokens", "bytes", "seq_len", "chunk_size", "k", "exclude_self",
-    "rerank", "fetch", "min_overlap", "dropped", "shuffle_seed", "max_tokens_per_document",
+    "rerank", "fetch", "min_overlap", "dropped", "null_boost", "shuffle_seed",
+    "max_tokens_per_document",
     "db", "generation", "bpb", "bpb_alpha", "per_document", "seconds",
 ]  # fmt: skip
 
@@ -218,6 +219,9 @@ def test_evaluate_retrieves_live_and_excludes_self(db: RetroDB, tmp_path: Path) 
         assert t is not None and t["alpha"] == list(ALPHAS)
         assert len(t["retrieval"]) == len(ALPHAS)
         assert t["fraction"] == sorted(t["fraction"]) and t["fraction"][-1] == 1.0
+        # every scored chunk j >= 1 is counted with its targets
+        assert t["tokens"] == sorted(t["tokens"]) and 0 < t["tokens"][-1] < r.tokens
+        assert t["chunks"][-1] <= t["tokens"][-1] <= M * t["chunks"][-1]
     # Retrieval off does not depend on the database: identical either way.
     assert res.bpb["no_retrieval"] == excl.bpb["no_retrieval"]
     # The documents are in the database: without exclusion a chunk's nearest neighbour is
@@ -405,29 +409,76 @@ def test_the_overlap_floor_keeps_copies_and_drops_the_rest(
     assert res.min_overlap == 1.0 and res.dropped > 0
 
 
-def test_cli_calibrate_records_the_smallest_floor_that_never_hurts(
+def test_the_null_boost_moves_retrieval_towards_off_and_is_recorded(
+    db: RetroDB, run_dir: Path, tmp_path: Path
+) -> None:
+    """--null-boost B adds B to the score of CCA's null key (value zero): a large B puts
+    all attention there, so retrieval on is exactly off; evaluate leaves the model's own
+    boost as it was; the boost recorded in retrieval.json is what load_model applies."""
+    from retrodb_model.checkpoint import load_model
+
+    model = tiny_model(db)
+    docs = read_documents([db.path.parent / "corpus"])[:3]
+    args = EvalArgs(seq_len=4 * M, exclude_self=True)
+    plain = evaluate(model, db, docs, args)
+    boosted = evaluate(model, db, docs, dataclasses.replace(args, null_boost=1e4))
+    assert plain.null_boost == 0.0 and boosted.null_boost == 1e4 and model.null_boost == 0.0
+    assert boosted.bpb["retrieval"] == pytest.approx(boosted.bpb["no_retrieval"], abs=1e-6)
+    assert plain.bpb["retrieval"] != boosted.bpb["retrieval"]
+    assert evaluate(model, db, docs, args).bpb == plain.bpb  # nothing left behind
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(BadInputError, match="null_boost"):
+            EvalArgs(null_boost=bad)
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(run_dir, ckpt)
+    write_retrieval_settings(ckpt, {"min_overlap": 0.0, "null_boost": 1e4})
+    loaded, meta = load_model(ckpt, db=db)
+    assert meta.null_boost == 1e4 and loaded.null_boost == 1e4
+    res = evaluate_checkpoint(ckpt, db, [db.path.parent / "corpus"], args)
+    assert res.null_boost == 1e4
+    assert res.bpb["retrieval"] == pytest.approx(res.bpb["no_retrieval"], abs=1e-6)
+    gen = CliRunner().invoke(
+        app, ["generate", str(ckpt), str(db.path), "kalo mine", "-n", "20", "-t", "0",
+              "--null-boost", "0", "--json"],
+        catch_exceptions=False,
+    )  # fmt: skip
+    assert gen.exit_code == 0, gen.output
+    bad = CliRunner().invoke(
+        app, ["generate", str(ckpt), str(db.path), "kalo", "--null-boost", "-1"]
+    )
+    assert bad.exit_code != 0 and "--null-boost" in bad.output
+
+
+def test_cli_calibrate_records_the_best_floor_and_boost_that_never_hurt(
     db: RetroDB, run_dir: Path, tmp_path: Path
 ) -> None:
     ckpt = tmp_path / "ckpt"
     shutil.copytree(run_dir, ckpt)
     corpus = str(db.path.parent / "corpus")
     res = CliRunner().invoke(
-        app, ["calibrate", str(ckpt), str(db.path), corpus, "--floors", "1,0", "--exclude-self",
-              "--max-tokens", "64", "--json"],
+        app, ["calibrate", str(ckpt), str(db.path), corpus, "--floors", "1,0", "--boosts", "0,1e4",
+              "--exclude-self", "--max-tokens", "64", "--json"],
         catch_exceptions=False,
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     settings = json.loads(res.output)
-    assert [t["min_overlap"] for t in settings["floors"]] == [0.0, 1.0]
-    at_one = settings["floors"][1]
-    # at floor 1 every neighbour from another document is dropped: on is off, and it meets
-    assert at_one["meets"] and abs(at_one["hurt"]["overall"]) < 1e-5
-    assert settings["min_overlap"] == min(
-        t["min_overlap"] for t in settings["floors"] if t["meets"]
+    tried = [(t["min_overlap"], t["null_boost"]) for t in settings["floors"]]
+    assert tried == [(0.0, 0.0), (0.0, 1e4), (1.0, 0.0), (1.0, 1e4)]
+    # at floor 1 every neighbour from another document is dropped, and at boost 1e4 every
+    # token attends to the null key: on is off, and it meets
+    for t in settings["floors"][1:]:
+        assert t["meets"] and abs(t["hurt"]["overall"]) < 1e-5
+    best = min((t for t in settings["floors"] if t["meets"]), key=lambda t: t["bpb"]["retrieval"])
+    assert (settings["min_overlap"], settings["null_boost"]) == (
+        best["min_overlap"],
+        best["null_boost"],
     )
-    assert read_checkpoint(ckpt).min_overlap == settings["min_overlap"]
+    recorded = read_checkpoint(ckpt)
+    assert (recorded.min_overlap, recorded.null_boost) == (best["min_overlap"], best["null_boost"])
     bad = CliRunner().invoke(app, ["calibrate", str(ckpt), str(db.path), corpus, "--floors", "2"])
     assert bad.exit_code == 1 and "--floors" in bad.output
+    bad = CliRunner().invoke(app, ["calibrate", str(ckpt), str(db.path), corpus, "--boosts", "x"])
+    assert bad.exit_code == 1 and "--boosts" in bad.output
 
 
 def test_cli_generate_and_evaluate_through_a_server(

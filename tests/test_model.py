@@ -330,6 +330,8 @@ def test_cache_checks_its_inputs() -> None:
         dict(cca_null=True, cca_overlap_gate="run"),
         dict(cca_null=True, cca_overlap_gate="aligned", cca_position_bias=False),
         dict(cca_overlap_gate="shift"),
+        dict(cca_copy_bias=True),
+        dict(cca_copy_bias=True, cca_overlap_gate="none"),
     ],
 )
 def test_other_wirings_keep_cache_equivalence_and_causality(overrides: dict) -> None:
@@ -397,10 +399,12 @@ def test_configure_optimizer_decays_only_matrices() -> None:
     assert all(p.dim() == 2 for p in decay["params"])
     biases = {id(b.cca.position_bias) for b in model.decoder_blocks() if b.cca is not None}
     nulls = {id(b.cca.null_key) for b in model.decoder_blocks() if b.cca is not None}
-    assert len(biases) == len(nulls) == len(model.cfg.retro_layers)
-    assert all(p.dim() == 1 or id(p) in biases | nulls for p in no_decay["params"])
-    # a position table and the null keys are not decayed
-    assert biases | nulls <= {id(p) for p in no_decay["params"]}
+    copies = {id(b.cca.copy_bias) for b in model.decoder_blocks() if b.cca is not None}
+    assert len(biases) == len(nulls) == len(copies) == len(model.cfg.retro_layers)
+    tables = biases | nulls | copies
+    assert all(p.dim() == 1 or id(p) in tables for p in no_decay["params"])
+    # the position and copy tables and the null keys are not decayed
+    assert tables <= {id(p) for p in no_decay["params"]}
     n = sum(p.numel() for g in opt.param_groups for p in g["params"])
     assert n == model.num_parameters()  # the tied head is counted once
 
@@ -738,8 +742,10 @@ def test_overlap_gate_starts_on_the_null_key_unless_a_neighbour_overlaps() -> No
     torch.testing.assert_close(cca.null_bias.data, null_bias_prior(cfg))
     with pytest.raises(ValueError, match="cca_null"):
         RetroConfig.preset("tiny", vocab_size=V, cca_null=False, cca_overlap_gate="run")
-    old = {
-        key: v for key, v in cfg.to_dict().items() if key not in ("cca_null", "cca_overlap_gate")
+    old = {  # a config written before these fields
+        key: v
+        for key, v in cfg.to_dict().items()
+        if key not in ("cca_null", "cca_overlap_gate", "cca_copy_bias")
     }
     assert RetroConfig.from_dict(old).cca_overlap_gate == "none"
     assert (
@@ -773,3 +779,101 @@ def test_align_neighbours_moves_the_longest_common_run_to_the_chunks_offsets() -
     assert torch.equal(tokens[0, 0, 3], retrieved[0, 0, 3]) and mask[0, 0, 3].all()
     overlap = neighbour_overlap(chunks, tokens, mask, aligned=True)
     assert overlap.tolist() == [[[1.0, 1.0, 0.25, 0.0]]]
+
+
+# ---- the copy bias ----------------------------------------------------------------------
+
+
+def copying(tokens: torch.Tensor, retrieved: torch.Tensor, m: int = M) -> torch.Tensor:
+    """retrieved with neighbour 0 of each chunk u the text itself from chunk u on (chunk
+    and continuation, as far as the text goes) and neighbour 1 only its chunk: so that
+    the copy bias sees long runs and runs that end."""
+    out = retrieved.clone()
+    T = tokens.shape[1]
+    for u in range(out.shape[1]):
+        piece = tokens[:, u * m : min(T, u * m + out.shape[-1])]
+        out[:, u, 0, : piece.shape[1]] = piece
+        out[:, u, 1, :m] = tokens[:, u * m : u * m + m]
+    return out
+
+
+def test_copy_runs_are_the_common_runs_ending_at_the_query_and_the_key_before() -> None:
+    from retrodb_model.gate import COPY_RUN_MAX, copy_runs
+
+    g = torch.Generator().manual_seed(3)
+    B, c, m, k, r, Rm = 2, 3, 5, 2, 9, COPY_RUN_MAX
+    text = torch.randint(0, 3, (B, c, m, Rm), generator=g)  # 3 symbols: many long runs
+    text[0, 0, 0, 4:] = -1  # the start of the text: unknown before it
+    nb = torch.randint(0, 3, (B, c, k * r), generator=g)
+    nb[1, 1, 3] = -1  # not a real token
+    run = copy_runs(text, nb, r)
+    expected = torch.zeros_like(run)
+    for b, ci, q, key in torch.cartesian_prod(*map(torch.arange, run.shape)).tolist():
+        n, j = divmod(key, r)
+        length = 0
+        while length < Rm and j - 1 - length >= 0:
+            t, x = int(text[b, ci, q, length]), int(nb[b, ci, n * r + j - 1 - length])
+            if t < 0 or t != x:
+                break
+            length += 1
+        expected[b, ci, q, key] = length
+    assert torch.equal(run, expected)
+    assert int(run.max()) >= 3  # the case is not trivial
+
+
+def test_copy_bias_keeps_cache_equivalence_and_causality_on_copied_text() -> None:
+    model = tiny_model(cca_copy_bias=True)
+    with torch.no_grad():
+        for cca in (b.cca for b in model.decoder_blocks() if b.cca is not None):
+            assert cca.copy_bias is not None
+            cca.copy_bias.add_(torch.randn(cca.copy_bias.shape))  # a trained table
+    tokens, retrieved = batch(5, 2, 23)
+    retrieved = copying(tokens, retrieved)
+    with torch.no_grad():
+        full, _ = model(tokens, retrieved)
+        cache = model.new_cache(2)
+        outs, pos = [], 0
+        for step in (3, 1, 6, 1, 1, 11):
+            n, done = cache.chunks_completed_by(step), cache.completed_chunks
+            outs.append(
+                model.forward_step(
+                    tokens[:, pos : pos + step], cache, retrieved[:, done : done + n] if n else None
+                )
+            )
+            pos += step
+        torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5)
+        changed = tokens.clone()
+        changed[:, 13] = (changed[:, 13] + 1) % V
+        after, _ = model(changed, retrieved)
+    assert torch.equal(after[:, :13], full[:, :13])
+    assert not torch.equal(after[:, 13:], full[:, 13:])
+
+
+def test_copy_bias_points_at_the_key_that_continues_the_text() -> None:
+    """With the initial table, a token whose text a neighbour follows gives that
+    neighbour's next token a higher score than every key that continues no run."""
+    from retrodb_model.gate import COPY_RUN_MAX, copy_bias_prior
+
+    cfg = tiny_config(cca_copy_bias=True)
+    model = RetroModel(cfg).eval()
+    cca = next(b.cca for b in model.decoder_blocks() if b.cca is not None)
+    assert cca is not None and cca.copy_bias is not None
+    torch.testing.assert_close(cca.copy_bias.data, copy_bias_prior(cfg.n_heads))
+    table = cca.copy_bias.data
+    assert bool((table[:, 1:] > table[:, :-1]).all())  # longer runs, more trust
+    assert table.shape == (cfg.n_heads, COPY_RUN_MAX + 1)
+    tokens = torch.arange(2 * M)[None] % V  # no repeated token
+    nb = torch.full((1, 1, K * R), -1)
+    nb[0, 0, :R] = tokens[0, :R]  # neighbour 0 is the text
+    text = torch.cat((torch.full((1, COPY_RUN_MAX - 1), -1), tokens[:, : 2 * M - 1]), 1)
+    with torch.no_grad():  # the queries: tokens M-1 .. 2M-2 (skip M - 1 of 2M - 1)
+        mask = cca._add_copy_bias(None, text, nb, M - 1, 0, 1, torch.float32)  # (1, H, m, k*r)
+    for j in range(M):  # query j (token M-1+j) follows the text: key M+j is its next token
+        best = mask[0, :, j].argmax(-1)
+        assert bool((best == M + j).all())
+        assert float(mask[0, 0, j, M + j]) > float(table[0, 0])
+    with pytest.raises(ValueError, match="cca_null"):
+        tiny_config(cca_copy_bias=True, cca_null=False, cca_overlap_gate="none")
+    assert not RetroConfig.from_dict(
+        {key: v for key, v in cfg.to_dict().items() if key != "cca_copy_bias"}
+    ).cca_copy_bias

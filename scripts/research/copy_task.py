@@ -37,6 +37,7 @@ def config(
         max_seq_len=256,
         cca_null=gate,
         cca_overlap_gate="aligned" if gate else "none",
+        cca_copy_bias=False,
     )
 
 
