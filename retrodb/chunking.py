@@ -177,14 +177,20 @@ def chunk_tokens(
     return chunks, lengths
 
 
-def continuation_rows(doc: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """For each row, the row of its continuation (the next chunk of the same document),
-    or -1 at the end of a document. ``doc`` may be a memory map; it is read at ``rows``
-    and ``rows + 1`` only."""
+def next_rows(doc: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each row, the next row (the last row stays itself) and whether that next row is
+    the continuation of the same document. ``doc`` may be a memory map; it is read at
+    ``rows`` and at the next rows only."""
     rows = np.asarray(rows, dtype=np.int64)
     n = doc.shape[0]
     if n == 0:
-        return np.full(rows.shape, -1, dtype=np.int64)
+        return np.full(rows.shape, -1, dtype=np.int64), np.zeros(rows.shape, dtype=bool)
     nxt = np.minimum(rows + 1, n - 1)
-    same = (rows + 1 < n) & (doc[nxt] == doc[rows])
+    return nxt, (rows + 1 < n) & (doc[nxt] == doc[rows])
+
+
+def continuation_rows(doc: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """For each row, the row of its continuation (the next chunk of the same document),
+    or -1 at the end of a document (see :func:`next_rows`)."""
+    nxt, same = next_rows(doc, rows)
     return np.where(same, nxt, -1)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .chunking import continuation_rows
+from .chunking import continuation_rows, next_rows
 from .errors import BadInputError, CorruptError
 from .segment import Segment
 
@@ -105,6 +105,10 @@ class KeyMap:
     def locate_known(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`locate`, refusing keys (other than -1) that the generation does not hold."""
         keys = np.asarray(keys, dtype=np.int64)
+        if self._simple and keys.size:  # one segment of contiguous keys: arithmetic
+            first, count = self.segments[0].meta.first_key, self.segments[0].meta.chunks
+            if keys.min() >= first and keys.max() < first + count:  # all held, no -1
+                return np.zeros(keys.shape, np.int64), keys - first
         seg, row = self.locate(keys)
         unknown = (keys >= 0) & (seg < 0) | (keys < -1)
         if unknown.any():
@@ -286,16 +290,16 @@ class KeyMap:
             r = row[sel]
             if not r.size:
                 continue
-            nxt = continuation_rows(s.doc, r)
-            same = nxt >= 0
-            nxt[~same] = r[~same]  # gather something cheap, then mark it padding
-            # One gather of the rows and their continuations, interleaved: neighbouring
-            # rows share pages, and one pass over the map costs half of two.
+            # The next row is gathered whatever it is, and marked padding (length 0) where
+            # it starts another document.
+            nxt, same = next_rows(s.doc, r)
+            # One gather of the rows and their next rows, interleaved: neighbouring rows
+            # share pages, and one pass over the map costs half of two.
             both = np.stack([r, nxt], axis=1).reshape(-1)
             out[sel] = np.take(s.tokens, both, axis=0).reshape(-1, 2, m)
             lens = np.take(s.lengths, both).reshape(-1, 2)
-            lengths[sel, 0] = lens[:, 0]
-            lengths[sel, 1] = np.where(same, lens[:, 1], 0)
+            lens[:, 1] *= same
+            lengths[sel] = lens
         out[lengths == 0] = self.pad_id  # key -1 and missing continuations
         mask = self.masks(lengths)
         return Retrieved(

@@ -6,7 +6,8 @@
 # Knobs (environment): STEPS (1500), SEQ_LEN (256), BATCH (4), DTYPE (bf16), THREADS (2),
 # LAYERS ([15,20,25,30]: the base layers CCA follows), ENC_DIM (384), MAX_TOKENS (2048
 # scored tokens per evaluated document), BASE (the .gguf; fetched by get-smollm2.sh), MODEL
-# (extra --model KEY=VALUE options, space-separated, e.g. "cca_copy_bias=false").
+# (extra --model KEY=VALUE options, space-separated, e.g. "cca_copy_bias=false"), FLOORS
+# ("0,0.25") and BOOSTS ("0,2,4"): the overlap floors and null boosts calibrate tries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${1:-data/results-retrofit}
@@ -77,7 +78,15 @@ tail -n 1 "$W/train.log"
 [ -f "$W/speed.json" ] || "$PY" benchmarks/bench_retrofit_step.py "$BASE" --checkpoint "$W/retrofit" \
   --seq-len "$SEQ_LEN" --batch-size "$BATCH" --threads "$THREADS" --json > "$W/speed.json"
 
-# 5. Evaluations: the base alone (a plain decoder) and the retrofit (on, shuffled, off) on
+# 5. Choose the retrofit's overlap floor and null boost on the held-out documents (neighbours
+#    from other documents only) and record them in the checkpoint (retrodb calibrate), as
+#    the recipe does; every later evaluation and generation uses them. The held-out set is
+#    also evaluated as trained (floor 0, boost 0).
+[ -f "$W/calibrate.json" ] || "$RETRODB" calibrate "$W/retrofit" "$W/db" "$W/heldout" --exclude-self \
+  --floors "${FLOORS:-0,0.25}" --boosts "${BOOSTS:-0,2,4}" --max-tokens "${MAX_TOKENS:-2048}" \
+  --seq-len "$SEQ_LEN" --threads "$THREADS" --json > "$W/calibrate.json"
+
+# 6. Evaluations: the base alone (a plain decoder) and the retrofit (on, shuffled, off) on
 #    the held-out documents (neighbours from other documents only) and on the new ones,
 #    before and after `retrodb add` puts them in the database (no retraining).
 if [ ! -e "$W/db.added/CURRENT" ]; then
@@ -88,11 +97,13 @@ EVAL=(--max-tokens "${MAX_TOKENS:-2048}" --seq-len "$SEQ_LEN" --threads "$THREAD
 ev() { local out=$1; shift; [ -f "$out" ] || "$RETRODB" evaluate "$@" "${EVAL[@]}" -o "$out"; }
 ev "$W/eval-base-heldout.json" "$BASE" "$W/db" "$W/heldout" --exclude-self
 ev "$W/eval-retrofit-heldout.json" "$W/retrofit" "$W/db" "$W/heldout" --exclude-self
+ev "$W/eval-retrofit-heldout-as-trained.json" "$W/retrofit" "$W/db" "$W/heldout" --exclude-self \
+  --min-overlap 0 --null-boost 0
 ev "$W/eval-base-new.json" "$BASE" "$W/db" "$W/new"
 ev "$W/eval-retrofit-new-before.json" "$W/retrofit" "$W/db" "$W/new"
 ev "$W/eval-retrofit-new-after.json" "$W/retrofit" "$W/db.added" "$W/new"
 
-# 6. Five greedy generations from the opening of new documents after the add, beside the
+# 7. Five greedy generations from the opening of new documents after the add, beside the
 #    base's own.
 mkdir -p "$W/gen"
 for f in $(ls "$W/new" | head -n 5); do

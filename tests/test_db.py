@@ -82,6 +82,24 @@ def test_no_continuation_crosses_a_document(tiny_db: RetroDB) -> None:
     assert not pad.mask.any() and (pad.tokens == tiny_db.pad_id).all()
 
 
+def test_retrieve_in_one_segment_matches_row_by_row(tiny_db: RetroDB) -> None:
+    # One segment of contiguous keys takes the arithmetic path of locate_known; mixed with
+    # -1 it takes the general one. Both must give what each key gives alone.
+    n = tiny_db.manifest.chunks
+    assert len(tiny_db.segments) == 1
+    keys = np.array([n - 1, 0, 3, n - 1, 1])
+    whole = tiny_db.retrieve(keys)
+    mixed = tiny_db.retrieve(np.array([-1, *keys]))
+    for i, key in enumerate(keys):
+        alone = tiny_db.retrieve(np.array([key]))
+        assert (whole.tokens[i] == alone.tokens[0]).all() and (whole.mask[i] == alone.mask[0]).all()
+        assert (mixed.tokens[i + 1] == alone.tokens[0]).all()
+    assert not mixed.mask[0].any()
+    for bad in (n, -2):
+        with pytest.raises(BadInputError, match=f"key {bad} is not in the database"):
+            tiny_db.retrieve(np.array([0, bad]))
+
+
 def test_a_chunks_own_text_finds_itself_first(minilm_db: RetroDB) -> None:
     n = minilm_db.manifest.chunks
     keys = np.arange(0, n, max(1, n // 12))
