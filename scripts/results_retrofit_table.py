@@ -1,6 +1,8 @@
 """The tables of scripts/results_retrofit.sh, written into docs/results-retrofit.md between
 its ``<!-- results:begin -->`` and ``<!-- results:end -->`` markers (the text around them
-is kept), and the bpb(alpha) plot docs/img/retrofit-alpha.png.
+is kept), and the bpb(alpha) plot docs/img/retrofit-alpha.png. When the run calibrated the
+retrofit (calibrate.json), every (floor, boost) pair it tried is listed too, and the
+held-out set as trained (floor 0, boost 0) beside the recorded pair.
 
     .venv/bin/python scripts/results_retrofit_table.py WORKDIR [DOC.md]
 
@@ -125,6 +127,46 @@ def alpha_table(evals: dict[str, dict[str, Any]]) -> list[str]:
     return out
 
 
+def calibration(w: Path) -> list[str]:
+    """The pairs ``retrodb calibrate`` tried on the held-out documents, and which it chose."""
+    path = w / "calibrate.json"
+    if not path.exists():
+        return []
+    c = load(path)
+    out = [
+        "### Calibration: overlap floor and null boost, held-out documents",
+        "",
+        f"`retrodb calibrate` recorded floor {c['min_overlap']:g}, boost {c['null_boost']:g} "
+        "(the lowest bpb on among the pairs that meet the never-hurt rules: on <= off + "
+        f"{c['rules']['overall']}, every bucket up to 50 % <= off + {c['rules']['bucket']}, "
+        f"shuffled >= off - {c['rules']['shuffled']}); every row above uses it.",
+        "",
+        "| floor A | boost B | on | shuffled | off | on - off | worst bucket | shuffled - off "
+        "| meets |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for f in c["floors"]:
+        b, h = f["bpb"], f["hurt"]
+        chosen = f["min_overlap"] == c["min_overlap"] and f["null_boost"] == c["null_boost"]
+        out.append(
+            f"| {f['min_overlap']:g} | {f['null_boost']:g}{' (recorded)' if chosen else ''} "
+            f"| {b['retrieval']:.4f} | {b['shuffled']:.4f} | {b['no_retrieval']:.4f} "
+            f"| {h['overall']:+.4f} | {h['bucket']:+.4f} | {-h['shuffled']:+.4f} "
+            f"| {'**yes**' if f['meets'] else 'no'} |"
+        )
+    trained = w / "eval-retrofit-heldout-as-trained.json"
+    if trained.exists():
+        r = load(trained)
+        on, off = r["bpb"]["retrieval"], r["bpb"]["no_retrieval"]
+        out += [
+            "",
+            f"As trained (floor 0, boost 0), held-out: on {on:.4f}, shuffled "
+            f"{r['bpb']['shuffled']:.4f}, off {off:.4f} (on - off {on - off:+.4f}, worst "
+            f"bucket {fmt(worst_bucket(r), '+.4f')}).",
+        ]
+    return out + [""]
+
+
 def speed(w: Path) -> list[str]:
     s = load(w / "speed.json")
     records = [
@@ -208,6 +250,7 @@ def main() -> None:
     doc = Path(sys.argv[2] if len(sys.argv) > 2 else "docs/results-retrofit.md")
     table, evals = results(w)
     body = ["## Results (written by scripts/results_retrofit_table.py)", "", *table, ""]
+    body += calibration(w)
     body += alpha_table(evals)
     if plot(evals, doc.parent / "img" / "retrofit-alpha.png"):
         body += ["![bpb(alpha)](img/retrofit-alpha.png)", ""]
