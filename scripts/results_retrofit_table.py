@@ -137,9 +137,14 @@ def calibration(w: Path) -> list[str]:
         "### Calibration: overlap floor and null boost, held-out documents",
         "",
         f"`retrodb calibrate` recorded floor {c['min_overlap']:g}, boost {c['null_boost']:g} "
-        "(the lowest bpb on among the pairs that meet the never-hurt rules: on <= off + "
-        f"{c['rules']['overall']}, every bucket up to 50 % <= off + {c['rules']['bucket']}, "
-        f"shuffled >= off - {c['rules']['shuffled']}); every row above uses it.",
+        + (
+            "(the lowest bpb on among the pairs that meet"
+            if any(f["meets"] for f in c["floors"])
+            else "(no pair meets the rules, so the most cautious one:"
+        )
+        + f" on <= off + {c['rules']['overall']}, every bucket up to 50 % <= off + "
+        f"{c['rules']['bucket']}, shuffled >= off - {c['rules']['shuffled']}); every row "
+        "above uses it.",
         "",
         "| floor A | boost B | on | shuffled | off | on - off | worst bucket | shuffled - off "
         "| meets |",
