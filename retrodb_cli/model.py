@@ -129,6 +129,8 @@ def _print_record(record: dict[str, Any]) -> None:
         f"lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s  "
         f"|g| {record['grad_norm']:.2f}"
     )
+    if record.get("distractor_kl") is not None:
+        line += f"  kl {record['distractor_kl']:.4f}"
     if record.get("val_bpb") is not None:
         line += f"  val_loss {_fmt(record['val_loss'])}  val_bpb {_fmt(record['val_bpb'])}"
     typer.echo(line)
@@ -186,7 +188,7 @@ def evaluate(
     **options: Any,
 ) -> None:
     """Bits per byte of held-out documents with retrieval on, with shuffled neighbours
-    (each chunk gets another chunk's) and off, and bpb(alpha)."""
+    (each chunk gets those of another document's chunk) and off, and bpb(alpha)."""
     from retrodb_model.evaluate import evaluate_checkpoint
 
     args = from_options(EvalArgs, options)

@@ -431,6 +431,12 @@ class TrainArgs:
     checkpoint folder or a .gguf file (Llama family or GPT-2; a .gguf needs retrodb[hf]),
     whose tokenizer the database must use (retrodb build --tokenizer BASE). --model
     retro_layers=[24,27,30] chooses the layers CCA follows (default: every third from 6)."""
+    distractors: float = 0.0
+    """Share of training sequences (0 <= P < 1) given the neighbours of another sequence in
+    the batch and trained to predict as the model does with retrieval off (the KL divergence
+    from its own no-retrieval prediction, held fixed; for a RETRO-fit, the frozen base's)
+    instead of the next tokens: neighbours with nothing to copy must then change nothing,
+    rather than teach the model the corpus's style (a RETRO-fit of a pretrained decoder: 0.5)."""
     k: int | None = None
     """Neighbours per chunk (default: all the neighbour set has)."""
     val_fraction: float = 0.05
@@ -478,6 +484,15 @@ class TrainArgs:
             raise BadInputError("eval_every and save_every must be >= 0 (0: only at the end)")
         if not 0 <= self.val_fraction < 1:
             raise BadInputError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0 <= self.distractors < 1:
+            raise BadInputError(f"distractors must be in [0, 1), got {self.distractors}")
+        if self.distractors and self.no_retrieval:
+            raise BadInputError("--distractors trains retrieval: it cannot be --no-retrieval")
+        if self.distractors and self.batch_size < 2:
+            raise BadInputError(
+                "--distractors takes the neighbours of another sequence in the batch: "
+                "it needs --batch-size 2 or more"
+            )
         object.__setattr__(self, "betas", (float(self.betas[0]), float(self.betas[1])))
 
     def to_dict(self) -> dict[str, Any]:
@@ -539,6 +554,11 @@ class EvalArgs:
     """With rerank overlap: dense candidates searched per kept neighbour (default 4)."""
     shuffle_seed: int = 0
     """Seed of the shuffled neighbours."""
+    shuffle_any_chunk: bool = False
+    """Shuffled neighbours may be those of any other chunk, of the same document too (by
+    default each chunk gets those of a chunk of another document: after `retrodb add`, a
+    document's own chunks are its neighbours, and text of the same document is no
+    control)."""
     min_overlap: float | None = None
     """The overlap floor A: a neighbour sharing a token run of fewer than A x the chunk's
     tokens becomes the null neighbour (default: the checkpoint's retrieval.json, else 0)."""

@@ -9,9 +9,13 @@ database (the chunk is encoded with the database's encoder and searched), so doc
 added with ``retrodb add`` after training are retrievable at once.
 
 **Three modes.** ``retrieval``: each chunk attends to its own neighbours. ``shuffled``:
-each chunk attends to the neighbours of another chunk of the evaluation (a random
-derangement of the retrieved rows, seeded): neighbours that are real text but not about the
+each chunk attends to the neighbours of a chunk of another evaluated document (a random
+derangement of the retrieved rows, seeded, that keeps every chunk away from its own
+document's wherever the documents allow): neighbours that are real text but not about the
 chunk, which tells a gain from the right neighbours apart from a gain from any text.
+(Another chunk of the same document is about the chunk: once the document is in the
+database its neighbours are that chunk's own text, which a copying model rightly uses.
+``shuffle_any_chunk`` allows them, as evaluations before 2026-12-06 did.)
 ``no_retrieval``: no neighbours (CCA adds nothing). A model that uses its neighbours only
 where they help scores retrieval <= no_retrieval <= shuffled, or close to it.
 
@@ -117,6 +121,8 @@ class Evaluation:
     null_boost: float
     """What CCA added to its null key's score (0: as trained)."""
     shuffle_seed: int
+    shuffle_any_chunk: bool
+    """Shuffled neighbours from any other chunk (False: from another document's chunks)."""
     max_tokens_per_document: int | None
     db: str
     generation: int
@@ -204,16 +210,35 @@ class _Retrieved:
         return retrieved, mask
 
 
-def derangement(n: int, *, seed: int = 0) -> np.ndarray:
+def derangement(n: int, *, seed: int = 0, groups: np.ndarray | None = None) -> np.ndarray:
     """A random permutation of ``range(n)`` without fixed points (for n >= 2; the identity
-    for n < 2): row i gets the neighbours of row ``perm[i] != i``."""
-    perm = np.random.default_rng(seed).permutation(n)
+    for n < 2): row i gets the neighbours of row ``perm[i] != i``. With ``groups`` (one
+    label per row: the evaluated document), row i also gets a row of another group
+    wherever a swap can give it one; only where one group holds more than half of the
+    rows do some of its rows keep a row of their own group."""
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n)
     if n < 2:
         return perm
     for i in np.nonzero(perm == np.arange(n))[0]:
         if perm[i] == i:  # an earlier swap may have moved it already
             j = (i + 1) % n  # perm[j] != i, and after the swap perm[j] = i != j
             perm[i], perm[j] = perm[j], perm[i]
+    if groups is None:
+        return perm
+    g = np.asarray(groups)
+    if g.shape != (n,):
+        raise ValueError(f"groups must hold one label per row ({n}), got shape {g.shape}")
+    rows = np.arange(n)
+    for i in np.nonzero(g[perm] == g)[0]:
+        if g[perm[i]] != g[i]:  # an earlier swap may have fixed it already
+            continue
+        # rows r such that after swapping perm[i] and perm[r] both rows are valid
+        ok = (g[perm] != g[i]) & (perm != i) & (g != g[perm[i]]) & (rows != perm[i])
+        candidates = np.nonzero(ok)[0]
+        if len(candidates):
+            r = int(rng.choice(candidates))
+            perm[i], perm[r] = perm[r], perm[i]
     return perm
 
 
@@ -226,19 +251,24 @@ def _retrieve(
     progress: ProgressFn,
     *,
     shuffle_seed: int = 0,
+    shuffle_any_chunk: bool = False,
 ) -> _Retrieved:
     """Live retrieval for every full chunk of every window, all at once. ``own``: the
     database document number of each evaluated document, excluded from its neighbours.
-    ``shuffle_seed``: the seed of the shuffled mode's derangement of the rows."""
+    ``shuffle_seed``: the seed of the shuffled mode's derangement of the rows, which gives
+    every chunk the neighbours of a chunk of another document (``shuffle_any_chunk``: of
+    any other chunk)."""
     rows: dict[tuple[int, int], int] = {}
     chunks: list[np.ndarray] = []
     exclude: list[int] = []
+    docs: list[int] = []
     for w in windows:
         for j in range(w.length // m):
             a = w.start + j * m
             rows[(w.doc, a)] = len(chunks)
             chunks.append(toks[w.doc][a : a + m])
             exclude.append(own[w.doc] if own is not None else -2)
+            docs.append(w.doc)
     progress("retrieve", 0, len(chunks))
     got = retriever(
         np.stack(chunks) if chunks else np.zeros((0, m), np.int64),
@@ -246,7 +276,9 @@ def _retrieve(
     )
     progress("retrieve", len(chunks), len(chunks))
     tokens, mask = got.tensors()
-    return _Retrieved(rows, got, tokens, mask, derangement(len(chunks), seed=shuffle_seed))
+    groups = None if shuffle_any_chunk else np.array(docs, dtype=np.int64)
+    shuffle = derangement(len(chunks), seed=shuffle_seed, groups=groups)
+    return _Retrieved(rows, got, tokens, mask, shuffle)
 
 
 def _score(
@@ -434,8 +466,9 @@ def evaluate(
     if not args.no_retrieval:
         own = [retriever.doc_number(i) for i in ids] if args.exclude_self else None
         retrieved = _retrieve(
-            retriever, windows, toks, own, m, progress, shuffle_seed=args.shuffle_seed
-        )
+            retriever, windows, toks, own, m, progress,
+            shuffle_seed=args.shuffle_seed, shuffle_any_chunk=args.shuffle_any_chunk,
+        )  # fmt: skip
     t_model = time.perf_counter()
     nll = _score(
         model, windows, toks, retrieved,
@@ -459,6 +492,7 @@ def evaluate(
         dropped=retriever.dropped,
         null_boost=model.null_boost if retrieved is not None else 0.0,
         shuffle_seed=args.shuffle_seed,
+        shuffle_any_chunk=args.shuffle_any_chunk,
         max_tokens_per_document=args.max_tokens,
         db=str(db.path),
         generation=db.generation,

@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from retrodb.db import RetroDB
 from retrodb.errors import BadInputError, MismatchError, NotFoundError
@@ -334,6 +335,20 @@ def _bpb(nll: float, n: float, nbytes: float) -> dict[str, float | None]:
     return {"loss": nll / n if n else None, "bpb": nll / LN2 / nbytes if nbytes else None}
 
 
+def distractor_rows(
+    batch_size: int, share: float, seed: int, step: int, rank: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, donors) of a step's batch under ``--distractors share``: the sequences (each
+    with probability ``share``) that get the neighbours of another sequence of the batch,
+    and whose. A function of (seed, step, rank) alone, so a resumed run draws the same."""
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_000_003 + rank)
+    pick = torch.rand(batch_size, generator=gen) < share
+    offset = torch.randint(1, max(batch_size, 2), (batch_size,), generator=gen)
+    donors = (torch.arange(batch_size) + offset) % batch_size
+    rows = pick.nonzero().flatten()
+    return rows, donors[rows]
+
+
 # ---------------------------------------------------------------- the run
 
 
@@ -400,6 +415,7 @@ class Trainer:
         self._t0 = time.perf_counter()  # reset when the run starts
         self._updating = False  # inside the optimizer update: the weights are mid-step
         self.grad_norm = 0.0  # of the last step (0 without clipping)
+        self.distractor_kl = [0.0, 0.0]  # nats and targets of distracted rows since the log
 
     # ---- setup
 
@@ -530,6 +546,42 @@ class Trainer:
         assert loss is not None
         return loss, targets
 
+    def _forward_distracted(
+        self, batch: dict[str, torch.Tensor], rows: torch.Tensor, donors: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss to minimise, next-token loss, its targets) of a batch whose ``rows`` get
+        the neighbours of ``donors``: their loss is the KL divergence of the prediction
+        from the model's own with retrieval off (held fixed), in nats per target; the other
+        rows' is the next-token loss. Both are summed over targets and divided by them all.
+        The next-token loss and its targets (the distracted rows ignored) are what is
+        logged."""
+        tokens = batch["tokens"][:, :-1].to(self.device)
+        targets = batch["targets"].to(self.device)
+        retrieved = batch["retrieved"].to(self.device).clone()
+        mask = batch["retrieved_mask"].to(self.device).clone()
+        rows, donors = rows.to(self.device), donors.to(self.device)
+        retrieved[rows], mask[rows] = retrieved[donors], mask[donors]
+        distracted = torch.zeros(tokens.shape[0], dtype=torch.bool, device=self.device)
+        distracted[rows] = True
+        real = targets != IGNORE_INDEX
+        with _autocast(self.args.dtype, self.device):
+            with torch.no_grad():
+                plain, _ = self.model(tokens[rows])  # retrieval off
+            logits, _ = self.ddp(tokens, retrieved, mask)
+        logp = F.log_softmax(logits.float(), dim=-1)
+        lm_targets = targets.masked_fill(distracted[:, None], IGNORE_INDEX)
+        lm_sum = F.nll_loss(
+            logp.flatten(0, 1), lm_targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        p_plain = F.log_softmax(plain.float(), dim=-1)
+        kl = F.kl_div(logp[rows], p_plain, log_target=True, reduction="none").sum(-1)
+        kl_sum = (kl * real[rows]).sum()
+        n_lm = (lm_targets != IGNORE_INDEX).sum()
+        loss = (lm_sum + kl_sum) / real.sum().clamp(min=1)
+        self.distractor_kl[0] += float(kl_sum.detach())
+        self.distractor_kl[1] += float(real[rows].sum())
+        return loss, (lm_sum / n_lm.clamp(min=1)).detach(), lm_targets
+
     def _measure(self, loss: torch.Tensor, targets: torch.Tensor) -> tuple[float, float, float]:
         """(summed NLL in nats, target tokens, their UTF-8 bytes) of one batch."""
         real = targets != IGNORE_INDEX
@@ -538,11 +590,20 @@ class Trainer:
 
     def step(self, batch: dict[str, torch.Tensor], step: int) -> tuple[float, float, float]:
         """One optimizer step (0-based ``step`` sets the learning rate) on ``batch``;
-        returns what :meth:`_measure` measures of it."""
+        returns what :meth:`_measure` measures of it (with ``--distractors``, of the rows
+        trained on their next tokens)."""
         lr = lr_at(step, self.args)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        loss, targets = self._forward(batch, self.ddp)
+        rows = donors = None
+        if self.args.distractors:
+            a = self.args
+            rows, donors = distractor_rows(a.batch_size, a.distractors, a.seed, step, self.d.rank)
+        if rows is not None and donors is not None and len(rows):
+            loss, lm_loss, targets = self._forward_distracted(batch, rows, donors)
+        else:
+            loss, targets = self._forward(batch, self.ddp)
+            lm_loss = loss
         loss.backward()
         if self.args.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.args.grad_clip)
@@ -551,7 +612,7 @@ class Trainer:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self._updating = False
-        return self._measure(loss, targets)
+        return self._measure(lm_loss, targets)
 
     def log_window(self, step: int, window: _Window, *, validate: bool) -> None:
         """Record the steps of ``window`` (and validation when asked): history, log.jsonl
@@ -566,6 +627,10 @@ class Trainer:
             "tokens": self.state["tokens"],
             "elapsed_s": self._elapsed(),
         }
+        if self.args.distractors:
+            kl, n = self.d.all_sum(self.distractor_kl)
+            record["distractor_kl"] = kl / n if n else None
+            self.distractor_kl = [0.0, 0.0]
         if validate:
             record.update(self.validate())
         self.state["history"].append(record)
@@ -657,6 +722,7 @@ __all__ = [
     "TrainArgs",
     "TrainingInterrupted",
     "build_config",
+    "distractor_rows",
     "iter_log",
     "lr_at",
     "train",

@@ -7,7 +7,9 @@
 # LAYERS ([15,20,25,30]: the base layers CCA follows), ENC_DIM (384), MAX_TOKENS (2048
 # scored tokens per evaluated document), BASE (the .gguf; fetched by get-smollm2.sh), MODEL
 # (extra --model KEY=VALUE options, space-separated, e.g. "cca_copy_bias=false"), FLOORS
-# ("0,0.25") and BOOSTS ("0,2,4"): the overlap floors and null boosts calibrate tries.
+# ("0,0.25") and BOOSTS ("0,2,4"): the overlap floors and null boosts calibrate tries,
+# DISTRACTORS (0.5): the share of training sequences given another sequence's neighbours
+# and trained to predict as the frozen base does (--distractors; 0 turns it off).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${1:-data/results-retrofit}
@@ -20,6 +22,7 @@ DTYPE=${DTYPE:-bf16}
 THREADS=${THREADS:-2}
 LAYERS=${LAYERS:-[15,20,25,30]}
 ENC_DIM=${ENC_DIM:-384}
+DISTRACTORS=${DISTRACTORS:-0.5}
 BASE=${BASE:-$(bash scripts/get-smollm2.sh data/smollm2)}
 SRC=$(bash scripts/get-pydocs.sh data/pydocs)/library
 MODEL_OPTS=()
@@ -65,26 +68,35 @@ fi
 
 # 3. RETRO-fit: the base frozen, CCA after LAYERS and a 2-layer encoder of width ENC_DIM
 #    trained, with the model's defaults (RMSNorm encoder input, null key, shift overlap
-#    gate, learning rate by width).
+#    gate, copy bias, learning rate by width). DISTRACTORS of the sequences get another
+#    sequence's neighbours and learn to predict as the base does: a frozen base otherwise
+#    learns the corpus's style from any neighbour, relevant or not.
 "$RETRODB" train "$W/db" --neighbours train --retrofit "$BASE" --out "$W/retrofit" \
   --model "retro_layers=$LAYERS" --model "enc_dim=$ENC_DIM" --model enc_heads=6 \
   ${MODEL_OPTS[@]+"${MODEL_OPTS[@]}"} \
   --steps "$STEPS" --seq-len "$SEQ_LEN" --batch-size "$BATCH" --warmup 50 --dtype "$DTYPE" \
-  --eval-every 250 --eval-batches 10 --log-every 25 --save-every 250 --threads "$THREADS" \
-  --resume >> "$W/train.log" 2>&1
+  --distractors "$DISTRACTORS" --eval-every 250 --eval-batches 10 --log-every 25 \
+  --save-every 250 --threads "$THREADS" --resume >> "$W/train.log" 2>&1
 tail -n 1 "$W/train.log"
 
 # 4. Training speed beside the base's own forward + backward, same batch, same run.
-[ -f "$W/speed.json" ] || "$PY" benchmarks/bench_retrofit_step.py "$BASE" --checkpoint "$W/retrofit" \
-  --seq-len "$SEQ_LEN" --batch-size "$BATCH" --threads "$THREADS" --json > "$W/speed.json"
+# (Written to a .part file first: an interrupted step leaves no file that looks finished.)
+if [ ! -f "$W/speed.json" ]; then
+  "$PY" benchmarks/bench_retrofit_step.py "$BASE" --checkpoint "$W/retrofit" \
+    --seq-len "$SEQ_LEN" --batch-size "$BATCH" --threads "$THREADS" --json > "$W/speed.json.part"
+  mv "$W/speed.json.part" "$W/speed.json"
+fi
 
 # 5. Choose the retrofit's overlap floor and null boost on the held-out documents (neighbours
 #    from other documents only) and record them in the checkpoint (retrodb calibrate), as
 #    the recipe does; every later evaluation and generation uses them. The held-out set is
 #    also evaluated as trained (floor 0, boost 0).
-[ -f "$W/calibrate.json" ] || "$RETRODB" calibrate "$W/retrofit" "$W/db" "$W/heldout" --exclude-self \
-  --floors "${FLOORS:-0,0.25}" --boosts "${BOOSTS:-0,2,4}" --max-tokens "${MAX_TOKENS:-2048}" \
-  --seq-len "$SEQ_LEN" --threads "$THREADS" --json > "$W/calibrate.json"
+if [ ! -f "$W/calibrate.json" ]; then
+  "$RETRODB" calibrate "$W/retrofit" "$W/db" "$W/heldout" --exclude-self \
+    --floors "${FLOORS:-0,0.25}" --boosts "${BOOSTS:-0,2,4}" --max-tokens "${MAX_TOKENS:-2048}" \
+    --seq-len "$SEQ_LEN" --threads "$THREADS" --json > "$W/calibrate.json.part"
+  mv "$W/calibrate.json.part" "$W/calibrate.json"
+fi
 
 # 6. Evaluations: the base alone (a plain decoder) and the retrofit (on, shuffled, off) on
 #    the held-out documents (neighbours from other documents only) and on the new ones,
@@ -102,6 +114,10 @@ ev "$W/eval-retrofit-heldout-as-trained.json" "$W/retrofit" "$W/db" "$W/heldout"
 ev "$W/eval-base-new.json" "$BASE" "$W/db" "$W/new"
 ev "$W/eval-retrofit-new-before.json" "$W/retrofit" "$W/db" "$W/new"
 ev "$W/eval-retrofit-new-after.json" "$W/retrofit" "$W/db.added" "$W/new"
+# Beside it, shuffled neighbours drawn from any other chunk, the same document's too: after
+# the add those are the document's own text (the control of evaluations before 2026-12-06).
+ev "$W/eval-retrofit-new-after-any-chunk.json" "$W/retrofit" "$W/db.added" "$W/new" \
+  --shuffle-any-chunk
 
 # 7. Five greedy generations from the opening of new documents after the add, beside the
 #    base's own.

@@ -87,11 +87,25 @@ def results(w: Path) -> tuple[list[str], dict[str, dict[str, Any]]]:
     )
     gaps = {k: r["bpb"]["shuffled"] - r["bpb"]["no_retrieval"] for k, r in evals.items()}
     ok3 = all(g >= -SHUFFLED for g in gaps.values())
+    donors = (
+        "donors from any other chunk"
+        if any(r.get("shuffle_any_chunk", True) for r in evals.values())
+        else "donors from another document"
+    )
     rules.append(
-        "3. shuffled - off: "
+        f"3. shuffled - off ({donors}): "
         + ", ".join(f"{k} {g:+.4f}" for k, g in gaps.items())
         + f" (>= -{SHUFFLED}): {'**met**' if ok3 else 'not met'}"
     )
+    anyc = w / "eval-retrofit-new-after-any-chunk.json"
+    if anyc.exists():
+        r = load(anyc)
+        rules.append(
+            "   - beside it, new documents after the add with donors from any other chunk, "
+            "the same document's too (`--shuffle-any-chunk`): shuffled "
+            f"{r['bpb']['shuffled']:.4f}, shuffled - off "
+            f"{r['bpb']['shuffled'] - r['bpb']['no_retrieval']:+.4f}"
+        )
     diffs = {
         k: abs(evals[k]["bpb"]["no_retrieval"] - base[k]["bpb"]["no_retrieval"]) for k in evals
     }

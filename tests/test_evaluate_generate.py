@@ -47,7 +47,7 @@ GENERATE_JSON_FIELDS = [
 JSON_FIELDS = [
     "documents", "windows", "tokens", "bytes", "seq_len", "chunk_size", "k", "exclude_self",
     "rerank", "fetch", "min_overlap", "dropped", "null_boost", "shuffle_seed",
-    "max_tokens_per_document",
+    "shuffle_any_chunk", "max_tokens_per_document",
     "db", "generation", "bpb", "bpb_alpha", "per_document", "seconds",
 ]  # fmt: skip
 
@@ -249,6 +249,66 @@ def test_shuffled_neighbours_come_from_another_chunk(n: int) -> None:
         if n >= 2:
             assert (perm != np.arange(n)).all()
     assert not np.array_equal(derangement(257, seed=0), derangement(257, seed=1))
+
+
+@pytest.mark.parametrize("sizes", [[1, 1], [3, 5, 2], [10, 1, 1, 1, 4, 7], [6, 6], [2] * 40])
+def test_shuffled_neighbours_come_from_another_document(sizes: list[int]) -> None:
+    groups = np.repeat(np.arange(len(sizes)), sizes)
+    n = len(groups)
+    for seed in range(20):
+        perm = derangement(n, seed=seed, groups=groups)
+        assert sorted(perm.tolist()) == list(range(n))
+        assert (groups[perm] != groups).all()  # no group holds more than half the rows
+
+
+def test_a_document_with_most_of_the_chunks_keeps_some_of_its_own() -> None:
+    """Where one document holds more than half of the rows, the others still get rows of
+    another document, and no row gets its own: a derangement that does what it can."""
+    groups = np.array([0] * 7 + [1] * 3)
+    for seed in range(20):
+        perm = derangement(10, seed=seed, groups=groups)
+        assert sorted(perm.tolist()) == list(range(10)) and (perm != np.arange(10)).all()
+        assert (groups[perm[7:]] == 0).all()  # the small document's rows all moved away
+        assert (groups[perm[:7]] == 1).sum() == 3  # as many as there are to give
+    one = np.zeros(9, dtype=np.int64)  # one document: the plain derangement
+    assert np.array_equal(derangement(9, seed=4, groups=one), derangement(9, seed=4))
+    with pytest.raises(ValueError, match="one label per row"):
+        derangement(9, groups=np.zeros(8))
+
+
+def test_evaluate_shuffles_across_documents_unless_told(db: RetroDB) -> None:
+    """Shuffled neighbours come from another evaluated document; shuffle_any_chunk gives
+    the plain derangement of all the chunks."""
+    model = tiny_model(db)
+    docs = read_documents([db.path.parent / "corpus"])[:2]
+    seen: list[torch.Tensor] = []
+    forward = model.forward
+
+    def spy(tokens, retrieved=None, retrieved_mask=None, targets=None):  # noqa: ANN001, ANN202
+        seen.append(retrieved)
+        return forward(tokens, retrieved, retrieved_mask, targets)
+
+    model.forward = spy  # type: ignore[method-assign]
+    for any_chunk in (False, True):
+        seen.clear()
+        args = EvalArgs(seq_len=4 * M, batch_size=64, shuffle_any_chunk=any_chunk)
+        res = evaluate(model, db, docs, args)
+        assert res.shuffle_any_chunk is any_chunk
+        on, shuffled, _ = seen
+        real = on[:, :, 0, 0] != -1  # the chunks with neighbours, in window order
+        rows_on, rows_sh = on[real], shuffled[real]
+        doc_of_window = torch.tensor([w_doc for w_doc in _window_docs(docs, db, 4 * M)])
+        doc_of_row = doc_of_window[:, None].expand(real.shape)[real].numpy()
+        perm = derangement(len(rows_on), seed=0, groups=None if any_chunk else doc_of_row)
+        assert torch.equal(rows_sh, rows_on[torch.from_numpy(perm)])
+        if not any_chunk:
+            assert len(set(doc_of_row)) == 2 and (doc_of_row[perm] != doc_of_row).all()
+
+
+def _window_docs(docs: list[tuple[str, str]], db: RetroDB, L: int) -> list[int]:
+    """The evaluated document of each window, in the order evaluate makes them."""
+    toks = db.tokenizer.encode([text for _, text in docs])
+    return [d for d, t in enumerate(toks) for _ in range(0, max(len(t) - 1, 0), L)]
 
 
 def test_evaluate_shuffles_the_neighbours_it_retrieved(db: RetroDB) -> None:

@@ -323,3 +323,38 @@ def test_a_retrofit_checkpoint_refuses_another_base_file(
     shutil.copyfile(hf_setup["base"] / "tokenizer.json", changed / "tokenizer.json")
     with pytest.raises(MismatchError, match="not the base"):
         load_model(out, base=changed)
+
+
+def test_distracted_rows_of_a_fresh_retrofit_cost_nothing_and_the_base_stays(
+    hf_setup: dict[str, Any], tmp_path: Path
+) -> None:
+    """A fresh retrofit is its base, so the distracted rows' KL from the base is 0 and the
+    loss is the next-token loss of the other rows; training with distractors still leaves
+    the base's files and weights as they were."""
+    import torch.nn.functional as F
+
+    from retrodb_model.train import Trainer, _Dist
+
+    args = _args(hf_setup, tmp_path / "rf", batch_size=4, distractors=0.5)
+    trainer = Trainer.setup(args, _Dist(), print)
+    batch = next(iter(trainer.loader))
+    rows, donors, kept = torch.tensor([1, 2]), torch.tensor([0, 3]), torch.tensor([0, 3])
+    loss, lm_loss, _ = trainer._forward_distracted(batch, rows, donors)
+    tokens, t = batch["tokens"][:, :-1], batch["targets"]
+    with torch.no_grad():
+        logits, _ = trainer.model(tokens[kept])
+    ce = F.cross_entropy(logits.flatten(0, 1), t[kept].flatten(), reduction="sum")
+    torch.testing.assert_close(loss.detach(), ce / (t != -100).sum())
+    torch.testing.assert_close(lm_loss, ce / (t[kept] != -100).sum())
+    assert trainer.distractor_kl[1] > 0 and abs(trainer.distractor_kl[0]) < 1e-3
+
+    weights = base_fingerprint(hf_setup["base"])
+    state = train(args)
+    assert all(r["distractor_kl"] is not None for r in state["history"])
+    assert base_fingerprint(hf_setup["base"]) == weights
+    model, _ = load_model(tmp_path / "rf", db=hf_setup["db"])
+    plain = load_base(hf_setup["base"])
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(model.base.state_dict().values(), plain.state_dict().values(), strict=True)
+    )

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import typer
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -32,7 +33,16 @@ from retrodb_model.data import RetroDataset
 from retrodb_model.model import RetroModel
 from retrodb_model.options import parse_model_overrides
 from retrodb_model.threads import RULE, default_threads
-from retrodb_model.train import TrainArgs, TrainingInterrupted, iter_log, lr_at, train
+from retrodb_model.train import (
+    TrainArgs,
+    Trainer,
+    TrainingInterrupted,
+    _Dist,
+    distractor_rows,
+    iter_log,
+    lr_at,
+    train,
+)
 
 from .conftest import SMALL, TOPICS, write_corpus
 from .test_neighbours import build_db, build_trained_db
@@ -410,3 +420,69 @@ def test_ddp_two_processes_on_cpu(tiny_db: RetroDB, tmp_path: Path) -> None:
     model, _ = load_model(out, db=tiny_db)
     batch = torch.randint(0, 100, (1, SEQ))
     assert torch.isfinite(model(batch)[0]).all()
+
+
+def test_distractor_rows_are_drawn_per_step_and_never_their_own_donor() -> None:
+    draws = [distractor_rows(4, 0.5, seed=0, step=s) for s in range(400)]
+    assert 0.4 < sum(len(rows) for rows, _ in draws) / 1600 < 0.6
+    for rows, donors in draws:
+        assert len(rows) == len(donors) and bool((rows != donors).all())
+        assert bool(((donors >= 0) & (donors < 4)).all())
+    again = distractor_rows(4, 0.5, seed=0, step=7)  # a resumed run draws the same
+    assert all(torch.equal(a, b) for a, b in zip(again, draws[7], strict=True))
+    assert not any(len(distractor_rows(4, 0.0, seed=0, step=s)[0]) for s in range(50))
+    with pytest.raises(BadInputError, match="batch-size 2"):
+        TrainArgs(db="d", neighbours="n", out="o", distractors=0.25, batch_size=1)
+    with pytest.raises(BadInputError, match="distractors"):
+        TrainArgs(db="d", neighbours="n", out="o", distractors=1.0)
+
+
+def test_distracted_rows_are_trained_toward_the_prediction_without_retrieval(
+    tiny_db: RetroDB, tmp_path: Path
+) -> None:
+    trainer = Trainer.setup(args_for(tiny_db, tmp_path / "d", distractors=0.5), _Dist(), print)
+    trainer.model.eval()  # no dropout: the two computations below see the same model
+    torch.manual_seed(0)
+    with torch.no_grad():  # CCA starts as a no-op: give retrieval something to change
+        for module in trainer.model.retrieval_modules():
+            for p in module.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+    batch = next(iter(trainer.loader))
+    rows, donors, kept = torch.tensor([0, 2]), torch.tensor([3, 1]), torch.tensor([1, 3])
+    loss, lm_loss, targets = trainer._forward_distracted(batch, rows, donors)
+
+    tokens, t = batch["tokens"][:, :-1], batch["targets"]
+    retrieved, mask = batch["retrieved"].clone(), batch["retrieved_mask"].clone()
+    retrieved[rows], mask[rows] = batch["retrieved"][donors], batch["retrieved_mask"][donors]
+    with torch.no_grad():
+        on, _ = trainer.model(tokens, retrieved, mask)
+        off, _ = trainer.model(tokens[rows])
+    real = t != -100
+    ce = F.cross_entropy(on[kept].flatten(0, 1), t[kept].flatten(), reduction="sum")
+    kl = F.kl_div(on[rows].log_softmax(-1), off.log_softmax(-1), log_target=True, reduction="none")
+    kl = (kl.sum(-1) * real[rows]).sum()
+    assert kl > 1e-4  # the donor's neighbours move this model's prediction
+    torch.testing.assert_close(loss.detach(), (ce + kl) / real.sum())
+    torch.testing.assert_close(lm_loss, ce / real[kept].sum())
+    assert bool((targets[rows] == -100).all()) and torch.equal(targets[kept], t[kept])
+
+
+def test_a_run_with_distractors_logs_their_kl_and_resumes_exactly(
+    tiny_db: RetroDB, tmp_path: Path
+) -> None:
+    full = train(args_for(tiny_db, tmp_path / "full", distractors=0.5))
+    kls = [r["distractor_kl"] for r in full["history"]]
+    assert all(kl is not None and kl > -1e-6 for kl in kls) and max(kls) > 0  # rounding
+
+    def interrupt(record: dict) -> None:
+        if record.get("step") == 4:
+            raise KeyboardInterrupt
+
+    part = tmp_path / "part"
+    with pytest.raises(TrainingInterrupted):
+        train(args_for(tiny_db, part, distractors=0.5), log=interrupt)
+    train(args_for(tiny_db, part, distractors=0.5, resume=True))
+    a = load_file(str(tmp_path / "full" / "model.safetensors"))
+    b = load_file(str(part / "model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
