@@ -124,10 +124,16 @@ ev "$W/eval-retrofit-new-after-any-chunk.json" "$W/retrofit" "$W/db.added" "$W/n
 mkdir -p "$W/gen"
 for f in $(ls "$W/new" | head -n 5); do
   prompt=$("$PY" -c "import sys; print(open(sys.argv[1]).read()[:300])" "$W/new/$f")
-  [ -f "$W/gen/$f.retrofit.json" ] || "$RETRODB" generate "$W/retrofit" "$W/db.added" "$prompt" \
-    -t 0 -n 64 --threads "$THREADS" --json > "$W/gen/$f.retrofit.json"
-  [ -f "$W/gen/$f.base.json" ] || "$RETRODB" generate "$BASE" "$W/db.added" "$prompt" \
-    -t 0 -n 64 --no-retrieval --threads "$THREADS" --json > "$W/gen/$f.base.json"
+  if [ ! -f "$W/gen/$f.retrofit.json" ]; then
+    "$RETRODB" generate "$W/retrofit" "$W/db.added" "$prompt" \
+      -t 0 -n 64 --threads "$THREADS" --json > "$W/gen/$f.retrofit.json.part"
+    mv "$W/gen/$f.retrofit.json.part" "$W/gen/$f.retrofit.json"
+  fi
+  if [ ! -f "$W/gen/$f.base.json" ]; then
+    "$RETRODB" generate "$BASE" "$W/db.added" "$prompt" \
+      -t 0 -n 64 --no-retrieval --threads "$THREADS" --json > "$W/gen/$f.base.json.part"
+    mv "$W/gen/$f.base.json.part" "$W/gen/$f.base.json"
+  fi
 done
 
 "$PY" scripts/results_retrofit_table.py "$W" docs/results-retrofit.md
