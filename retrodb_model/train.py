@@ -189,10 +189,12 @@ def _resolve_args(args: TrainArgs) -> tuple[TrainArgs, ckpt_mod.Checkpoint | Non
             f"{out} already holds a checkpoint (step {resumed.step}); pass --resume to "
             "continue it, or choose another --out"
         )
-    # The saved run defines the model and the data; the command line may extend it.
+    # The saved run defines the model and the data; the command line may extend it, and
+    # says where the checkpoint is now (a folder moved or copied resumes where it lies).
     saved = TrainArgs.from_dict(resumed.train_args)
     args = dataclasses.replace(
         saved,
+        out=args.out,
         steps=args.steps,
         eval_every=args.eval_every,
         eval_batches=args.eval_batches,

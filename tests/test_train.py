@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -173,6 +174,22 @@ def test_resume_equals_an_uninterrupted_run(
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
     assert [r["loss"] for r in full["history"]] == [r["loss"] for r in resumed["history"]]
     assert [r["step"] for r in iter_log(tmp_path / "part")] == [2, 4, 6]
+
+
+def test_a_moved_checkpoint_resumes_where_it_lies(tiny_db: RetroDB, tmp_path: Path) -> None:
+    def interrupt(record: dict) -> None:
+        if record.get("step") == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted):
+        train(args_for(tiny_db, tmp_path / "first"), log=interrupt)
+    moved = tmp_path / "moved"
+    shutil.move(tmp_path / "first", moved)
+    state = train(args_for(tiny_db, moved, resume=True))
+    assert state["step"] == 6 and read_checkpoint(moved).step == 6
+    assert not (tmp_path / "first").exists()  # nothing written to the old place
+    assert json.loads((moved / "config.json").read_text())["train"]["out"] == str(moved)
+    assert [r["step"] for r in iter_log(moved)] == [2, 4, 6]
 
 
 def test_no_retrieval_run_leaves_encoder_and_cca_untouched(plain_run: tuple) -> None:
