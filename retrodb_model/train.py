@@ -548,6 +548,14 @@ class Trainer:
         assert loss is not None
         return loss, targets
 
+    def _distractors(self, step: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows, donors) of this step under ``--distractors``; None when no row is."""
+        a = self.args
+        if not a.distractors:
+            return None
+        rows, donors = distractor_rows(a.batch_size, a.distractors, a.seed, step, self.d.rank)
+        return (rows, donors) if len(rows) else None
+
     def _forward_distracted(
         self, batch: dict[str, torch.Tensor], rows: torch.Tensor, donors: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -559,12 +567,12 @@ class Trainer:
         logged."""
         tokens = batch["tokens"][:, :-1].to(self.device)
         targets = batch["targets"].to(self.device)
-        retrieved = batch["retrieved"].to(self.device).clone()
-        mask = batch["retrieved_mask"].to(self.device).clone()
-        rows, donors = rows.to(self.device), donors.to(self.device)
-        retrieved[rows], mask[rows] = retrieved[donors], mask[donors]
-        distracted = torch.zeros(tokens.shape[0], dtype=torch.bool, device=self.device)
-        distracted[rows] = True
+        source = torch.arange(tokens.shape[0])  # whose neighbours each row reads
+        source[rows] = donors
+        retrieved = batch["retrieved"][source].to(self.device)
+        mask = batch["retrieved_mask"][source].to(self.device)
+        rows = rows.to(self.device)
+        distracted = (source != torch.arange(tokens.shape[0])).to(self.device)
         real = targets != IGNORE_INDEX
         with _autocast(self.args.dtype, self.device):
             with torch.no_grad():
@@ -597,12 +605,9 @@ class Trainer:
         lr = lr_at(step, self.args)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        rows = donors = None
-        if self.args.distractors:
-            a = self.args
-            rows, donors = distractor_rows(a.batch_size, a.distractors, a.seed, step, self.d.rank)
-        if rows is not None and donors is not None and len(rows):
-            loss, lm_loss, targets = self._forward_distracted(batch, rows, donors)
+        drawn = self._distractors(step)
+        if drawn is not None:
+            loss, lm_loss, targets = self._forward_distracted(batch, *drawn)
         else:
             loss, targets = self._forward(batch, self.ddp)
             lm_loss = loss

@@ -276,12 +276,9 @@ def test_a_document_with_most_of_the_chunks_keeps_some_of_its_own() -> None:
         derangement(9, groups=np.zeros(8))
 
 
-def test_evaluate_shuffles_across_documents_unless_told(db: RetroDB) -> None:
-    """Shuffled neighbours come from another evaluated document; shuffle_any_chunk gives
-    the plain derangement of all the chunks."""
-    model = tiny_model(db)
-    docs = read_documents([db.path.parent / "corpus"])[:2]
-    seen: list[torch.Tensor] = []
+def _record_neighbours(model: RetroModel) -> list[torch.Tensor | None]:
+    """The ``retrieved`` tensor of every forward pass of ``model`` from now on."""
+    seen: list[torch.Tensor | None] = []
     forward = model.forward
 
     def spy(tokens, retrieved=None, retrieved_mask=None, targets=None):  # noqa: ANN001, ANN202
@@ -289,6 +286,15 @@ def test_evaluate_shuffles_across_documents_unless_told(db: RetroDB) -> None:
         return forward(tokens, retrieved, retrieved_mask, targets)
 
     model.forward = spy  # type: ignore[method-assign]
+    return seen
+
+
+def test_evaluate_shuffles_across_documents_unless_told(db: RetroDB) -> None:
+    """Shuffled neighbours come from another evaluated document; shuffle_any_chunk gives
+    the plain derangement of all the chunks."""
+    model = tiny_model(db)
+    docs = read_documents([db.path.parent / "corpus"])[:2]
+    seen = _record_neighbours(model)
     for any_chunk in (False, True):
         seen.clear()
         args = EvalArgs(seq_len=4 * M, batch_size=64, shuffle_any_chunk=any_chunk)
@@ -316,14 +322,7 @@ def test_evaluate_shuffles_the_neighbours_it_retrieved(db: RetroDB) -> None:
     chunks a model attends to are exactly the retrieved rows of the derangement."""
     model = tiny_model(db)
     docs = read_documents([db.path.parent / "corpus"])
-    seen: list[torch.Tensor] = []
-    forward = model.forward
-
-    def spy(tokens, retrieved=None, retrieved_mask=None, targets=None):  # noqa: ANN001, ANN202
-        seen.append(retrieved)
-        return forward(tokens, retrieved, retrieved_mask, targets)
-
-    model.forward = spy  # type: ignore[method-assign]
+    seen = _record_neighbours(model)
     res = evaluate(model, db, docs[:1], EvalArgs(seq_len=4 * M, batch_size=64))
     on, shuffled, off = seen
     assert off is None and on.shape == shuffled.shape
