@@ -436,7 +436,7 @@ class TrainArgs:
     the batch and trained to predict as the model does with retrieval off (the KL divergence
     from its own no-retrieval prediction, held fixed; for a RETRO-fit, the frozen base's)
     instead of the next tokens: neighbours with nothing to copy must then change nothing,
-    rather than teach the model the corpus's style (a RETRO-fit of a pretrained decoder: 0.5)."""
+    rather than teach the model the corpus's style (a RETRO-fit of a pretrained decoder: 0.8)."""
     k: int | None = None
     """Neighbours per chunk (default: all the neighbour set has)."""
     val_fraction: float = 0.05

@@ -8,7 +8,7 @@
 # scored tokens per evaluated document), BASE (the .gguf; fetched by get-smollm2.sh), MODEL
 # (extra --model KEY=VALUE options, space-separated, e.g. "cca_copy_bias=false"), FLOORS
 # ("0,0.25") and BOOSTS ("0,2,4"): the overlap floors and null boosts calibrate tries,
-# DISTRACTORS (0.5): the share of training sequences given another sequence's neighbours
+# DISTRACTORS (0.8): the share of training sequences given another sequence's neighbours
 # and trained to predict as the frozen base does (--distractors; 0 turns it off).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +22,7 @@ DTYPE=${DTYPE:-bf16}
 THREADS=${THREADS:-2}
 LAYERS=${LAYERS:-[15,20,25,30]}
 ENC_DIM=${ENC_DIM:-384}
-DISTRACTORS=${DISTRACTORS:-0.5}
+DISTRACTORS=${DISTRACTORS:-0.8}
 BASE=${BASE:-$(bash scripts/get-smollm2.sh data/smollm2)}
 SRC=$(bash scripts/get-pydocs.sh data/pydocs)/library
 MODEL_OPTS=()
