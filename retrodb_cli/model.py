@@ -265,6 +265,15 @@ def calibrate(
             "(added to the score of CCA's null key).",
         ),
     ] = _BOOSTS_TEXT,
+    copy_check: Annotated[
+        bool,
+        typer.Option(
+            "--copy-check",
+            help="With --exclude-self: also evaluate every pair with the documents' own "
+            "chunks retrievable (as after `retrodb add`) and require shuffled no better "
+            "than off - 0.002 there too (twice the evaluations).",
+        ),
+    ] = False,
     as_json: ResultJsonOpt = False,
     threads: ThreadsOpt = None,
     quiet: QuietOpt = False,
@@ -280,25 +289,31 @@ def calibrate(
     grid = _grid("--floors", floors, 0.0, 1.0)
     boost_grid = _grid("--boosts", boosts, 0.0, 1e6)
     args = from_options(EvalArgs, options)
+    if copy_check and not args.exclude_self:
+        fail("--copy-check compares with the documents' own chunks retrievable: add --exclude-self")
     rdb = open_db(db, threads=_set_threads(threads))
     with progress_bars(quiet or as_json) as progress:
         settings = calibrate_floor(
-            directory, rdb, inputs, args, floors=grid, boosts=boost_grid, progress=progress
-        )
+            directory, rdb, inputs, args, floors=grid, boosts=boost_grid,
+            copy_check=copy_check, progress=progress,
+        )  # fmt: skip
     if as_json:
         typer.echo(json.dumps(settings, indent=1))
         return
     if quiet:
         return
+    copy_col = f" {'copying: off - shuffled':>23}" if copy_check else ""
     typer.echo(
         f"  {'floor':>5} {'boost':>5} {'on - off':>9} {'worst bucket':>13} "
-        f"{'off - shuffled':>15}  meets"
+        f"{'off - shuffled':>15}{copy_col}  meets"
     )
     for t in settings["floors"]:
         h = t["hurt"]
+        copy_val = f" {_fmt(t['copy']['hurt']['shuffled']):>23}" if copy_check else ""
         typer.echo(
             f"  {t['min_overlap']:>5g} {t['null_boost']:>5g} {_fmt(h['overall']):>9} "
-            f"{_fmt(h['bucket']):>13} {_fmt(h['shuffled']):>15}  {'yes' if t['meets'] else 'no'}"
+            f"{_fmt(h['bucket']):>13} {_fmt(h['shuffled']):>15}{copy_val}  "
+            f"{'yes' if t['meets'] else 'no'}"
         )
     typer.echo(
         f"recorded min_overlap {settings['min_overlap']:g}, null_boost "

@@ -573,6 +573,7 @@ def calibrate_floor(
     *,
     floors: Sequence[float] = FLOORS,
     boosts: Sequence[float] = BOOSTS,
+    copy_check: bool = False,
     progress: ProgressFn = no_progress,
 ) -> dict[str, Any]:
     """Choose the checkpoint's overlap floor and null boost on ``inputs`` (its validation
@@ -580,9 +581,21 @@ def calibrate_floor(
     in its retrieval.json. Every pair of ``floors`` x ``boosts`` is evaluated; of those
     that meet :data:`NEVER_HURT` the one with the lowest bpb with retrieval on is chosen,
     else the most cautious (the largest floor, then the largest boost). Returns what was
-    recorded: the choice and every pair's figures."""
+    recorded: the choice and every pair's figures.
+
+    ``copy_check`` (needs ``args.exclude_self``): every pair is also evaluated with the
+    documents' own chunks retrievable, the regime of a document after ``retrodb add``,
+    where every neighbour, shuffled ones too, is text copied verbatim from the database;
+    a pair then meets only if shuffled is no better than off - 0.002 there as well (its
+    figures under ``"copy"``). Exclusion alone cannot see what shuffled neighbours give a
+    model in that regime."""
     from retrodb_model.checkpoint import write_retrieval_settings
 
+    if copy_check and not args.exclude_self:
+        raise BadInputError(
+            "copy_check compares with the documents' own chunks retrievable: "
+            "calibrate with exclude_self (--exclude-self) to use it"
+        )
     tried: list[dict[str, Any]] = []
     for a in sorted(set(floors)):
         for b in sorted(set(boosts)):
@@ -593,15 +606,27 @@ def calibrate_floor(
                 dataclasses.replace(args, min_overlap=a, null_boost=b),
                 progress=progress,
             )
-            tried.append(
-                {
-                    "min_overlap": a,
-                    "null_boost": b,
-                    "bpb": res.bpb,
-                    "hurt": hurt(res),
-                    "meets": never_hurts(res),
-                }
-            )
+            pair: dict[str, Any] = {
+                "min_overlap": a,
+                "null_boost": b,
+                "bpb": res.bpb,
+                "hurt": hurt(res),
+                "meets": never_hurts(res),
+            }
+            if copy_check:
+                own = evaluate_checkpoint(
+                    directory,
+                    db,
+                    inputs,
+                    dataclasses.replace(args, min_overlap=a, null_boost=b, exclude_self=False),
+                    progress=progress,
+                )
+                copy_hurt = hurt(own)["shuffled"]
+                pair["copy"] = {"bpb": own.bpb, "hurt": {"shuffled": copy_hurt}}
+                pair["meets"] = pair["meets"] and (
+                    copy_hurt is None or copy_hurt <= NEVER_HURT["shuffled"]
+                )
+            tried.append(pair)
     meeting = [t for t in tried if t["meets"]]
     chosen = min(meeting, key=lambda t: t["bpb"]["retrieval"]) if meeting else tried[-1]
     settings = {
@@ -609,6 +634,7 @@ def calibrate_floor(
         "null_boost": chosen["null_boost"],
         "chosen_on": [str(i) for i in inputs],
         "exclude_self": args.exclude_self,
+        "copy_check": copy_check,
         "rules": NEVER_HURT,
         "floors": tried,
     }

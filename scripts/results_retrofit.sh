@@ -9,7 +9,9 @@
 # (extra --model KEY=VALUE options, space-separated, e.g. "cca_copy_bias=false"), FLOORS
 # ("0,0.25") and BOOSTS ("0,2,4"): the overlap floors and null boosts calibrate tries,
 # DISTRACTORS (0.8): the share of training sequences given another sequence's neighbours
-# and trained to predict as the frozen base does (--distractors; 0 turns it off).
+# and trained to predict as the frozen base does (--distractors; 0 turns it off),
+# COPY_CHECK (unset): set to 1 to calibrate with --copy-check (rule 3 also judged with the
+# held-out documents' own chunks retrievable, as after an add).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${1:-data/results-retrofit}
@@ -92,7 +94,7 @@ fi
 #    the recipe does; every later evaluation and generation uses them. The held-out set is
 #    also evaluated as trained (floor 0, boost 0).
 if [ ! -f "$W/calibrate.json" ]; then
-  "$RETRODB" calibrate "$W/retrofit" "$W/db" "$W/heldout" --exclude-self \
+  "$RETRODB" calibrate "$W/retrofit" "$W/db" "$W/heldout" --exclude-self ${COPY_CHECK:+--copy-check} \
     --floors "${FLOORS:-0,0.25}" --boosts "${BOOSTS:-0,2,4}" --max-tokens "${MAX_TOKENS:-2048}" \
     --seq-len "$SEQ_LEN" --threads "$THREADS" --json > "$W/calibrate.json.part"
   mv "$W/calibrate.json.part" "$W/calibrate.json"

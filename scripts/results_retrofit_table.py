@@ -147,6 +147,7 @@ def calibration(w: Path) -> list[str]:
     if not path.exists():
         return []
     c = load(path)
+    copy_check = bool(c.get("copy_check"))
     out = [
         "### Calibration: overlap floor and null boost, held-out documents",
         "",
@@ -157,21 +158,34 @@ def calibration(w: Path) -> list[str]:
             else "(no pair meets the rules, so the most cautious one:"
         )
         + f" on <= off + {c['rules']['overall']}, every bucket up to 50 % <= off + "
-        f"{c['rules']['bucket']}, shuffled >= off - {c['rules']['shuffled']}); every row "
-        "above uses it.",
+        f"{c['rules']['bucket']}, shuffled >= off - {c['rules']['shuffled']}"
+        + (
+            ", the last also with the documents' own chunks retrievable, `--copy-check`"
+            if copy_check
+            else ""
+        )
+        + "); every row above uses it.",
         "",
         "| floor A | boost B | on | shuffled | off | on - off | worst bucket | shuffled - off "
-        "| meets |",
-        "|---|---|---|---|---|---|---|---|---|",
+        + ("| copying: on / off | copying: shuffled - off " if copy_check else "")
+        + "| meets |",
+        "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if copy_check else ""),
     ]
     for f in c["floors"]:
         b, h = f["bpb"], f["hurt"]
         chosen = f["min_overlap"] == c["min_overlap"] and f["null_boost"] == c["null_boost"]
+        copy = ""
+        if copy_check:
+            cb = f["copy"]["bpb"]
+            copy = (
+                f"| {cb['retrieval'] / cb['no_retrieval']:.3f} "
+                f"| {cb['shuffled'] - cb['no_retrieval']:+.4f} "
+            )
         out.append(
             f"| {f['min_overlap']:g} | {f['null_boost']:g}{' (recorded)' if chosen else ''} "
             f"| {b['retrieval']:.4f} | {b['shuffled']:.4f} | {b['no_retrieval']:.4f} "
             f"| {h['overall']:+.4f} | {h['bucket']:+.4f} | {-h['shuffled']:+.4f} "
-            f"| {'**yes**' if f['meets'] else 'no'} |"
+            f"{copy}| {'**yes**' if f['meets'] else 'no'} |"
         )
     trained = w / "eval-retrofit-heldout-as-trained.json"
     if trained.exists():

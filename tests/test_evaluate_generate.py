@@ -540,6 +540,46 @@ def test_cli_calibrate_records_the_best_floor_and_boost_that_never_hurt(
     assert bad.exit_code == 1 and "--boosts" in bad.output
 
 
+def test_cli_calibrate_copy_check_judges_shuffled_with_own_chunks_retrievable(
+    db: RetroDB, run_dir: Path, tmp_path: Path
+) -> None:
+    """--copy-check evaluates every pair again with the documents' own chunks retrievable
+    and a pair meets only if shuffled is no better than off - 0.002 there too."""
+    from retrodb_model.config import NEVER_HURT
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(run_dir, ckpt)
+    corpus = str(db.path.parent / "corpus")
+    common = [str(ckpt), str(db.path), corpus, "--floors", "0", "--boosts", "0,1e4",
+              "--max-tokens", "64"]  # fmt: skip
+    res = CliRunner().invoke(
+        app, ["calibrate", *common, "--exclude-self", "--copy-check", "--json"],
+        catch_exceptions=False,
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    settings = json.loads(res.output)
+    assert settings["copy_check"] is True
+    plain = evaluate_checkpoint(
+        ckpt, db, [corpus], EvalArgs(max_tokens=64, exclude_self=True, min_overlap=0, null_boost=0)
+    )
+    own = evaluate_checkpoint(
+        ckpt, db, [corpus], EvalArgs(max_tokens=64, min_overlap=0, null_boost=0)
+    )
+    first, boosted = settings["floors"]
+    # the copy figures are those of the same documents with their own chunks retrievable
+    assert first["bpb"] == pytest.approx(plain.bpb)
+    assert first["copy"]["bpb"] == pytest.approx(own.bpb)
+    assert first["copy"]["bpb"] != first["bpb"]
+    for t in settings["floors"]:
+        copy_ok = t["copy"]["hurt"]["shuffled"] <= NEVER_HURT["shuffled"]
+        assert t["meets"] == (all(v is None or v <= NEVER_HURT[k]
+                                  for k, v in t["hurt"].items()) and copy_ok)  # fmt: skip
+    # at boost 1e4 every token attends to the null key: shuffled is off in both regimes
+    assert boosted["meets"] and abs(boosted["copy"]["hurt"]["shuffled"]) < 1e-5
+    bad = CliRunner().invoke(app, ["calibrate", *common, "--copy-check"])
+    assert bad.exit_code == 1 and "--copy-check" in bad.output and "--exclude-self" in bad.output
+
+
 def test_cli_generate_and_evaluate_through_a_server(
     db: RetroDB, run_dir: Path, tmp_path: Path
 ) -> None:
