@@ -289,8 +289,6 @@ def calibrate(
     grid = _grid("--floors", floors, 0.0, 1.0)
     boost_grid = _grid("--boosts", boosts, 0.0, 1e6)
     args = from_options(EvalArgs, options)
-    if copy_check and not args.exclude_self:
-        fail("--copy-check compares with the documents' own chunks retrievable: add --exclude-self")
     rdb = open_db(db, threads=_set_threads(threads))
     with progress_bars(quiet or as_json) as progress:
         settings = calibrate_floor(

@@ -593,8 +593,8 @@ def calibrate_floor(
 
     if copy_check and not args.exclude_self:
         raise BadInputError(
-            "copy_check compares with the documents' own chunks retrievable: "
-            "calibrate with exclude_self (--exclude-self) to use it"
+            "--copy-check (copy_check) compares with the documents' own chunks "
+            "retrievable: calibrate with --exclude-self (exclude_self) to use it"
         )
     tried: list[dict[str, Any]] = []
     for a in sorted(set(floors)):
