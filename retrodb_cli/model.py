@@ -21,7 +21,16 @@ from typing import Annotated, Any
 import typer
 
 from retrodb.corpus import plural
-from retrodb_model.config import BOOSTS, FLOORS, EvalArgs, TrainArgs, check_null_boost
+from retrodb_model.config import (
+    BOOSTS,
+    COPY_RUN_MAX,
+    FLOORS,
+    MIN_RUNS,
+    EvalArgs,
+    TrainArgs,
+    check_min_run,
+    check_null_boost,
+)
 from retrodb_model.options import Option, eval_options, from_options, train_options
 from retrodb_model.threads import RULE as THREADS_RULE
 from retrodb_model.threads import default_threads
@@ -231,6 +240,7 @@ def evaluate(
 
 _FLOORS_TEXT = ",".join(format(a, "g") for a in FLOORS)
 _BOOSTS_TEXT = ",".join(format(b, "g") for b in BOOSTS)
+_RUNS_TEXT = ",".join(str(n) for n in MIN_RUNS)
 
 
 def _grid(flag: str, text: str, lo: float, hi: float) -> list[float]:
@@ -265,11 +275,19 @@ def calibrate(
             "(added to the score of CCA's null key).",
         ),
     ] = _BOOSTS_TEXT,
+    min_runs: Annotated[
+        str,
+        typer.Option(
+            "--min-runs",
+            help="The copy floors to try with every floor and boost, comma-separated whole "
+            "numbers of tokens (0: off; see evaluate --min-run).",
+        ),
+    ] = _RUNS_TEXT,
     copy_check: Annotated[
         bool,
         typer.Option(
             "--copy-check",
-            help="With --exclude-self: also evaluate every pair with the documents' own "
+            help="With --exclude-self: also evaluate every setting with the documents' own "
             "chunks retrievable (as after `retrodb add`) and require shuffled no better "
             "than off - 0.002 there too (twice the evaluations).",
         ),
@@ -279,43 +297,54 @@ def calibrate(
     quiet: QuietOpt = False,
     **options: Any,
 ) -> None:
-    """Choose the overlap floor (--min-overlap) and the null boost (--null-boost) on
-    validation documents and record them in DIR/retrieval.json: of every pair with which
-    retrieval never hurts (on <= off + 0.002 overall and + 0.003 in every overlap bucket
-    up to 50 %; shuffled no better than off - 0.002), the one with the lowest bpb with
-    retrieval on; if none, the most cautious. evaluate and generate use them by default."""
+    """Choose the overlap floor (--min-overlap), the null boost (--null-boost) and the copy
+    floor (--min-run) on validation documents and record them in DIR/retrieval.json: of
+    every setting with which retrieval never hurts (on <= off + 0.002 overall and + 0.003
+    in every overlap bucket up to 50 %; shuffled no better than off - 0.002), the one with
+    the lowest bpb with retrieval on; if none, the most cautious. evaluate and generate use
+    them by default."""
     from retrodb_model.evaluate import calibrate_floor
 
     grid = _grid("--floors", floors, 0.0, 1.0)
     boost_grid = _grid("--boosts", boosts, 0.0, 1e6)
+    run_grid = _grid("--min-runs", min_runs, 0, COPY_RUN_MAX)
+    if any(n != int(n) for n in run_grid):
+        fail(f"--min-runs: give whole numbers of tokens, got {min_runs!r}")
     args = from_options(EvalArgs, options)
     rdb = open_db(db, threads=_set_threads(threads))
     with progress_bars(quiet or as_json) as progress:
         settings = calibrate_floor(
             directory, rdb, inputs, args, floors=grid, boosts=boost_grid,
-            copy_check=copy_check, progress=progress,
+            min_runs=[int(n) for n in run_grid], copy_check=copy_check, progress=progress,
         )  # fmt: skip
     if as_json:
         typer.echo(json.dumps(settings, indent=1))
         return
     if quiet:
         return
-    copy_col = f" {'copying: off - shuffled':>23}" if copy_check else ""
+    copy_col = f" {'copying: off - shuffled':>23} {'on / off':>8}" if copy_check else ""
     typer.echo(
-        f"  {'floor':>5} {'boost':>5} {'on - off':>9} {'worst bucket':>13} "
+        f"  {'floor':>5} {'boost':>5} {'run':>3} {'on - off':>9} {'worst bucket':>13} "
         f"{'off - shuffled':>15}{copy_col}  meets"
     )
     for t in settings["floors"]:
         h = t["hurt"]
-        copy_val = f" {_fmt(t['copy']['hurt']['shuffled']):>23}" if copy_check else ""
+        copy_val = ""
+        if copy_check:
+            ratio = t["copy"]["on_over_off"]
+            copy_val = (
+                f" {_fmt(t['copy']['hurt']['shuffled']):>23} "
+                f"{'-' if ratio is None else format(ratio, '.3f'):>8}"
+            )
         typer.echo(
-            f"  {t['min_overlap']:>5g} {t['null_boost']:>5g} {_fmt(h['overall']):>9} "
-            f"{_fmt(h['bucket']):>13} {_fmt(h['shuffled']):>15}{copy_val}  "
-            f"{'yes' if t['meets'] else 'no'}"
+            f"  {t['min_overlap']:>5g} {t['null_boost']:>5g} {t['min_run']:>3} "
+            f"{_fmt(h['overall']):>9} {_fmt(h['bucket']):>13} {_fmt(h['shuffled']):>15}"
+            f"{copy_val}  {'yes' if t['meets'] else 'no'}"
         )
     typer.echo(
         f"recorded min_overlap {settings['min_overlap']:g}, null_boost "
-        f"{settings['null_boost']:g} in {Path(directory) / 'retrieval.json'}"
+        f"{settings['null_boost']:g}, min_run {settings['min_run']} in "
+        f"{Path(directory) / 'retrieval.json'}"
     )
 
 
@@ -364,6 +393,16 @@ def generate(
             min=0.0,
         ),
     ] = None,
+    min_run: Annotated[
+        int | None,
+        typer.Option(
+            "--min-run",
+            help="The copy floor N: a token attends to a neighbour only where the text has "
+            "followed it for N tokens, else it is predicted as with retrieval off "
+            "(default: the checkpoint's retrieval.json, else 0: off).",
+            min=0,
+        ),
+    ] = None,
     no_cache: Annotated[
         bool, typer.Option("--no-cache", help="Recompute every step (slow; for checking).")
     ] = False,
@@ -400,6 +439,9 @@ def generate(
     if null_boost is not None:
         check_null_boost(null_boost)
         model.set_null_boost(null_boost)
+    if min_run is not None:
+        check_min_run(min_run)
+        model.set_min_run(min_run)
     if compare:
         if no_retrieval or not ckpt.retrieval:
             fail("--compare sets retrieval off beside on: give a model trained with retrieval")
@@ -495,7 +537,9 @@ def register(app: typer.Typer) -> None:
     app.command(name="evaluate", cls=Command)(handle_errors(evaluate_command))
     app.command(name="generate", cls=Command)(handle_errors(generate))
     no_floor = [
-        o for o in eval_options() if o.name not in ("min_overlap", "null_boost", "no_retrieval")
+        o
+        for o in eval_options()
+        if o.name not in ("min_overlap", "null_boost", "min_run", "no_retrieval")
     ]
     calibrate_command = with_options(calibrate, no_floor, before="threads")
     app.command(name="calibrate", cls=Command)(handle_errors(calibrate_command))

@@ -10,8 +10,8 @@
                           fingerprints, chunk size, k, neighbour set, vocabulary, pad id
       log.jsonl           one JSON object per logged training step (appended)
       retrieval.json      optional: how retrieval is judged at inference: the overlap
-                          floor ``min_overlap``, the ``null_boost`` and the evaluation
-                          they were chosen on
+                          floor ``min_overlap``, the ``null_boost``, the copy floor
+                          ``min_run`` and the evaluation they were chosen on
 
 A model only makes sense with the tokenizer it was trained with: :func:`check_db` (called by
 :func:`load_model` when given a database) refuses any other with a
@@ -70,6 +70,11 @@ class Checkpoint:
     def null_boost(self) -> float:
         """The recorded null boost (0: CCA's null key as trained)."""
         return float(self.retrieval_settings.get("null_boost", 0.0))
+
+    @property
+    def min_run(self) -> int:
+        """The recorded copy floor (0: off)."""
+        return int(self.retrieval_settings.get("min_run", 0))
 
     @property
     def step(self) -> int:
@@ -312,6 +317,8 @@ def load_model(
         load_weights(model, ckpt.path)
     if ckpt.null_boost:
         model.set_null_boost(ckpt.null_boost)
+    if ckpt.min_run:
+        model.set_min_run(ckpt.min_run)
     return model.to(device).eval(), ckpt
 
 

@@ -521,12 +521,28 @@ NEVER_HURT = {"overall": 0.002, "bucket": 0.003, "shuffled": 0.002}
 FLOORS = (0.0, 0.25, 0.5, 0.75)
 #: The null boosts that `retrodb calibrate` tries by default (with every floor).
 BOOSTS = (0.0, 1.0, 2.0, 3.0, 4.0)
+#: The copy floors (min_run) that `retrodb calibrate` tries by default (with every pair).
+MIN_RUNS = (0, 2)
 
 
 def check_null_boost(boost: float | None) -> None:
     """Refuse a null boost that is not a finite number >= 0 (None: the default)."""
     if boost is not None and not (math.isfinite(boost) and boost >= 0):
         raise BadInputError(f"null_boost must be a finite number >= 0, got {boost}")
+
+
+#: The longest common run the copy bias counts (`retrodb_model.gate.copy_runs`); longer
+#: runs are this long.
+COPY_RUN_MAX = 16
+
+
+def check_min_run(n: int | None) -> None:
+    """Refuse a copy floor that is not a whole number of tokens from 0 to COPY_RUN_MAX
+    (None: the default)."""
+    if n is not None and (
+        isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= COPY_RUN_MAX
+    ):
+        raise BadInputError(f"min_run must be a whole number from 0 to {COPY_RUN_MAX}, got {n!r}")
 
 
 @dataclass(frozen=True)
@@ -565,6 +581,10 @@ class EvalArgs:
     null_boost: float | None = None
     """Added to the score of CCA's null key (RetrievalParts.set_null_boost): more caution
     with every neighbour (default: the checkpoint's retrieval.json, else 0)."""
+    min_run: int | None = None
+    """The copy floor (RetrievalParts.set_min_run): a token attends to a neighbour only
+    where the text has followed it for this many tokens (default: the checkpoint's
+    retrieval.json, else 0: off)."""
 
     def __post_init__(self) -> None:
         from retrodb.rerank import resolve_fetch  # checks rerank and fetch together
@@ -572,6 +592,7 @@ class EvalArgs:
         if self.min_overlap is not None and not 0.0 <= self.min_overlap <= 1.0:
             raise BadInputError(f"min_overlap must be between 0 and 1, got {self.min_overlap}")
         check_null_boost(self.null_boost)
+        check_min_run(self.min_run)
 
         for name in ("k", "seq_len", "max_tokens"):
             value = getattr(self, name)

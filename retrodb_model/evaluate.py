@@ -36,6 +36,7 @@ and is left out of bpb(alpha) (so bpb(100 %) covers fewer tokens than the overal
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import time
@@ -56,7 +57,7 @@ from retrodb.errors import BadInputError
 from retrodb.progress import ProgressFn, no_progress
 from retrodb.rerank import longest_run
 from retrodb.tokenizer import Tokenizer
-from retrodb_model.config import BOOSTS, FLOORS, NEVER_HURT, EvalArgs, RetroConfig
+from retrodb_model.config import BOOSTS, FLOORS, MIN_RUNS, NEVER_HURT, EvalArgs, RetroConfig
 from retrodb_model.kernels import IGNORE_INDEX
 from retrodb_model.model import RetrievalParts
 from retrodb_model.retrieve import LiveRetriever, Neighbours
@@ -120,6 +121,8 @@ class Evaluation:
     """Neighbours the floor made null (of k per retrieving chunk)."""
     null_boost: float
     """What CCA added to its null key's score (0: as trained)."""
+    min_run: int
+    """The copy floor (0: off): keys attended only where the text follows them."""
     shuffle_seed: int
     shuffle_any_chunk: bool
     """Shuffled neighbours from any other chunk (False: from another document's chunks)."""
@@ -435,16 +438,22 @@ def evaluate(
     evaluates without retrieval only (no search at all); ``args.max_tokens`` scores only
     the first max_tokens targets of each document (a cheaper estimate); ``args.rerank``
     and ``args.fetch`` choose the neighbours (:class:`~retrodb_model.retrieve.LiveRetriever`);
-    ``args.null_boost``, when given, is the model's null boost for this evaluation."""
-    if args.null_boost is not None and args.null_boost != model.null_boost:
-        before = model.null_boost
-        model.set_null_boost(args.null_boost)
+    ``args.null_boost`` and ``args.min_run``, when given, are the model's null boost and
+    copy floor for this evaluation (the model's own are restored after it)."""
+    if (args.null_boost is not None and args.null_boost != model.null_boost) or (
+        args.min_run is not None and args.min_run != model.min_run
+    ):
+        before = model.null_boost, model.min_run
         try:
-            return evaluate(
-                model, db, documents, dataclasses.replace(args, null_boost=None), progress=progress
-            )
+            if args.null_boost is not None:
+                model.set_null_boost(args.null_boost)
+            if args.min_run is not None:
+                model.set_min_run(args.min_run)
+            plain = dataclasses.replace(args, null_boost=None, min_run=None)
+            return evaluate(model, db, documents, plain, progress=progress)
         finally:
-            model.set_null_boost(before)
+            model.set_null_boost(before[0])
+            model.set_min_run(before[1])
     cfg = model.cfg
     m, L = cfg.chunk_size, _check_seq_len(cfg, args.seq_len)
     k = args.k or cfg.num_neighbours
@@ -491,6 +500,7 @@ def evaluate(
         min_overlap=retriever.min_overlap,
         dropped=retriever.dropped,
         null_boost=model.null_boost if retrieved is not None else 0.0,
+        min_run=model.min_run if retrieved is not None else 0,
         shuffle_seed=args.shuffle_seed,
         shuffle_any_chunk=args.shuffle_any_chunk,
         max_tokens_per_document=args.max_tokens,
@@ -530,6 +540,7 @@ def evaluate_checkpoint(
         no_retrieval=args.no_retrieval or not ckpt.retrieval,
         min_overlap=ckpt.min_overlap if args.min_overlap is None else args.min_overlap,
         null_boost=ckpt.null_boost if args.null_boost is None else args.null_boost,
+        min_run=ckpt.min_run if args.min_run is None else args.min_run,
     )
     result = evaluate(model, db, read_documents(inputs), args, progress=progress)
     result.checkpoint, result.step = str(directory), ckpt.step
@@ -573,22 +584,24 @@ def calibrate_floor(
     *,
     floors: Sequence[float] = FLOORS,
     boosts: Sequence[float] = BOOSTS,
+    min_runs: Sequence[int] = MIN_RUNS,
     copy_check: bool = False,
     progress: ProgressFn = no_progress,
 ) -> dict[str, Any]:
-    """Choose the checkpoint's overlap floor and null boost on ``inputs`` (its validation
-    documents, with ``args.exclude_self`` when they are in the database) and record them
-    in its retrieval.json. Every pair of ``floors`` x ``boosts`` is evaluated; of those
-    that meet :data:`NEVER_HURT` the one with the lowest bpb with retrieval on is chosen,
-    else the most cautious (the largest floor, then the largest boost). Returns what was
-    recorded: the choice and every pair's figures.
+    """Choose the checkpoint's overlap floor, null boost and copy floor on ``inputs`` (its
+    validation documents, with ``args.exclude_self`` when they are in the database) and
+    record them in its retrieval.json. Every setting of ``floors`` x ``boosts`` x
+    ``min_runs`` is evaluated; of those that meet :data:`NEVER_HURT` the one with the
+    lowest bpb with retrieval on is chosen, else the most cautious (the largest floor, then
+    boost, then copy floor). Returns what was recorded: the choice and every setting's
+    figures (under ``"floors"``).
 
-    ``copy_check`` (needs ``args.exclude_self``): every pair is also evaluated with the
+    ``copy_check`` (needs ``args.exclude_self``): every setting is also evaluated with the
     documents' own chunks retrievable, the regime of a document after ``retrodb add``,
     where every neighbour, shuffled ones too, is text copied verbatim from the database;
-    a pair then meets only if shuffled is no better than off - 0.002 there as well (its
-    figures under ``"copy"``). Exclusion alone cannot see what shuffled neighbours give a
-    model in that regime."""
+    a setting then meets only if shuffled is no better than off - 0.002 there as well (its
+    figures under ``"copy"``, with on / off: how much copying pays). Exclusion alone cannot
+    see what shuffled neighbours give a model in that regime."""
     from retrodb_model.checkpoint import write_retrieval_settings
 
     if copy_check and not args.exclude_self:
@@ -597,41 +610,44 @@ def calibrate_floor(
             "retrievable: calibrate with --exclude-self (exclude_self) to use it"
         )
     tried: list[dict[str, Any]] = []
-    for a in sorted(set(floors)):
-        for b in sorted(set(boosts)):
-            res = evaluate_checkpoint(
+    for a, b, n in itertools.product(
+        sorted(set(floors)), sorted(set(boosts)), sorted(set(min_runs))
+    ):
+        setting = dataclasses.replace(args, min_overlap=a, null_boost=b, min_run=n)
+        res = evaluate_checkpoint(directory, db, inputs, setting, progress=progress)
+        pair: dict[str, Any] = {
+            "min_overlap": a,
+            "null_boost": b,
+            "min_run": n,
+            "bpb": res.bpb,
+            "hurt": hurt(res),
+            "meets": never_hurts(res),
+        }
+        if copy_check:
+            own = evaluate_checkpoint(
                 directory,
                 db,
                 inputs,
-                dataclasses.replace(args, min_overlap=a, null_boost=b),
+                dataclasses.replace(setting, exclude_self=False),
                 progress=progress,
             )
-            pair: dict[str, Any] = {
-                "min_overlap": a,
-                "null_boost": b,
-                "bpb": res.bpb,
-                "hurt": hurt(res),
-                "meets": never_hurts(res),
+            copy_hurt = hurt(own)["shuffled"]
+            on, off = own.bpb.get("retrieval"), own.bpb.get("no_retrieval")
+            pair["copy"] = {
+                "bpb": own.bpb,
+                "hurt": {"shuffled": copy_hurt},
+                "on_over_off": on / off if on is not None and off else None,
             }
-            if copy_check:
-                own = evaluate_checkpoint(
-                    directory,
-                    db,
-                    inputs,
-                    dataclasses.replace(args, min_overlap=a, null_boost=b, exclude_self=False),
-                    progress=progress,
-                )
-                copy_hurt = hurt(own)["shuffled"]
-                pair["copy"] = {"bpb": own.bpb, "hurt": {"shuffled": copy_hurt}}
-                pair["meets"] = pair["meets"] and (
-                    copy_hurt is None or copy_hurt <= NEVER_HURT["shuffled"]
-                )
-            tried.append(pair)
+            pair["meets"] = pair["meets"] and (
+                copy_hurt is None or copy_hurt <= NEVER_HURT["shuffled"]
+            )
+        tried.append(pair)
     meeting = [t for t in tried if t["meets"]]
     chosen = min(meeting, key=lambda t: t["bpb"]["retrieval"]) if meeting else tried[-1]
     settings = {
         "min_overlap": chosen["min_overlap"],
         "null_boost": chosen["null_boost"],
+        "min_run": chosen["min_run"],
         "chosen_on": [str(i) for i in inputs],
         "exclude_self": args.exclude_self,
         "copy_check": copy_check,

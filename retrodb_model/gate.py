@@ -27,7 +27,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from retrodb_model.config import RetroConfig
+from retrodb_model.config import COPY_RUN_MAX, RetroConfig
 
 
 def locality_prior(n_heads: int, m: int, r: int) -> Tensor:
@@ -167,8 +167,6 @@ def add_overlap_scores(
     return mask + gate  # (G, H, m, k*r)
 
 
-#: The longest common run `copy_runs` counts; longer runs are this long.
-COPY_RUN_MAX = 16
 #: The initial copy bias of keys that continue no run, and of keys that continue a run of
 #: COPY_RUN_MAX tokens; in between it grows with the log of the run's length.
 COPY_BIAS_RANGE = (-2.0, 2.0)

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from retrodb.errors import BadInputError
 from retrodb_model.cache import CCAInputs, Encoded, RetroCache, text_with_history
-from retrodb_model.config import RetroConfig, ff_hidden
+from retrodb_model.config import RetroConfig, check_min_run, ff_hidden
 from retrodb_model.gate import (
     COPY_RUN_MAX,
     OVERLAP_WEIGHT_INIT,
@@ -283,6 +283,9 @@ class ChunkedCrossAttention(nn.Module):
         # added to the null key's score at inference (RetrievalParts.set_null_boost): a
         # setting chosen on validation text (retrodb calibrate), not a weight
         self.null_boost = 0.0
+        # the copy floor (RetrievalParts.set_min_run), also an inference setting: a key
+        # is attended only where it continues a common run of at least this many tokens
+        self.min_run = 0
         # the table index of (query offset j, key position p) inside one neighbour
         m, r = cfg.chunk_size, cfg.neighbour_len
         self.neighbour_len = r
@@ -410,6 +413,9 @@ class ChunkedCrossAttention(nn.Module):
         kr = run.shape[-1]
         bias = self.copy_bias.to(dtype).t()[run]  # (B, n_c, m, k*r, H)
         bias = bias.permute(0, 1, 4, 2, 3).reshape(B * n_c, -1, m, kr)  # (B*n_c, H, m, k*r)
+        if self.min_run:  # keys the text is not following: only the null key is left
+            short = (run < self.min_run).view(B * n_c, 1, m, kr)
+            bias = bias.masked_fill(short, float("-inf"))
         if mask is None:
             return bias
         if mask.dtype == torch.bool:
@@ -607,6 +613,26 @@ class RetrievalParts(nn.Module):
         for c in self.modules():
             if isinstance(c, ChunkedCrossAttention):
                 c.null_boost = float(boost)
+
+    @property
+    def min_run(self) -> int:
+        """The copy floor of every CCA (0: every key may be attended)."""
+        runs = {c.min_run for c in self.modules() if isinstance(c, ChunkedCrossAttention)}
+        return runs.pop() if len(runs) == 1 else 0
+
+    def set_min_run(self, n: int) -> None:
+        """The copy floor (an inference setting): in every CCA a token attends to a
+        neighbour key only where the text has followed that neighbour for the last ``n``
+        tokens (the copy bias's common run, `retrodb_model.gate.copy_runs`); a token that
+        follows no neighbour attends to the null key alone, so the decoder predicts it as
+        with retrieval off. 0 turns it off. Needs the copy bias (cca_copy_bias); n is at
+        most COPY_RUN_MAX, the longest run counted."""
+        check_min_run(n)
+        if n and not self.cfg.cca_copy_bias:
+            raise BadInputError("a copy floor (min_run) needs a model with the copy bias")
+        for c in self.modules():
+            if isinstance(c, ChunkedCrossAttention):
+                c.min_run = int(n)
 
     def checkpoint_tensors(self) -> dict[str, Tensor]:
         """The tensors a checkpoint stores."""

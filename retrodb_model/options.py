@@ -94,6 +94,7 @@ EVAL_SPELLING: dict[str, Spelling] = {
     "batch_size": Spelling(flags=("--batch-size", "-b"), min=1),
     "max_tokens": Spelling(min=1),
     "fetch": Spelling(min=1),
+    "min_run": Spelling(min=0),
 }
 
 

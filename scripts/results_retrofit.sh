@@ -7,11 +7,13 @@
 # LAYERS ([15,20,25,30]: the base layers CCA follows), ENC_DIM (384), MAX_TOKENS (2048
 # scored tokens per evaluated document), BASE (the .gguf; fetched by get-smollm2.sh), MODEL
 # (extra --model KEY=VALUE options, space-separated, e.g. "cca_copy_bias=false"), FLOORS
-# ("0,0.25") and BOOSTS ("0,2,4"): the overlap floors and null boosts calibrate tries,
+# ("0.25"), BOOSTS ("0") and MIN_RUNS ("0,1,2,4"): the overlap floors, null boosts and
+# copy floors calibrate tries (the floor and boost are those a full grid, floors 0,0.25 x
+# boosts 0,2,4, recorded for this recipe before the copy floor existed),
 # DISTRACTORS (0.8): the share of training sequences given another sequence's neighbours
 # and trained to predict as the frozen base does (--distractors; 0 turns it off),
-# COPY_CHECK (unset): set to 1 to calibrate with --copy-check (rule 3 also judged with the
-# held-out documents' own chunks retrievable, as after an add).
+# COPY_CHECK (1): calibrate with --copy-check (rule 3 also judged with the held-out
+# documents' own chunks retrievable, as after an add); set it empty to leave that out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${1:-data/results-retrofit}
@@ -25,6 +27,7 @@ THREADS=${THREADS:-2}
 LAYERS=${LAYERS:-[15,20,25,30]}
 ENC_DIM=${ENC_DIM:-384}
 DISTRACTORS=${DISTRACTORS:-0.8}
+COPY_CHECK=${COPY_CHECK-1}
 BASE=${BASE:-$(bash scripts/get-smollm2.sh data/smollm2)}
 SRC=$(bash scripts/get-pydocs.sh data/pydocs)/library
 MODEL_OPTS=()
@@ -89,13 +92,14 @@ if [ ! -f "$W/speed.json" ]; then
   mv "$W/speed.json.part" "$W/speed.json"
 fi
 
-# 5. Choose the retrofit's overlap floor and null boost on the held-out documents (neighbours
-#    from other documents only) and record them in the checkpoint (retrodb calibrate), as
-#    the recipe does; every later evaluation and generation uses them. The held-out set is
-#    also evaluated as trained (floor 0, boost 0).
+# 5. Choose the retrofit's overlap floor, null boost and copy floor on the held-out
+#    documents (neighbours from other documents only) and record them in the checkpoint
+#    (retrodb calibrate), as the recipe does; every later evaluation and generation uses
+#    them. The held-out set is also evaluated as trained (floor 0, boost 0, copy floor 0).
 if [ ! -f "$W/calibrate.json" ]; then
   "$RETRODB" calibrate "$W/retrofit" "$W/db" "$W/heldout" --exclude-self ${COPY_CHECK:+--copy-check} \
-    --floors "${FLOORS:-0,0.25}" --boosts "${BOOSTS:-0,2,4}" --max-tokens "${MAX_TOKENS:-2048}" \
+    --floors "${FLOORS:-0.25}" --boosts "${BOOSTS:-0}" --min-runs "${MIN_RUNS:-0,1,2,4}" \
+    --max-tokens "${MAX_TOKENS:-2048}" \
     --seq-len "$SEQ_LEN" --threads "$THREADS" --json > "$W/calibrate.json.part"
   mv "$W/calibrate.json.part" "$W/calibrate.json"
 fi
@@ -112,7 +116,7 @@ ev() { local out=$1; shift; [ -f "$out" ] || "$RETRODB" evaluate "$@" "${EVAL[@]
 ev "$W/eval-base-heldout.json" "$BASE" "$W/db" "$W/heldout" --exclude-self
 ev "$W/eval-retrofit-heldout.json" "$W/retrofit" "$W/db" "$W/heldout" --exclude-self
 ev "$W/eval-retrofit-heldout-as-trained.json" "$W/retrofit" "$W/db" "$W/heldout" --exclude-self \
-  --min-overlap 0 --null-boost 0
+  --min-overlap 0 --null-boost 0 --min-run 0
 ev "$W/eval-base-new.json" "$BASE" "$W/db" "$W/new"
 ev "$W/eval-retrofit-new-before.json" "$W/retrofit" "$W/db" "$W/new"
 ev "$W/eval-retrofit-new-after.json" "$W/retrofit" "$W/db.added" "$W/new"

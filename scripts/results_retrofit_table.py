@@ -1,8 +1,9 @@
 """The tables of scripts/results_retrofit.sh, written into docs/results-retrofit.md between
 its ``<!-- results:begin -->`` and ``<!-- results:end -->`` markers (the text around them
 is kept), and the bpb(alpha) plot docs/img/retrofit-alpha.png. When the run calibrated the
-retrofit (calibrate.json), every (floor, boost) pair it tried is listed too, and the
-held-out set as trained (floor 0, boost 0) beside the recorded pair.
+retrofit (calibrate.json), every (floor, boost, copy floor) setting it tried is listed
+too, and the held-out set as trained (floor 0, boost 0, copy floor 0) beside the recorded
+setting.
 
     .venv/bin/python scripts/results_retrofit_table.py WORKDIR [DOC.md]
 
@@ -142,20 +143,22 @@ def alpha_table(evals: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def calibration(w: Path) -> list[str]:
-    """The pairs ``retrodb calibrate`` tried on the held-out documents, and which it chose."""
+    """The settings ``retrodb calibrate`` tried on the held-out documents, and which it
+    chose."""
     path = w / "calibrate.json"
     if not path.exists():
         return []
     c = load(path)
     copy_check = bool(c.get("copy_check"))
     out = [
-        "### Calibration: overlap floor and null boost, held-out documents",
+        "### Calibration: overlap floor, null boost and copy floor, held-out documents",
         "",
-        f"`retrodb calibrate` recorded floor {c['min_overlap']:g}, boost {c['null_boost']:g} "
+        f"`retrodb calibrate` recorded floor {c['min_overlap']:g}, boost {c['null_boost']:g}, "
+        f"copy floor {c.get('min_run', 0)} "
         + (
-            "(the lowest bpb on among the pairs that meet"
+            "(the lowest bpb on among the settings that meet"
             if any(f["meets"] for f in c["floors"])
-            else "(no pair meets the rules, so the most cautious one:"
+            else "(no setting meets the rules, so the most cautious one:"
         )
         + f" on <= off + {c['rules']['overall']}, every bucket up to 50 % <= off + "
         f"{c['rules']['bucket']}, shuffled >= off - {c['rules']['shuffled']}"
@@ -166,14 +169,16 @@ def calibration(w: Path) -> list[str]:
         )
         + "); every row above uses it.",
         "",
-        "| floor A | boost B | on | shuffled | off | on - off | worst bucket | shuffled - off "
+        "| floor A | boost B | copy floor N | on | shuffled | off | on - off | worst bucket "
+        "| shuffled - off "
         + ("| copying: on / off | copying: shuffled - off " if copy_check else "")
         + "| meets |",
-        "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if copy_check else ""),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if copy_check else ""),
     ]
     for f in c["floors"]:
         b, h = f["bpb"], f["hurt"]
-        chosen = f["min_overlap"] == c["min_overlap"] and f["null_boost"] == c["null_boost"]
+        keys = ("min_overlap", "null_boost", "min_run")
+        chosen = all(f.get(key, 0) == c.get(key, 0) for key in keys)
         copy = ""
         if copy_check:
             cb = f["copy"]["bpb"]
@@ -182,7 +187,8 @@ def calibration(w: Path) -> list[str]:
                 f"| {cb['shuffled'] - cb['no_retrieval']:+.4f} "
             )
         out.append(
-            f"| {f['min_overlap']:g} | {f['null_boost']:g}{' (recorded)' if chosen else ''} "
+            f"| {f['min_overlap']:g} | {f['null_boost']:g} "
+            f"| {f.get('min_run', 0)}{' (recorded)' if chosen else ''} "
             f"| {b['retrieval']:.4f} | {b['shuffled']:.4f} | {b['no_retrieval']:.4f} "
             f"| {h['overall']:+.4f} | {h['bucket']:+.4f} | {-h['shuffled']:+.4f} "
             f"{copy}| {'**yes**' if f['meets'] else 'no'} |"
@@ -193,7 +199,7 @@ def calibration(w: Path) -> list[str]:
         on, off = r["bpb"]["retrieval"], r["bpb"]["no_retrieval"]
         out += [
             "",
-            f"As trained (floor 0, boost 0), held-out: on {on:.4f}, shuffled "
+            f"As trained (floor 0, boost 0, copy floor 0), held-out: on {on:.4f}, shuffled "
             f"{r['bpb']['shuffled']:.4f}, off {off:.4f} (on - off {on - off:+.4f}, worst "
             f"bucket {fmt(worst_bucket(r), '+.4f')}).",
         ]

@@ -46,7 +46,7 @@ GENERATE_JSON_FIELDS = [
 ]  # fmt: skip
 JSON_FIELDS = [
     "documents", "windows", "tokens", "bytes", "seq_len", "chunk_size", "k", "exclude_self",
-    "rerank", "fetch", "min_overlap", "dropped", "null_boost", "shuffle_seed",
+    "rerank", "fetch", "min_overlap", "dropped", "null_boost", "min_run", "shuffle_seed",
     "shuffle_any_chunk", "max_tokens_per_document",
     "db", "generation", "bpb", "bpb_alpha", "per_document", "seconds",
 ]  # fmt: skip
@@ -508,6 +508,56 @@ def test_the_null_boost_moves_retrieval_towards_off_and_is_recorded(
     assert bad.exit_code != 0 and "--null-boost" in bad.output
 
 
+def test_the_copy_floor_is_evaluated_recorded_and_given_to_generate(
+    db: RetroDB, run_dir: Path, tmp_path: Path
+) -> None:
+    """--min-run N (the copy floor): evaluate records it and leaves the model's own as it
+    was; at COPY_RUN_MAX, where neighbours of other documents follow no text that long,
+    retrieval on is off; the floor recorded in retrieval.json is what load_model applies,
+    and generate takes --min-run."""
+    from retrodb_model.checkpoint import load_model
+    from retrodb_model.config import COPY_RUN_MAX
+
+    model = tiny_model(db)
+    assert model.cfg.cca_copy_bias
+    docs = read_documents([db.path.parent / "corpus"])[:3]
+    args = EvalArgs(seq_len=4 * M, exclude_self=True)
+    plain = evaluate(model, db, docs, args)
+    floored = evaluate(model, db, docs, dataclasses.replace(args, min_run=COPY_RUN_MAX))
+    assert plain.min_run == 0 and floored.min_run == COPY_RUN_MAX and model.min_run == 0
+    assert floored.bpb["retrieval"] == pytest.approx(floored.bpb["no_retrieval"], abs=1e-6)
+    assert plain.bpb["retrieval"] != floored.bpb["retrieval"]
+    assert evaluate(model, db, docs, args).bpb == plain.bpb  # nothing left behind
+    with pytest.raises(BadInputError, match="min_run"):
+        EvalArgs(min_run=COPY_RUN_MAX + 1)
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(run_dir, ckpt)
+    write_retrieval_settings(ckpt, {"min_overlap": 0.0, "min_run": COPY_RUN_MAX})
+    loaded, meta = load_model(ckpt, db=db)
+    assert meta.min_run == COPY_RUN_MAX and loaded.min_run == COPY_RUN_MAX
+    res = evaluate_checkpoint(ckpt, db, [db.path.parent / "corpus"], args)
+    assert res.min_run == COPY_RUN_MAX
+    assert res.bpb["retrieval"] == pytest.approx(res.bpb["no_retrieval"], abs=1e-6)
+    corpus = str(db.path.parent / "corpus")
+    out = CliRunner().invoke(
+        app, ["evaluate", str(ckpt), str(db.path), corpus, "--exclude-self", "--min-run", "0",
+              "--max-tokens", "64", "--json", "-o", str(tmp_path / "e.json")],
+        catch_exceptions=False,
+    )  # fmt: skip
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["min_run"] == 0
+    gen = CliRunner().invoke(
+        app, ["generate", str(ckpt), str(db.path), "kalo mine", "-n", "20", "-t", "0",
+              "--min-run", "2", "--json"],
+        catch_exceptions=False,
+    )  # fmt: skip
+    assert gen.exit_code == 0, gen.output
+    bad = CliRunner().invoke(
+        app, ["generate", str(ckpt), str(db.path), "kalo", "--min-run", str(COPY_RUN_MAX + 1)]
+    )
+    assert bad.exit_code != 0 and "min_run" in bad.output
+
+
 def test_cli_calibrate_records_the_best_floor_and_boost_that_never_hurt(
     db: RetroDB, run_dir: Path, tmp_path: Path
 ) -> None:
@@ -516,28 +566,33 @@ def test_cli_calibrate_records_the_best_floor_and_boost_that_never_hurt(
     corpus = str(db.path.parent / "corpus")
     res = CliRunner().invoke(
         app, ["calibrate", str(ckpt), str(db.path), corpus, "--floors", "1,0", "--boosts", "0,1e4",
-              "--exclude-self", "--max-tokens", "64", "--json"],
+              "--min-runs", "16,0", "--exclude-self", "--max-tokens", "64", "--json"],
         catch_exceptions=False,
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     settings = json.loads(res.output)
-    tried = [(t["min_overlap"], t["null_boost"]) for t in settings["floors"]]
-    assert tried == [(0.0, 0.0), (0.0, 1e4), (1.0, 0.0), (1.0, 1e4)]
-    # at floor 1 every neighbour from another document is dropped, and at boost 1e4 every
-    # token attends to the null key: on is off, and it meets
+    keys = ("min_overlap", "null_boost", "min_run")
+    tried = [tuple(t[key] for key in keys) for t in settings["floors"]]
+    assert tried == [(a, b, n) for a in (0.0, 1.0) for b in (0.0, 1e4) for n in (0, 16)]
+    # at floor 1 every neighbour from another document is dropped, at boost 1e4 every
+    # token attends to the null key, and no token follows another document's text for
+    # 16 tokens: on is off, and it meets
     for t in settings["floors"][1:]:
         assert t["meets"] and abs(t["hurt"]["overall"]) < 1e-5
     best = min((t for t in settings["floors"] if t["meets"]), key=lambda t: t["bpb"]["retrieval"])
-    assert (settings["min_overlap"], settings["null_boost"]) == (
-        best["min_overlap"],
-        best["null_boost"],
-    )
+    assert tuple(settings[key] for key in keys) == tuple(best[key] for key in keys)
     recorded = read_checkpoint(ckpt)
-    assert (recorded.min_overlap, recorded.null_boost) == (best["min_overlap"], best["null_boost"])
+    assert (recorded.min_overlap, recorded.null_boost, recorded.min_run) == tuple(
+        best[key] for key in keys
+    )
     bad = CliRunner().invoke(app, ["calibrate", str(ckpt), str(db.path), corpus, "--floors", "2"])
     assert bad.exit_code == 1 and "--floors" in bad.output
     bad = CliRunner().invoke(app, ["calibrate", str(ckpt), str(db.path), corpus, "--boosts", "x"])
     assert bad.exit_code == 1 and "--boosts" in bad.output
+    for runs in ("1.5", "17", "-1"):
+        args = ["calibrate", str(ckpt), str(db.path), corpus, "--min-runs", runs]
+        bad = CliRunner().invoke(app, args)
+        assert bad.exit_code == 1 and "--min-runs" in bad.output
 
 
 def test_cli_calibrate_copy_check_judges_shuffled_with_own_chunks_retrievable(
@@ -551,7 +606,7 @@ def test_cli_calibrate_copy_check_judges_shuffled_with_own_chunks_retrievable(
     shutil.copytree(run_dir, ckpt)
     corpus = str(db.path.parent / "corpus")
     common = [str(ckpt), str(db.path), corpus, "--floors", "0", "--boosts", "0,1e4",
-              "--max-tokens", "64"]  # fmt: skip
+              "--min-runs", "0", "--max-tokens", "64"]  # fmt: skip
     res = CliRunner().invoke(
         app, ["calibrate", *common, "--exclude-self", "--copy-check", "--json"],
         catch_exceptions=False,
@@ -570,6 +625,8 @@ def test_cli_calibrate_copy_check_judges_shuffled_with_own_chunks_retrievable(
     assert first["bpb"] == pytest.approx(plain.bpb)
     assert first["copy"]["bpb"] == pytest.approx(own.bpb)
     assert first["copy"]["bpb"] != first["bpb"]
+    ratio = own.bpb["retrieval"] / own.bpb["no_retrieval"]
+    assert first["copy"]["on_over_off"] == pytest.approx(ratio)
     for t in settings["floors"]:
         copy_ok = t["copy"]["hurt"]["shuffled"] <= NEVER_HURT["shuffled"]
         assert t["meets"] == (all(v is None or v <= NEVER_HURT[k]

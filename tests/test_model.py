@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from retrodb.errors import BadInputError
 from retrodb_model.config import RetroConfig, default_retro_layers
 from retrodb_model.model import RetroModel
 
@@ -847,6 +848,47 @@ def test_copy_bias_keeps_cache_equivalence_and_causality_on_copied_text() -> Non
         after, _ = model(changed, retrieved)
     assert torch.equal(after[:, :13], full[:, :13])
     assert not torch.equal(after[:, 13:], full[:, 13:])
+
+
+def test_copy_floor_leaves_tokens_that_follow_no_neighbour_to_the_decoder() -> None:
+    """set_min_run(n): a token attends to a neighbour key only where the text has followed
+    that neighbour for n tokens. With n = 4, random neighbours (no such run over 37
+    symbols) give exactly the decoder without retrieval; a neighbour that is the text
+    itself is still used; the cache still equals the full forward; 0 restores the model."""
+    from retrodb_model.config import COPY_RUN_MAX
+
+    model = tiny_model(cca_copy_bias=True)
+    with torch.no_grad():
+        for cca in (b.cca for b in model.decoder_blocks() if b.cca is not None):
+            assert cca.copy_bias is not None
+            cca.copy_bias.add_(torch.randn(cca.copy_bias.shape))  # a trained table
+    tokens, retrieved = batch(6, 2, 16 * M)
+    copied = copying(tokens, retrieved)
+    with torch.no_grad():
+        plain = model(tokens)[0]
+        before = model(tokens, retrieved)[0], model(tokens, copied)[0]
+        model.set_min_run(4)
+        assert model.min_run == 4
+        torch.testing.assert_close(model(tokens, retrieved)[0], plain, rtol=0, atol=1e-6)
+        floored = model(tokens, copied)[0]
+        assert not torch.allclose(floored, plain, atol=1e-3)
+        assert not torch.allclose(floored, before[1], atol=1e-3)  # short runs left out
+        cache = model.new_cache(2)
+        outs, pos = [], 0
+        for step in (3, 20, 1, 17, 1, 22):
+            n, done = cache.chunks_completed_by(step), cache.completed_chunks
+            r = copied[:, done : done + n] if n else None
+            outs.append(model.forward_step(tokens[:, pos : pos + step], cache, r))
+            pos += step
+        torch.testing.assert_close(torch.cat(outs, 1), floored, rtol=1e-5, atol=1e-5)
+        model.set_min_run(0)
+        assert torch.equal(model(tokens, retrieved)[0], before[0])
+    for bad in (-1, COPY_RUN_MAX + 1, 1.5, True):
+        with pytest.raises(BadInputError, match="min_run"):
+            model.set_min_run(bad)  # type: ignore[arg-type]
+    with pytest.raises(BadInputError, match="copy bias"):
+        tiny_model(cca_copy_bias=False).set_min_run(2)
+    tiny_model(cca_copy_bias=False).set_min_run(0)  # off needs nothing
 
 
 def test_copy_bias_points_at_the_key_that_continues_the_text() -> None:
