@@ -7,9 +7,9 @@
 # LAYERS ([15,20,25,30]: the base layers CCA follows), ENC_DIM (384), MAX_TOKENS (2048
 # scored tokens per evaluated document), BASE (the .gguf; fetched by get-smollm2.sh), MODEL
 # (extra --model KEY=VALUE options, space-separated, e.g. "cca_copy_bias=false"), FLOORS
-# ("0.25"), BOOSTS ("0") and MIN_RUNS ("0,1,2,4"): the overlap floors, null boosts and
-# copy floors calibrate tries (the floor and boost are those a full grid, floors 0,0.25 x
-# boosts 0,2,4, recorded for this recipe before the copy floor existed),
+# ("0,0.25"), BOOSTS ("0,2") and MIN_RUNS ("0,1,2"): the overlap floors, null boosts and
+# copy floors calibrate tries (every combination: 12 settings, 24 evaluations with
+# COPY_CHECK, about 50 minutes here at MAX_TOKENS=1024),
 # DISTRACTORS (0.8): the share of training sequences given another sequence's neighbours
 # and trained to predict as the frozen base does (--distractors; 0 turns it off),
 # COPY_CHECK (1): calibrate with --copy-check (rule 3 also judged with the held-out
@@ -98,7 +98,7 @@ fi
 #    them. The held-out set is also evaluated as trained (floor 0, boost 0, copy floor 0).
 if [ ! -f "$W/calibrate.json" ]; then
   "$RETRODB" calibrate "$W/retrofit" "$W/db" "$W/heldout" --exclude-self ${COPY_CHECK:+--copy-check} \
-    --floors "${FLOORS:-0.25}" --boosts "${BOOSTS:-0}" --min-runs "${MIN_RUNS:-0,1,2,4}" \
+    --floors "${FLOORS:-0,0.25}" --boosts "${BOOSTS:-0,2}" --min-runs "${MIN_RUNS:-0,1,2}" \
     --max-tokens "${MAX_TOKENS:-2048}" \
     --seq-len "$SEQ_LEN" --threads "$THREADS" --json > "$W/calibrate.json.part"
   mv "$W/calibrate.json.part" "$W/calibrate.json"
