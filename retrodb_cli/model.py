@@ -28,7 +28,6 @@ from retrodb_model.config import (
     MIN_RUNS,
     EvalArgs,
     TrainArgs,
-    check_min_run,
     check_null_boost,
 )
 from retrodb_model.options import Option, eval_options, from_options, train_options
@@ -440,8 +439,7 @@ def generate(
         check_null_boost(null_boost)
         model.set_null_boost(null_boost)
     if min_run is not None:
-        check_min_run(min_run)
-        model.set_min_run(min_run)
+        model.set_min_run(min_run)  # checks it
     if compare:
         if no_retrieval or not ckpt.retrieval:
             fail("--compare sets retrieval off beside on: give a model trained with retrieval")

@@ -440,20 +440,10 @@ def evaluate(
     and ``args.fetch`` choose the neighbours (:class:`~retrodb_model.retrieve.LiveRetriever`);
     ``args.null_boost`` and ``args.min_run``, when given, are the model's null boost and
     copy floor for this evaluation (the model's own are restored after it)."""
-    if (args.null_boost is not None and args.null_boost != model.null_boost) or (
-        args.min_run is not None and args.min_run != model.min_run
-    ):
-        before = model.null_boost, model.min_run
-        try:
-            if args.null_boost is not None:
-                model.set_null_boost(args.null_boost)
-            if args.min_run is not None:
-                model.set_min_run(args.min_run)
+    if args.null_boost is not None or args.min_run is not None:
+        with model.inference_settings(null_boost=args.null_boost, min_run=args.min_run):
             plain = dataclasses.replace(args, null_boost=None, min_run=None)
             return evaluate(model, db, documents, plain, progress=progress)
-        finally:
-            model.set_null_boost(before[0])
-            model.set_min_run(before[1])
     cfg = model.cfg
     m, L = cfg.chunk_size, _check_seq_len(cfg, args.seq_len)
     k = args.k or cfg.num_neighbours

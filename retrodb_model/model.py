@@ -37,9 +37,10 @@ inside each neighbour (keys have positions 0..r-1 within each neighbour).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, cast
 
 import torch
@@ -598,10 +599,13 @@ class RetrievalParts(nn.Module):
         """The modules only retrieval uses: the neighbour encoder and every CCA."""
         raise NotImplementedError
 
+    def _ccas(self) -> list[ChunkedCrossAttention]:
+        return [c for c in self.modules() if isinstance(c, ChunkedCrossAttention)]
+
     @property
     def null_boost(self) -> float:
         """What every CCA adds to its null key's score (0 unless set)."""
-        boosts = {c.null_boost for c in self.modules() if isinstance(c, ChunkedCrossAttention)}
+        boosts = {c.null_boost for c in self._ccas()}
         return boosts.pop() if len(boosts) == 1 else 0.0
 
     def set_null_boost(self, boost: float) -> None:
@@ -610,14 +614,13 @@ class RetrievalParts(nn.Module):
         model without a null key unless 0."""
         if boost and not self.cfg.cca_null:
             raise BadInputError("a null boost needs a model with a null key (cca_null)")
-        for c in self.modules():
-            if isinstance(c, ChunkedCrossAttention):
-                c.null_boost = float(boost)
+        for c in self._ccas():
+            c.null_boost = float(boost)
 
     @property
     def min_run(self) -> int:
         """The copy floor of every CCA (0: every key may be attended)."""
-        runs = {c.min_run for c in self.modules() if isinstance(c, ChunkedCrossAttention)}
+        runs = {c.min_run for c in self._ccas()}
         return runs.pop() if len(runs) == 1 else 0
 
     def set_min_run(self, n: int) -> None:
@@ -630,9 +633,25 @@ class RetrievalParts(nn.Module):
         check_min_run(n)
         if n and not self.cfg.cca_copy_bias:
             raise BadInputError("a copy floor (min_run) needs a model with the copy bias")
-        for c in self.modules():
-            if isinstance(c, ChunkedCrossAttention):
-                c.min_run = int(n)
+        for c in self._ccas():
+            c.min_run = int(n)
+
+    @contextlib.contextmanager
+    def inference_settings(
+        self, *, null_boost: float | None = None, min_run: int | None = None
+    ) -> Iterator[None]:
+        """Within the block, the null boost and copy floor given (None: the model's own);
+        the model's own again after it."""
+        before = self.null_boost, self.min_run
+        try:
+            if null_boost is not None:
+                self.set_null_boost(null_boost)
+            if min_run is not None:
+                self.set_min_run(min_run)
+            yield
+        finally:
+            self.set_null_boost(before[0])
+            self.set_min_run(before[1])
 
     def checkpoint_tensors(self) -> dict[str, Tensor]:
         """The tensors a checkpoint stores."""

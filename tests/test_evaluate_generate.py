@@ -21,7 +21,7 @@ from retrodb.errors import BadInputError
 from retrodb_cli.main import app
 from retrodb_model import generate as generate_mod
 from retrodb_model.checkpoint import read_checkpoint, write_retrieval_settings
-from retrodb_model.config import RetroConfig
+from retrodb_model.config import COPY_RUN_MAX, RetroConfig
 from retrodb_model.evaluate import (
     ALPHAS,
     EvalArgs,
@@ -468,94 +468,70 @@ def test_the_overlap_floor_keeps_copies_and_drops_the_rest(
     assert res.min_overlap == 1.0 and res.dropped > 0
 
 
-def test_the_null_boost_moves_retrieval_towards_off_and_is_recorded(
-    db: RetroDB, run_dir: Path, tmp_path: Path
+@pytest.mark.parametrize(
+    ("name", "safe", "bad", "bad_cli"),
+    [
+        ("null_boost", 1e4, [-1.0, float("inf"), float("nan")], ("-1", "--null-boost")),
+        ("min_run", COPY_RUN_MAX, [-1, COPY_RUN_MAX + 1, 1.5], (str(COPY_RUN_MAX + 1), "min_run")),
+    ],
+)
+def test_an_inference_setting_moves_retrieval_to_off_and_is_recorded(
+    db: RetroDB,
+    run_dir: Path,
+    tmp_path: Path,
+    name: str,
+    safe: float,
+    bad: list[float],
+    bad_cli: tuple[str, str],
 ) -> None:
     """--null-boost B adds B to the score of CCA's null key (value zero): a large B puts
-    all attention there, so retrieval on is exactly off; evaluate leaves the model's own
-    boost as it was; the boost recorded in retrieval.json is what load_model applies."""
+    all attention there. --min-run N (the copy floor) lets a token attend to a neighbour
+    only where the text has followed it for N tokens: at COPY_RUN_MAX no neighbour of
+    another document does. Either way retrieval on is exactly off. evaluate records the
+    setting and leaves the model's own as it was; the value recorded in retrieval.json is
+    what load_model applies; evaluate and generate take the flag."""
     from retrodb_model.checkpoint import load_model
 
+    flag = "--" + name.replace("_", "-")
     model = tiny_model(db)
+    assert model.cfg.cca_null and model.cfg.cca_copy_bias
     docs = read_documents([db.path.parent / "corpus"])[:3]
     args = EvalArgs(seq_len=4 * M, exclude_self=True)
     plain = evaluate(model, db, docs, args)
-    boosted = evaluate(model, db, docs, dataclasses.replace(args, null_boost=1e4))
-    assert plain.null_boost == 0.0 and boosted.null_boost == 1e4 and model.null_boost == 0.0
-    assert boosted.bpb["retrieval"] == pytest.approx(boosted.bpb["no_retrieval"], abs=1e-6)
-    assert plain.bpb["retrieval"] != boosted.bpb["retrieval"]
+    moved = evaluate(model, db, docs, dataclasses.replace(args, **{name: safe}))
+    assert getattr(plain, name) == 0 and getattr(moved, name) == safe
+    assert getattr(model, name) == 0
+    assert moved.bpb["retrieval"] == pytest.approx(moved.bpb["no_retrieval"], abs=1e-6)
+    assert plain.bpb["retrieval"] != moved.bpb["retrieval"]
     assert evaluate(model, db, docs, args).bpb == plain.bpb  # nothing left behind
-    for bad in (-1.0, float("inf"), float("nan")):
-        with pytest.raises(BadInputError, match="null_boost"):
-            EvalArgs(null_boost=bad)
+    for value in bad:
+        with pytest.raises(BadInputError, match=name):
+            EvalArgs(**{name: value})
     ckpt = tmp_path / "ckpt"
     shutil.copytree(run_dir, ckpt)
-    write_retrieval_settings(ckpt, {"min_overlap": 0.0, "null_boost": 1e4})
+    write_retrieval_settings(ckpt, {"min_overlap": 0.0, name: safe})
     loaded, meta = load_model(ckpt, db=db)
-    assert meta.null_boost == 1e4 and loaded.null_boost == 1e4
+    assert getattr(meta, name) == safe and getattr(loaded, name) == safe
     res = evaluate_checkpoint(ckpt, db, [db.path.parent / "corpus"], args)
-    assert res.null_boost == 1e4
-    assert res.bpb["retrieval"] == pytest.approx(res.bpb["no_retrieval"], abs=1e-6)
-    gen = CliRunner().invoke(
-        app, ["generate", str(ckpt), str(db.path), "kalo mine", "-n", "20", "-t", "0",
-              "--null-boost", "0", "--json"],
-        catch_exceptions=False,
-    )  # fmt: skip
-    assert gen.exit_code == 0, gen.output
-    bad = CliRunner().invoke(
-        app, ["generate", str(ckpt), str(db.path), "kalo", "--null-boost", "-1"]
-    )
-    assert bad.exit_code != 0 and "--null-boost" in bad.output
-
-
-def test_the_copy_floor_is_evaluated_recorded_and_given_to_generate(
-    db: RetroDB, run_dir: Path, tmp_path: Path
-) -> None:
-    """--min-run N (the copy floor): evaluate records it and leaves the model's own as it
-    was; at COPY_RUN_MAX, where neighbours of other documents follow no text that long,
-    retrieval on is off; the floor recorded in retrieval.json is what load_model applies,
-    and generate takes --min-run."""
-    from retrodb_model.checkpoint import load_model
-    from retrodb_model.config import COPY_RUN_MAX
-
-    model = tiny_model(db)
-    assert model.cfg.cca_copy_bias
-    docs = read_documents([db.path.parent / "corpus"])[:3]
-    args = EvalArgs(seq_len=4 * M, exclude_self=True)
-    plain = evaluate(model, db, docs, args)
-    floored = evaluate(model, db, docs, dataclasses.replace(args, min_run=COPY_RUN_MAX))
-    assert plain.min_run == 0 and floored.min_run == COPY_RUN_MAX and model.min_run == 0
-    assert floored.bpb["retrieval"] == pytest.approx(floored.bpb["no_retrieval"], abs=1e-6)
-    assert plain.bpb["retrieval"] != floored.bpb["retrieval"]
-    assert evaluate(model, db, docs, args).bpb == plain.bpb  # nothing left behind
-    with pytest.raises(BadInputError, match="min_run"):
-        EvalArgs(min_run=COPY_RUN_MAX + 1)
-    ckpt = tmp_path / "ckpt"
-    shutil.copytree(run_dir, ckpt)
-    write_retrieval_settings(ckpt, {"min_overlap": 0.0, "min_run": COPY_RUN_MAX})
-    loaded, meta = load_model(ckpt, db=db)
-    assert meta.min_run == COPY_RUN_MAX and loaded.min_run == COPY_RUN_MAX
-    res = evaluate_checkpoint(ckpt, db, [db.path.parent / "corpus"], args)
-    assert res.min_run == COPY_RUN_MAX
+    assert getattr(res, name) == safe
     assert res.bpb["retrieval"] == pytest.approx(res.bpb["no_retrieval"], abs=1e-6)
     corpus = str(db.path.parent / "corpus")
     out = CliRunner().invoke(
-        app, ["evaluate", str(ckpt), str(db.path), corpus, "--exclude-self", "--min-run", "0",
+        app, ["evaluate", str(ckpt), str(db.path), corpus, "--exclude-self", flag, "0",
               "--max-tokens", "64", "--json", "-o", str(tmp_path / "e.json")],
         catch_exceptions=False,
     )  # fmt: skip
     assert out.exit_code == 0, out.output
-    assert json.loads(out.output)["min_run"] == 0
+    assert json.loads(out.output)[name] == 0
     gen = CliRunner().invoke(
         app, ["generate", str(ckpt), str(db.path), "kalo mine", "-n", "20", "-t", "0",
-              "--min-run", "2", "--json"],
+              flag, "2", "--json"],
         catch_exceptions=False,
     )  # fmt: skip
     assert gen.exit_code == 0, gen.output
-    bad = CliRunner().invoke(
-        app, ["generate", str(ckpt), str(db.path), "kalo", "--min-run", str(COPY_RUN_MAX + 1)]
-    )
-    assert bad.exit_code != 0 and "min_run" in bad.output
+    value, named = bad_cli
+    out = CliRunner().invoke(app, ["generate", str(ckpt), str(db.path), "kalo", flag, value])
+    assert out.exit_code != 0 and named in out.output
 
 
 def test_cli_calibrate_records_the_best_floor_and_boost_that_never_hurt(

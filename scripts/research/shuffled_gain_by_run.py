@@ -1,7 +1,7 @@
 """Where shuffled neighbours help: off - shuffled per target token, grouped by the longest
 common run that the token's text (ending at the token) shares with the shuffled neighbours
-it attends to (`copy_runs` of the copy bias, capped at 16). A gain at run 0 or 1 comes from
-neighbours the text is not following: the domain's style, not copying.
+it attends to, as the copy bias counts it (`copy_runs`, capped at 16). A gain at run 0 or
+1 comes from neighbours the text is not following: the domain's style, not copying.
 
     .venv/bin/python scripts/research/shuffled_gain_by_run.py CKPT DB DOCS \
         [--max-tokens 1024] [--min-overlap 0.25] [--min-run 0] [--exclude-self]
@@ -20,20 +20,21 @@ from retrodb.db import RetroDB
 from retrodb_model import evaluate as ev
 from retrodb_model.checkpoint import load_model
 from retrodb_model.config import COPY_RUN_MAX
+from retrodb_model.gate import copy_runs
 from retrodb_model.retrieve import LiveRetriever
 
 BUCKETS = ((0, 0), (1, 1), (2, 3), (4, 7), (8, COPY_RUN_MAX))
 
 
-def longest_run(text: np.ndarray, p: int, nb: np.ndarray) -> int:
-    """The longest common run of text[.. p] with nb ending anywhere (capped)."""
-    best = 0
-    for j in np.nonzero(nb == text[p])[0]:
-        n = 0
-        while n < COPY_RUN_MAX and p - n >= 0 and j - n >= 0 and nb[j - n] == text[p - n]:
-            n += 1
-        best = max(best, n)
-    return best
+def runs_at(text: np.ndarray, positions: np.ndarray, neighbours: np.ndarray, r: int) -> np.ndarray:
+    """For each position p, the longest run of the text ending at p that a key of its
+    neighbours (P, k*r) continues, as the copy bias counts it (`copy_runs`)."""
+    back = positions[:, None] - np.arange(COPY_RUN_MAX)[None, :]  # (P, R): p, p-1, ...
+    hist = np.where(back >= 0, text[np.maximum(back, 0)], -1)
+    run = copy_runs(
+        torch.from_numpy(hist)[:, None, None, :], torch.from_numpy(neighbours)[:, None, :], r
+    )  # (P, 1, 1, k*r)
+    return run.amax(dim=-1).flatten().numpy()
 
 
 def main() -> None:
@@ -71,12 +72,16 @@ def main() -> None:
     count = np.zeros(len(BUCKETS), dtype=np.int64)
     for wi, w in enumerate(windows):
         text = toks[w.doc][w.start : w.start + w.length + 1]
-        for p in range(m - 1, w.length):  # tokens that attend to chunk (p + 1) // m - 1
-            row = got.rows[(w.doc, w.start + ((p + 1) // m - 1) * m)]
-            run = longest_run(text, p, neighbours[got.shuffle[row]].reshape(-1))
-            b = next(i for i, (lo, hi) in enumerate(BUCKETS) if lo <= run <= hi)
-            count[b] += 1
-            gain[b] += nll["no_retrieval"][wi][p] - nll["shuffled"][wi][p]
+        positions = np.arange(m - 1, w.length)  # token p attends to chunk (p + 1) // m - 1
+        if not len(positions):
+            continue
+        rows = [got.rows[(w.doc, w.start + (int(p) + 1) // m * m - m)] for p in positions]
+        shuffled = neighbours[got.shuffle[rows]].reshape(len(rows), -1)
+        runs = runs_at(text, positions, shuffled, neighbours.shape[-1])
+        for b, (lo, hi) in enumerate(BUCKETS):
+            at = positions[(runs >= lo) & (runs <= hi)]
+            count[b] += len(at)
+            gain[b] += (nll["no_retrieval"][wi][at] - nll["shuffled"][wi][at]).sum()
     total_bytes = sum(int(ev.token_byte_lengths(db.tokenizer)[t[1:]].sum()) for t in toks)
     print(f"{'run':>6} {'tokens':>7} {'off - shuffled (nats)':>22} {'share':>6}")
     for (lo, hi), c, g in zip(BUCKETS, count, gain, strict=True):
